@@ -1,0 +1,1 @@
+"""Command-line entry points: `dwsd` (the daemon) and `dwsctl` (its client)."""

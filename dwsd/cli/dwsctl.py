@@ -1,0 +1,8 @@
+"""`dwsctl` entry point (placeholder until the daemon lands)."""
+import sys
+
+
+def main() -> int:
+    print("dwsctl: the daemon is not built yet; see `make run` for the workspace demo",
+          file=sys.stderr)
+    return 2

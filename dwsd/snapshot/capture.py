@@ -1,0 +1,433 @@
+"""Capture a resource directory into trees and blobs.
+
+Two modes, one walker:
+- full: every directory is listed and every entry lstat'ed; files whose stat key matches
+  the stat cache are not opened; directories whose entries did not change get their old
+  tree id back (the encoding is canonical), so nothing new is written for them;
+- dirty: only the given paths (relative, bytes) are looked at; everything else is taken
+  from the previous root tree. Cost follows the number of dirty paths, not the tree.
+
+Everything is relative to directory fds (`dir_fd=`, `O_NOFOLLOW`), so no path is ever
+followed through a symlink and paths longer than PATH_MAX work. Names stay bytes.
+
+Files are opened `O_NOFOLLOW|O_NONBLOCK` on the walking thread and read on a small pool
+(hashing releases the GIL). A file's fstat before and after the read must agree; if not,
+it is read again (up to READ_ATTEMPTS times) and flagged as `unstable`. If it never holds
+still, its previous version is kept (or it is left out when there is none): a torn mix of
+two versions is never stored. Unreadable entries are reported, never fatal.
+
+`capture_resource` blocks; the daemon runs it in a worker thread.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import errno
+import os
+import stat as stat_mod
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Collection, Union
+
+from dwsd.errors import CaptureError
+from dwsd.snapshot.exclude import ExcludeMatcher
+from dwsd.snapshot.statcache import RACY_WINDOW_NS, UNTRUSTED, CachedFile, CaptureState
+from dwsd.store.ids import ObjectId
+from dwsd.store.objects import ObjectStore
+from dwsd.store.tree import DIR, FILE, SYMLINK, Entry, Xattrs, decode_tree, encode_tree, \
+    kind_of_mode
+
+READ_ATTEMPTS = 3
+SMALL_FILE = 1 << 20
+MAX_PENDING_READS = 64
+_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass
+class CaptureCounters:
+    """Work done, for tests and `status`: cost must follow the change, not the tree."""
+
+    lstats: int = 0
+    files_opened: int = 0
+    bytes_read: int = 0
+    dirs_listed: int = 0
+
+
+@dataclass
+class CaptureResult:
+    root: ObjectId
+    state: CaptureState
+    counters: CaptureCounters
+    changed_files: int = 0
+    unreadable: list[tuple[bytes, str]] = field(default_factory=list)
+    unstable: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class _ReadOutcome:
+    blob: ObjectId | None
+    length: int
+    stat: os.stat_result | None
+    xattrs: Xattrs
+    attempts: int
+    trusted: bool
+    error: str | None = None
+
+
+@dataclass
+class _FileJob:
+    relpath: bytes
+    entry: Entry
+    future: "cf.Future[_ReadOutcome]"
+
+
+@dataclass
+class _DirJob:
+    entry: Entry | None  # None for the resource root
+    children: list["_Pending"]
+
+
+_Pending = Union[Entry, _FileJob, _DirJob]
+
+
+def capture_resource(objects: ObjectStore, root: Path, prev: CaptureState,
+                     excludes: ExcludeMatcher, dirty: Collection[bytes] | None = None,
+                     workers: int = 4) -> CaptureResult:
+    """Capture the directory `root`. `dirty=None` walks everything; otherwise only the
+    given relative paths are examined (falling back to a full walk when there is no
+    previous tree). Raises CaptureError when the root itself cannot be read."""
+    try:
+        root_fd = os.open(root, _OPEN_DIR)
+    except OSError as exc:
+        raise CaptureError(f"cannot read resource directory {root}: {exc.strerror}") from exc
+    with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="capture") as pool:
+        walker = _Walker(objects, prev, excludes, pool)
+        try:
+            if dirty is not None and prev.root is not None and objects.has("trees", prev.root):
+                job = walker.update(root_fd, prev.root, dirty)
+            else:
+                job = walker.walk_full(root_fd)
+            tree_id = walker.finish(job)
+        finally:
+            os.close(root_fd)
+            walker.cancel_pending()
+    walker.state.root = tree_id
+    return CaptureResult(tree_id, walker.state, walker.counters, walker.changed,
+                         walker.unreadable, walker.unstable)
+
+
+class _Walker:
+    def __init__(self, objects: ObjectStore, prev: CaptureState,
+                 excludes: ExcludeMatcher, pool: cf.ThreadPoolExecutor) -> None:
+        self.objects = objects
+        self.prev = prev
+        self.excludes = excludes
+        self.pool = pool
+        self.state = CaptureState()
+        self.counters = CaptureCounters()
+        self.changed = 0
+        self.unreadable: list[tuple[bytes, str]] = []
+        self.unstable: list[bytes] = []
+        self._slots = threading.BoundedSemaphore(MAX_PENDING_READS)
+        self._inodes: dict[int, _FileJob | Entry] = {}
+        self._jobs: list[_FileJob] = []
+
+    # -- full walk ----------------------------------------------------------------------
+
+    def walk_full(self, dfd: int, rel: bytes = b"", entry: Entry | None = None) -> _DirJob:
+        """List `dfd` and capture every entry below it."""
+        self.counters.dirs_listed += 1
+        children: list[_Pending] = []
+        # Listing an fd gives str names (surrogate-escaped); fsencode restores the bytes.
+        names = sorted(os.fsencode(n) for n in os.listdir(dfd))
+        for name in names:
+            child = self._capture_entry(dfd, name, _join(rel, name))
+            if child is not None:
+                children.append(child)
+        return _DirJob(entry, children)
+
+    def _capture_entry(self, dfd: int, name: bytes, relpath: bytes) -> _Pending | None:
+        """lstat one name and capture it; None when it vanished, is excluded or unreadable."""
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self.unreadable.append((relpath, exc.strerror or str(exc)))
+            return None
+        finally:
+            self.counters.lstats += 1
+        kind = kind_of_mode(st.st_mode)
+        if self.excludes and self.excludes.excluded(relpath, kind == DIR):
+            return None
+        base = _entry_from_stat(name, kind, st)
+        try:
+            if kind == DIR:
+                return self._directory(dfd, name, relpath, base, None, None)
+            if kind == FILE:
+                return self._file(dfd, name, relpath, base, st)
+            if kind == SYMLINK:
+                target = os.readlink(name, dir_fd=dfd)
+                return replace(base, target=target, size=len(target))
+            return base  # FIFOs, sockets, devices: metadata only, never opened
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            self.unreadable.append((relpath, exc.strerror or str(exc)))
+            return None
+
+    def _directory(self, dfd: int, name: bytes, relpath: bytes, base: Entry,
+                   prev_tree: ObjectId | None, dirty: "_Trie | None") -> _DirJob:
+        sub = os.open(name, _OPEN_DIR, dir_fd=dfd)
+        try:
+            entry = replace(base, xattrs=_read_xattrs(sub))
+            if prev_tree is not None and dirty is not None:
+                return self._update_dir(sub, relpath, entry, prev_tree, dirty)
+            self.state.drop_under(relpath)
+            return self.walk_full(sub, relpath, entry)
+        finally:
+            os.close(sub)
+
+    def _file(self, dfd: int, name: bytes, relpath: bytes, base: Entry,
+              st: os.stat_result) -> _Pending:
+        if st.st_nlink > 1:
+            base = replace(base, ino=st.st_ino)
+            if (twin := self._inodes.get(st.st_ino)) is not None:
+                return _same_content(twin, base, relpath)
+        cached = self.prev.files.get(relpath)
+        if cached is not None and cached[:4] == (st.st_size, st.st_mtime_ns,
+                                                 st.st_ctime_ns, st.st_ino):
+            self.state.files[relpath] = cached
+            done = replace(base, ref=cached.blob, xattrs=cached.xattrs)
+            self._remember_inode(st, done)
+            return done
+        fd = os.open(name, _OPEN_FILE, dir_fd=dfd)
+        self.counters.files_opened += 1
+        self._slots.acquire()
+        try:
+            future = self.pool.submit(self._read_file, fd)
+        except BaseException:
+            os.close(fd)
+            self._slots.release()
+            raise
+        job = _FileJob(relpath, base, future)
+        self._jobs.append(job)
+        self._remember_inode(st, job)
+        return job
+
+    def _remember_inode(self, st: os.stat_result, done: Entry | _FileJob) -> None:
+        if st.st_nlink > 1:
+            self._inodes[st.st_ino] = done
+
+    def _read_file(self, fd: int) -> _ReadOutcome:
+        """Read one open file into a blob (runs on the pool; closes `fd`)."""
+        try:
+            return _read_stable(self.objects, fd)
+        except OSError as exc:
+            return _ReadOutcome(None, 0, None, (), 0, False, exc.strerror or str(exc))
+        finally:
+            os.close(fd)
+            self._slots.release()
+
+    # -- dirty-path update --------------------------------------------------------------
+
+    def update(self, root_fd: int, prev_root: ObjectId, dirty: Collection[bytes]) -> _DirJob:
+        """Capture only `dirty` paths on top of the previous root tree."""
+        self.state.files = dict(self.prev.files)
+        trie = _Trie.build(dirty)
+        return self._update_dir(root_fd, b"", None, prev_root, trie)
+
+    def _update_dir(self, dfd: int, rel: bytes, entry: Entry | None, prev_tree: ObjectId,
+                    node: "_Trie") -> _DirJob:
+        by_name: dict[bytes, _Pending] = {
+            e.name: e for e in decode_tree(self.objects.get("trees", prev_tree), prev_tree)}
+        children = dict(node.children)
+        if node.marked:  # the listing itself may have changed: look for new/vanished names
+            self.counters.dirs_listed += 1
+            names = {os.fsencode(n) for n in os.listdir(dfd)}  # str for an fd
+            for gone in set(by_name) - names:
+                children.setdefault(gone, _Trie(marked=True))
+            for new in names - set(by_name):
+                children.setdefault(new, _Trie(marked=True))
+        for name in sorted(children):
+            child_node = children[name]
+            relpath = _join(rel, name)
+            prev = by_name.pop(name, None)
+            captured = self._update_child(dfd, name, relpath, prev, child_node)
+            if captured is not None:
+                by_name[name] = captured
+        return _DirJob(entry, list(by_name.values()))
+
+    def _update_child(self, dfd: int, name: bytes, relpath: bytes,
+                      prev: _Pending | None, node: "_Trie") -> _Pending | None:
+        if not node.marked and isinstance(prev, Entry) and prev.kind == DIR:
+            # Only something below changed: keep this directory's own metadata.
+            try:
+                assert prev.ref is not None
+                return self._directory(dfd, name, relpath, prev, prev.ref, node)
+            except OSError:
+                pass  # it moved or changed type after all: look at it properly
+        if isinstance(prev, Entry) and prev.kind != DIR:
+            self.state.files.pop(relpath, None)
+        st_kind = _lstat_kind(dfd, name)
+        if st_kind == DIR and isinstance(prev, Entry) and prev.kind == DIR:
+            assert prev.ref is not None
+            try:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                self.counters.lstats += 1
+                if self.excludes and self.excludes.excluded(relpath, True):
+                    self.state.drop_under(relpath)
+                    return None
+                base = _entry_from_stat(name, DIR, st)
+                return self._directory(dfd, name, relpath, base, prev.ref, node)
+            except FileNotFoundError:
+                self.state.drop_under(relpath)
+                return None
+        self.state.drop_under(relpath)
+        return self._capture_entry(dfd, name, relpath)
+
+    # -- finishing ----------------------------------------------------------------------
+
+    def finish(self, job: _DirJob) -> ObjectId:
+        """Wait for the reads, then write trees bottom-up; return the root tree id."""
+        entries = [e for e in (self._resolve(c) for c in job.children) if e is not None]
+        return self.objects.put("trees", encode_tree(entries))
+
+    def _resolve(self, item: _Pending) -> Entry | None:
+        if isinstance(item, Entry):
+            return item
+        if isinstance(item, _DirJob):
+            assert item.entry is not None
+            return replace(item.entry, ref=self.finish(item))
+        return self._resolve_file(item)
+
+    def _resolve_file(self, job: _FileJob) -> Entry | None:
+        out = job.future.result()
+        self.counters.bytes_read += out.length * max(out.attempts, 1)
+        cached = self.prev.files.get(job.relpath)
+        if out.error is not None:
+            self.unreadable.append((job.relpath, out.error))
+            self.state.files.pop(job.relpath, None)
+            return None
+        if out.attempts > 1:
+            self.unstable.append(job.relpath)
+        if out.blob is None or out.stat is None:  # never held still
+            if cached is None:
+                self.state.files.pop(job.relpath, None)
+                return None
+            self.state.files[job.relpath] = cached._replace(ctime_ns=UNTRUSTED)
+            return replace(job.entry, ref=cached.blob, size=cached.size,
+                           mtime_ns=cached.mtime_ns, xattrs=cached.xattrs)
+        st = out.stat
+        if cached is None or cached.blob != out.blob:
+            self.changed += 1
+        ctime = st.st_ctime_ns if out.trusted else UNTRUSTED
+        self.state.files[job.relpath] = CachedFile(st.st_size, st.st_mtime_ns, ctime,
+                                                   st.st_ino, out.blob, out.xattrs)
+        return replace(job.entry, ref=out.blob, size=out.length, mtime_ns=st.st_mtime_ns,
+                       mode=stat_mod.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
+                       xattrs=out.xattrs)
+
+    def cancel_pending(self) -> None:
+        """After an error: wait for queued reads so no worker outlives the capture."""
+        for job in self._jobs:
+            job.future.cancel()
+        cf.wait([j.future for j in self._jobs])
+
+
+def _read_stable(objects: ObjectStore, fd: int) -> _ReadOutcome:
+    """Read `fd` until one read happens with no change to its stat key."""
+    buf = bytearray(SMALL_FILE)
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        started = time.time_ns()
+        before = os.fstat(fd)
+        if not stat_mod.S_ISREG(before.st_mode):
+            return _ReadOutcome(None, 0, None, (), attempt, False, "not a regular file")
+        xattrs = _read_xattrs(fd)
+        os.lseek(fd, 0, os.SEEK_SET)
+        if before.st_size <= SMALL_FILE:
+            data = _read_small(fd, before.st_size)
+            blob, new = objects.store_bytes("blobs", data)
+            length = len(data)
+        else:
+            blob, length, new = objects.put_stream("blobs", fd, buf)
+        after = os.fstat(fd)
+        if _stat_key(before) == _stat_key(after) and length == after.st_size:
+            trusted = after.st_ctime_ns < started - RACY_WINDOW_NS
+            return _ReadOutcome(blob, length, after, xattrs, attempt, trusted)
+        if new:  # a torn copy: never leave it where a later snapshot could reuse it
+            objects.remove("blobs", blob)
+    return _ReadOutcome(None, length, None, (), READ_ATTEMPTS, False)
+
+
+def _read_small(fd: int, expected: int) -> bytes:
+    chunks = []
+    want = expected + 1  # one byte more, to notice growth
+    while chunk := os.read(fd, max(want, 65536)):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def _read_xattrs(fd: int) -> Xattrs:
+    """The `user.*` extended attributes of an open file or directory, sorted."""
+    try:
+        names = [n for n in os.listxattr(fd) if n.startswith("user.")]
+        return tuple(sorted((os.fsencode(n), os.getxattr(fd, n)) for n in names))
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.ENODATA):
+            return ()
+        raise
+
+
+def _entry_from_stat(name: bytes, kind: bytes, st: os.stat_result) -> Entry:
+    special = kind not in (FILE, DIR, SYMLINK)
+    return Entry(name=name, kind=kind, mode=stat_mod.S_IMODE(st.st_mode), uid=st.st_uid,
+                 gid=st.st_gid, mtime_ns=st.st_mtime_ns,
+                 size=st.st_size if kind == FILE else 0,
+                 rdev=st.st_rdev if special else 0)
+
+
+def _same_content(twin: Entry | _FileJob, base: Entry, relpath: bytes) -> _Pending:
+    """A further hard link to an inode already captured in this walk."""
+    if isinstance(twin, Entry):
+        return replace(base, ref=twin.ref, xattrs=twin.xattrs, size=twin.size)
+    return _FileJob(relpath, base, twin.future)
+
+
+def _lstat_kind(dfd: int, name: bytes) -> bytes | None:
+    try:
+        return kind_of_mode(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode)
+    except OSError:
+        return None
+
+
+def _join(rel: bytes, name: bytes) -> bytes:
+    return rel + b"/" + name if rel else name
+
+
+@dataclass
+class _Trie:
+    """Dirty paths as a tree of names; `marked` = this path itself changed."""
+
+    marked: bool = False
+    children: dict[bytes, "_Trie"] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, paths: Collection[bytes]) -> "_Trie":
+        root = cls()
+        for path in paths:
+            node = root
+            for part in path.strip(b"/").split(b"/"):
+                if part in (b"", b"."):
+                    continue
+                if part == b"..":
+                    raise CaptureError(f"dirty path {path!r} leaves the resource")
+                node = node.children.setdefault(part, cls())
+            node.marked = True
+        return root

@@ -1,0 +1,90 @@
+"""Per-resource capture state: the last captured root tree and the stat cache.
+
+The stat cache maps a file's relative path (bytes) to the stat key it had when it was
+read — (size, mtime_ns, ctime_ns, inode) — with its blob id and xattrs. A file whose lstat
+still gives that key is not opened again.
+
+A key is only trusted when the file's ctime was older than the moment of reading by more
+than RACY_WINDOW_NS. Timestamps come from a coarse clock; a write in the same tick as our
+read might not move ctime (the "racy git" problem), so a file changed that recently is
+re-read next time. Untrusted entries are kept (for counts) with ctime -1, never matching.
+
+Stored as `<store>/state/<resource>.state` (marshal: no code execution on load). The state
+is only a cache: it is written after the catalog commit, and a missing or unreadable one
+just means a full read.
+"""
+from __future__ import annotations
+
+import logging
+import marshal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from dwsd.store.fsutil import atomic_write
+from dwsd.store.ids import ObjectId
+from dwsd.store.tree import Xattrs
+
+log = logging.getLogger(__name__)
+
+_VERSION = 1
+_CLOCK_REALTIME_COARSE = 5  # Linux constant; not exported by the time module
+RACY_WINDOW_NS = max(2 * int(time.clock_getres(_CLOCK_REALTIME_COARSE) * 1e9), 0) + 2_000_000
+UNTRUSTED = -1
+
+
+class CachedFile(NamedTuple):
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    ino: int
+    blob: ObjectId
+    xattrs: Xattrs
+
+
+@dataclass
+class CaptureState:
+    root: ObjectId | None = None
+    files: dict[bytes, CachedFile] = field(default_factory=dict)
+
+    def totals(self) -> tuple[int, int]:
+        """(number of files, bytes) of the captured resource."""
+        return len(self.files), sum(f.size for f in self.files.values())
+
+    def drop_under(self, relpath: bytes) -> None:
+        """Forget `relpath` and everything below it."""
+        self.files.pop(relpath, None)
+        prefix = relpath + b"/"
+        for key in [k for k in self.files if k.startswith(prefix)]:
+            del self.files[key]
+
+
+def state_path(state_dir: Path, resource: str) -> Path:
+    return state_dir / f"{resource}.state"
+
+
+def load_state(state_dir: Path, resource: str) -> CaptureState:
+    """The saved state, or an empty one when absent or unreadable (logged)."""
+    path = state_path(state_dir, resource)
+    try:
+        raw = marshal.loads(path.read_bytes())
+        if raw["v"] != _VERSION:
+            return CaptureState()
+        files = {k: CachedFile(v[0], v[1], v[2], v[3], v[4],
+                               tuple((x[0], x[1]) for x in v[5]))
+                 for k, v in raw["files"].items()}
+        return CaptureState(root=raw["root"], files=files)
+    except FileNotFoundError:
+        return CaptureState()
+    except (OSError, ValueError, EOFError, TypeError, KeyError) as exc:
+        log.info("ignoring unreadable capture state %s (%s): files will be re-read",
+                 path, exc)
+        return CaptureState()
+
+
+def save_state(state_dir: Path, resource: str, state: CaptureState) -> None:
+    """Replace the saved state atomically (blocks)."""
+    raw = {"v": _VERSION, "root": state.root,
+           "files": {k: tuple(v) for k, v in state.files.items()}}
+    atomic_write(state_path(state_dir, resource), marshal.dumps(raw))

@@ -1,0 +1,80 @@
+"""Small durable-filesystem primitives: atomic replace, directory fsync, syncfs.
+
+Durability is batched: object writes are plain write+rename, and `syncfs` makes every one of
+them durable in one system call before a catalog entry that references them is renamed in.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import secrets
+
+TEMP_PREFIX = ".tmp-"
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def temp_name() -> str:
+    """A fresh temporary file name; `clean_temps` recognises it by its prefix."""
+    return TEMP_PREFIX + secrets.token_hex(8)
+
+
+def syncfs(fd: int) -> None:
+    """Flush every dirty page and inode of the filesystem holding `fd` (blocks)."""
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory, making renames and unlinks inside it durable (blocks)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, *, durable: bool = True) -> None:
+    """Replace `path` with `data` atomically: readers see the old or the new file, never a
+    mix. With `durable`, the data and the rename survive a power cut when this returns."""
+    directory = os.path.dirname(os.fspath(path)) or "."
+    tmp = os.path.join(directory, temp_name())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    if durable:
+        fsync_dir(directory)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def clean_temps(directory: str | os.PathLike[str]) -> int:
+    """Remove leftover temporary files directly inside `directory`; return how many."""
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        if name.startswith(TEMP_PREFIX):
+            _unlink_quietly(os.path.join(directory, name))
+            removed += 1
+    return removed

@@ -1,0 +1,230 @@
+"""Content-addressed objects on disk: `objects/<kind>/<2 hex>/<62 hex>`.
+
+Two kinds share the id space but not a directory: `blobs` (file content, stored raw so the
+view can pread them) and `trees` (see `tree.py`). An object is written once: to a temp name
+in its fan-out directory, then renamed; an existing object is never rewritten. Writes are
+not fsynced one by one: `make_durable` flushes them all in one `syncfs` before the catalog
+commit that references them. Reads verify the id unless told the caller verifies.
+
+Every method blocks; the daemon calls them from worker threads.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+from dwsd.errors import CorruptObjectError, ObjectMissingError, StoreError
+from dwsd.store.fsutil import TEMP_PREFIX, clean_temps, syncfs, temp_name
+from dwsd.store.ids import Hasher, ObjectId, hash_bytes, validate_object_id
+
+Kind = Literal["blobs", "trees"]
+KINDS: tuple[Kind, ...] = ("blobs", "trees")
+_FANOUT = [f"{i:02x}" for i in range(256)]
+READ_CHUNK = 1 << 20
+
+
+@dataclass
+class WriteLog:
+    """What one writer added: used for counting and to roll back a failed snapshot."""
+
+    written: list[tuple[Kind, ObjectId]] = field(default_factory=list)
+    bytes_written: int = 0
+
+    @property
+    def objects_written(self) -> int:
+        return len(self.written)
+
+
+class ObjectStore:
+    """The object directory of one store."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.log = WriteLog()
+        # Capture workers publish concurrently; the lock keeps the log and the
+        # exists-then-rename step consistent between them.
+        self._publish_lock = threading.Lock()
+
+    @classmethod
+    def create(cls, root: Path) -> "ObjectStore":
+        for kind in KINDS:
+            for fan in _FANOUT:
+                os.makedirs(root / kind / fan, exist_ok=True)
+        return cls(root)
+
+    def path(self, kind: Kind, oid: str) -> Path:
+        """The file of object `oid`; the id is validated first."""
+        oid = validate_object_id(oid)
+        return self.root / kind / oid[:2] / oid[2:]
+
+    def has(self, kind: Kind, oid: ObjectId) -> bool:
+        return os.path.exists(self.path(kind, oid))
+
+    # -- writing ------------------------------------------------------------------------
+
+    def put(self, kind: Kind, data: bytes) -> ObjectId:
+        """Store `data` under its id unless already present; return the id."""
+        return self.store_bytes(kind, data)[0]
+
+    def store_bytes(self, kind: Kind, data: bytes) -> tuple[ObjectId, bool]:
+        """Like `put`; also says whether the object was new (written by this call)."""
+        oid = hash_bytes(data)
+        if self.has(kind, oid):
+            return oid, False
+        target = self.path(kind, oid)
+        tmp = target.parent / temp_name()
+        self._write_new(tmp, data)
+        return oid, self._publish(kind, oid, tmp, len(data))
+
+    def put_stream(self, kind: Kind, fd: int, buf: bytearray
+                   ) -> tuple[ObjectId, int, bool]:
+        """Copy everything readable from `fd` into a new object, hashing as it goes.
+
+        Returns (id, length, new). When the content is already stored the copy is
+        dropped and `new` is False. `buf` is the caller's reusable read buffer.
+        """
+        hasher = Hasher()
+        staging = self.root / kind / "00"
+        tmp = staging / temp_name()
+        out = self._open_new(tmp)
+        length = 0
+        try:
+            view = memoryview(buf)
+            while True:
+                n = os.readv(fd, [view])  # errors reading the source propagate as they are
+                if n == 0:
+                    break
+                chunk = view[:n]
+                hasher.update(chunk)
+                try:
+                    _write_all(out, chunk)
+                except OSError as exc:
+                    raise self._translate(exc, "writing a blob") from exc
+                length += n
+        except BaseException:
+            _discard(out, tmp)
+            raise
+        os.close(out)
+        oid = hasher.object_id()
+        if self.has(kind, oid):
+            os.unlink(tmp)
+            return oid, length, False
+        return oid, length, self._publish(kind, oid, tmp, length)
+
+    def _open_new(self, tmp: Path) -> int:
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+        except OSError as exc:
+            raise self._translate(exc, "creating an object") from exc
+
+    def _write_new(self, tmp: Path, data: bytes) -> None:
+        out = self._open_new(tmp)
+        try:
+            _write_all(out, memoryview(data))
+        except OSError as exc:
+            _discard(out, tmp)
+            raise self._translate(exc, "writing an object") from exc
+        except BaseException:
+            _discard(out, tmp)
+            raise
+        os.close(out)
+
+    def _publish(self, kind: Kind, oid: ObjectId, tmp: Path, length: int) -> bool:
+        """Rename a finished temp file to its object name; True if it was new."""
+        target = self.path(kind, oid)
+        with self._publish_lock:
+            if os.path.exists(target):  # another worker stored the same content first
+                os.unlink(tmp)
+                return False
+            try:
+                os.rename(tmp, target)
+            except OSError as exc:
+                os.unlink(tmp)
+                raise self._translate(exc, "naming an object") from exc
+            self.log.written.append((kind, oid))
+            self.log.bytes_written += length
+        return True
+
+    def _translate(self, exc: OSError, doing: str) -> StoreError:
+        return StoreError(f"store {self.root.parent} failed {doing}: {exc.strerror}")
+
+    def make_durable(self) -> None:
+        """Make every object written so far survive a crash: one syncfs (blocks)."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            syncfs(fd)
+        finally:
+            os.close(fd)
+
+    def roll_back(self, log: WriteLog) -> None:
+        """Remove the objects in `log` (they were new, so nothing else refers to them)."""
+        for kind, oid in log.written:
+            self.remove(kind, oid)
+
+    def start_log(self) -> WriteLog:
+        """Begin a fresh write log for one snapshot and return it."""
+        self.log = WriteLog()
+        return self.log
+
+    # -- reading ------------------------------------------------------------------------
+
+    def get(self, kind: Kind, oid: ObjectId) -> bytes:
+        """Read and verify a whole object. Raises ObjectMissingError, CorruptObjectError."""
+        try:
+            with open(self.path(kind, oid), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise ObjectMissingError(f"{kind[:-1]} {oid} is missing from the store") from None
+        if hash_bytes(data) != oid:
+            raise CorruptObjectError(f"{kind[:-1]} {oid} is corrupt (content hash differs)")
+        return data
+
+    def open_blob(self, oid: ObjectId) -> int:
+        """Open a blob for reading; the caller closes the fd. Raises ObjectMissingError."""
+        try:
+            return os.open(self.path("blobs", oid), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ObjectMissingError(f"blob {oid} is missing from the store") from None
+
+    def verify(self, kind: Kind, oid: ObjectId) -> bool:
+        """Re-hash an object; False when its content no longer matches its id."""
+        hasher = Hasher()
+        with open(self.path(kind, oid), "rb", buffering=0) as f:
+            while chunk := f.read(READ_CHUNK):
+                hasher.update(chunk)
+        return hasher.object_id() == oid
+
+    def iter_ids(self, kind: Kind) -> Iterator[ObjectId]:
+        """Every object id of a kind present on disk (temp files skipped)."""
+        for fan in _FANOUT:
+            for name in os.listdir(self.root / kind / fan):
+                if not name.startswith(TEMP_PREFIX):
+                    yield ObjectId(fan + name)
+
+    def remove(self, kind: Kind, oid: ObjectId) -> None:
+        try:
+            os.unlink(self.path(kind, oid))
+        except FileNotFoundError:
+            pass
+
+    def clean_temps(self) -> int:
+        """Remove temp files left by a crash; only safe while holding the writer lock."""
+        return sum(clean_temps(self.root / kind / fan) for kind in KINDS for fan in _FANOUT)
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _discard(fd: int, tmp: Path) -> None:
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+
+

@@ -1,0 +1,151 @@
+"""Trees: one directory's entries in a canonical binary encoding.
+
+Entries are sorted by their byte name and every field has exactly one encoding, so equal
+directories (same names, content and metadata) always get the same tree id, as in git.
+Names are bytes end to end. `decode_tree` validates names (no `/`, NUL, `.` or `..`, strictly
+increasing), so nothing read from the store can make a restore or the view leave its root.
+
+Layout: MAGIC, then per entry
+    header  struct ">cHIIIqQQQHH": kind, name length, mode, uid, gid, mtime_ns, size, rdev,
+            ino, target length, xattr count
+    name, [32-byte ref for files and directories], target, then per xattr
+    struct ">HI" name length, value length, name, value.
+"""
+from __future__ import annotations
+
+import stat as stat_mod
+import struct
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from dwsd.errors import CorruptObjectError
+from dwsd.store.ids import ObjectId, id_from_raw, raw_id
+
+MAGIC = b"dwsd-tree-1\n"
+
+FILE, DIR, SYMLINK, FIFO, SOCKET, CHAR, BLOCK = (b"f", b"d", b"l", b"p", b"s", b"c", b"b")
+KINDS = (FILE, DIR, SYMLINK, FIFO, SOCKET, CHAR, BLOCK)
+_WITH_REF = (FILE, DIR)
+
+_HEADER = struct.Struct(">cHIIIqQQQHH")
+_XATTR = struct.Struct(">HI")
+
+Xattrs = tuple[tuple[bytes, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One name in a directory.
+
+    `ref` is the blob id of a file's content or the tree id of a directory, else None.
+    `size` is the content length (files), target length (symlinks), 0 otherwise.
+    `ino` is non-zero only for files with more than one link; entries of one resource
+    with the same `ino` are hard links to one file.
+    """
+
+    name: bytes
+    kind: bytes
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    size: int = 0
+    ref: ObjectId | None = None
+    target: bytes = b""
+    rdev: int = 0
+    ino: int = 0
+    xattrs: Xattrs = field(default=())
+
+    @property
+    def st_mode(self) -> int:
+        """The full st_mode (type bits and permissions)."""
+        return _TYPE_BITS[self.kind] | self.mode
+
+
+_TYPE_BITS = {
+    FILE: stat_mod.S_IFREG, DIR: stat_mod.S_IFDIR, SYMLINK: stat_mod.S_IFLNK,
+    FIFO: stat_mod.S_IFIFO, SOCKET: stat_mod.S_IFSOCK, CHAR: stat_mod.S_IFCHR,
+    BLOCK: stat_mod.S_IFBLK,
+}
+
+
+def kind_of_mode(st_mode: int) -> bytes:
+    """Map an st_mode to an entry kind."""
+    for kind, bits in _TYPE_BITS.items():
+        if stat_mod.S_IFMT(st_mode) == bits:
+            return kind
+    raise ValueError(f"unknown file type {st_mode:o}")
+
+
+def encode_tree(entries: Iterable[Entry]) -> bytes:
+    """Encode entries canonically (sorted by name). Raises ValueError on bad names."""
+    parts = [MAGIC]
+    previous: bytes | None = None
+    for e in sorted(entries, key=lambda e: e.name):
+        check_name(e.name)
+        if e.name == previous:
+            raise ValueError(f"duplicate name {e.name!r}")
+        previous = e.name
+        parts.append(_HEADER.pack(e.kind, len(e.name), e.mode, e.uid, e.gid, e.mtime_ns,
+                                  e.size, e.rdev, e.ino, len(e.target), len(e.xattrs)))
+        parts.append(e.name)
+        if e.kind in _WITH_REF:
+            if e.ref is None:
+                raise ValueError(f"{e.name!r} has no content reference")
+            parts.append(raw_id(e.ref))
+        parts.append(e.target)
+        for xname, xvalue in sorted(e.xattrs):
+            parts.append(_XATTR.pack(len(xname), len(xvalue)))
+            parts.append(xname)
+            parts.append(xvalue)
+    return b"".join(parts)
+
+
+def check_name(name: bytes) -> None:
+    """Raise ValueError unless `name` is a single, non-special path component."""
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise ValueError(f"invalid entry name {name!r}")
+
+
+def decode_tree(data: bytes, oid: str = "?") -> list[Entry]:
+    """Decode a tree; raise CorruptObjectError on any malformation (names included)."""
+    try:
+        return _decode(data)
+    except (struct.error, ValueError, KeyError, IndexError) as exc:
+        raise CorruptObjectError(f"tree {oid} is corrupt: {exc}") from exc
+
+
+def _decode(data: bytes) -> list[Entry]:
+    if not data.startswith(MAGIC):
+        raise ValueError("bad magic")
+    entries: list[Entry] = []
+    pos = len(MAGIC)
+    view = memoryview(data)
+    while pos < len(data):
+        (kind, nlen, mode, uid, gid, mtime, size, rdev, ino, tlen,
+         nx) = _HEADER.unpack_from(view, pos)
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}")
+        pos += _HEADER.size
+        name = bytes(view[pos:pos + nlen])
+        pos += nlen
+        check_name(name)
+        if entries and name <= entries[-1].name:
+            raise ValueError("names out of order")
+        ref = None
+        if kind in _WITH_REF:
+            ref = id_from_raw(bytes(view[pos:pos + 32]))
+            pos += 32
+        target = bytes(view[pos:pos + tlen])
+        pos += tlen
+        xattrs = []
+        for _ in range(nx):
+            xl, vl = _XATTR.unpack_from(view, pos)
+            pos += _XATTR.size
+            xattrs.append((bytes(view[pos:pos + xl]), bytes(view[pos + xl:pos + xl + vl])))
+            pos += xl + vl
+        if pos > len(data):
+            raise ValueError("truncated")
+        entries.append(Entry(name, kind, mode, uid, gid, mtime, size, ref, target, rdev, ino,
+                             tuple(xattrs)))
+    return entries

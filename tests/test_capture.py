@@ -1,0 +1,166 @@
+"""Capture on real trees: fidelity, incremental cost, races, excludes."""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from dwsd.snapshot.capture import capture_resource
+from dwsd.snapshot.exclude import ExcludeMatcher
+from dwsd.snapshot.statcache import CaptureState
+from dwsd.store.store import Store
+from tests import trees
+
+NO_EXCLUDES = ExcludeMatcher(())
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store.open(tmp_path / "store", create=True)
+    yield s
+    s.close()
+
+
+def test_odd_tree_round_trips_through_the_store(store: Store, odd_tree: Path) -> None:
+    result = capture_resource(store.objects, odd_tree, CaptureState(), NO_EXCLUDES)
+    assert result.unreadable == [] and result.unstable == []
+    source = trees.describe_source(odd_tree)
+    stored = trees.describe_snapshot(store.objects, result.root)
+    assert set(stored) == set(source)
+    for path in source:
+        assert stored[path] == source[path], path
+
+
+def test_odd_tree_has_what_it_promises(odd_tree: Path) -> None:
+    # Guards the fixture itself: the round-trip test is only as good as this tree.
+    names = set(trees.describe_source(odd_tree))
+    assert b"latin1-\xe9t\xe9" in names and b"\xff\xfe" in names
+    assert any(len(p) > 4096 for p in names)
+    assert b"n" * 255 in names
+
+
+def test_unchanged_tree_gives_same_root_and_writes_nothing(store: Store, data_dir: Path
+                                                            ) -> None:
+    trees.make_many_files(data_dir, 500)
+    trees.settle()
+    first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    log = store.objects.start_log()
+    second = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES)
+    assert second.root == first.root
+    assert log.objects_written == 0
+    assert second.counters.files_opened == 0
+
+
+def test_incremental_full_walk_opens_only_changed_files(store: Store, data_dir: Path
+                                                         ) -> None:
+    paths = trees.make_many_files(data_dir, 20_000)
+    trees.settle()
+    first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    changed = paths[::2000]
+    assert len(changed) == 10
+    for p in changed:
+        p.write_bytes(b"changed " + p.name.encode())
+    with trees.OpenCounter(data_dir) as opens:
+        log = store.objects.start_log()
+        second = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES)
+    assert opens.files_opened() == sorted(os.fsencode(p.relative_to(data_dir))
+                                          for p in changed)
+    assert second.counters.files_opened == 10
+    # 10 blobs, 10 directory trees, 1 root tree.
+    kinds = sorted(k for k, _ in log.written)
+    assert kinds == ["blobs"] * 10 + ["trees"] * 11
+    assert second.changed_files == 10
+
+
+def test_dirty_mode_stats_only_dirty_paths(store: Store, data_dir: Path) -> None:
+    paths = trees.make_many_files(data_dir, 20_000)
+    trees.settle()
+    first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    changed = paths[1::4000]
+    for p in changed:
+        p.write_bytes(b"new content")
+    (data_dir / "d0000" / "f000000.txt").unlink()
+    (data_dir / "newdir").mkdir()
+    (data_dir / "newdir" / "x").write_bytes(b"x")
+    dirty = [os.fsencode(p.relative_to(data_dir)) for p in changed]
+    dirty += [b"d0000/f000000.txt", b"newdir", b"d0000"]
+    second = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES, dirty)
+    full = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES)
+    assert second.root == full.root
+    assert second.counters.files_opened == len(changed) + 1
+    assert second.counters.lstats <= len(dirty) + 1
+    assert second.state.files.keys() == full.state.files.keys()
+
+
+def test_excluded_paths_are_not_captured(store: Store, data_dir: Path) -> None:
+    for rel in ["keep.csv", "x.tmp", "sub/y.tmp", "__pycache__/m.pyc", "sub/__pycache__/n",
+                "build/out", "sub/build/kept"]:
+        trees.write(data_dir / rel, b"1")
+    matcher = ExcludeMatcher(["*.tmp", "__pycache__/", "/build"])
+    result = capture_resource(store.objects, data_dir, CaptureState(), matcher)
+    names = set(trees.describe_snapshot(store.objects, result.root))
+    assert names == {b"keep.csv", b"sub", b"sub/build", b"sub/build/kept", b"sub/__pycache__"
+                     } - {b"sub/__pycache__"}
+
+
+def test_file_rewritten_during_capture_is_never_torn(store: Store, data_dir: Path) -> None:
+    size = 64 << 20
+    target = data_dir / "busy.bin"
+    target.write_bytes(b"A" * size)
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        fill = b"B"
+        with open(target, "r+b", buffering=0) as f:
+            while not stop.is_set():
+                f.seek(0)
+                for _ in range(size // (1 << 20)):
+                    f.write(fill * (1 << 20))
+                fill = b"A" if fill == b"B" else b"B"
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        result = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    finally:
+        stop.set()
+        writer.join()
+    assert result.unstable == [b"busy.bin"]
+    stored = trees.describe_snapshot(store.objects, result.root)
+    if b"busy.bin" in stored:  # kept only when one read held still
+        blob = [e for e in trees.entries(store.objects, result.root)
+                if e.name == b"busy.bin"][0].ref
+        data = store.objects.get("blobs", blob)
+        assert data in (b"A" * size, b"B" * size)
+
+
+def test_file_changed_once_during_read_is_reread_and_flagged(store: Store, data_dir: Path
+                                                              ) -> None:
+    target = data_dir / "once.bin"
+    target.write_bytes(b"1" * (32 << 20))
+    changed = threading.Event()
+
+    class OnceAfterFirstRead(trees.HookedStore):
+        def on_chunk(self) -> None:
+            if not changed.is_set():
+                changed.set()
+                target.write_bytes(b"2" * (32 << 20))
+
+    hooked = OnceAfterFirstRead(store.objects.root)
+    result = capture_resource(hooked, data_dir, CaptureState(), NO_EXCLUDES)
+    assert result.unstable == [b"once.bin"]
+    blob = trees.entries(store.objects, result.root)[0].ref
+    assert store.objects.get("blobs", blob) == b"2" * (32 << 20)
+
+
+def test_unreadable_entries_are_reported_not_fatal() -> None:
+    data_dir = trees.world_readable_dir("dwsd-unreadable-")
+    trees.write(data_dir / "ok.txt", b"fine")
+    trees.write(data_dir / "secret.txt", b"hidden", 0o600)
+    trees.write(data_dir / "locked" / "inside.txt", b"hidden")
+    os.chmod(data_dir / "locked", 0o700)
+    result = trees.capture_as_nobody(data_dir)
+    assert sorted(p for p, _ in result["unreadable"]) == ["locked", "secret.txt"]
+    assert result["names"] == ["ok.txt"]
