@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from dwsd.errors import CorruptObjectError
+from dwsd.errors import CorruptObjectError, InvalidIdError
 from dwsd.store.ids import ObjectId, id_from_raw, raw_id
 
 MAGIC = b"dwsd-tree-1\n"
@@ -111,7 +111,7 @@ def decode_tree(data: bytes, oid: str = "?") -> list[Entry]:
     """Decode a tree; raise CorruptObjectError on any malformation (names included)."""
     try:
         return _decode(data)
-    except (struct.error, ValueError, KeyError, IndexError) as exc:
+    except (struct.error, ValueError, KeyError, IndexError, InvalidIdError) as exc:
         raise CorruptObjectError(f"tree {oid} is corrupt: {exc}") from exc
 
 

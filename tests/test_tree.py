@@ -1,0 +1,53 @@
+"""Tree encoding: canonical, bytes names, validated on decode."""
+from __future__ import annotations
+
+import pytest
+
+from dwsd.errors import CorruptObjectError, InvalidIdError
+from dwsd.store.ids import hash_bytes, validate_object_id
+from dwsd.store.tree import DIR, FILE, SYMLINK, Entry, decode_tree, encode_tree
+
+BLOB = hash_bytes(b"content")
+
+
+def entry(name: bytes, **kw: object) -> Entry:
+    fields: dict[str, object] = dict(kind=FILE, mode=0o644, uid=0, gid=0, mtime_ns=1,
+                                     size=7, ref=BLOB)
+    fields.update(kw)
+    return Entry(name, **fields)  # type: ignore[arg-type]
+
+
+def test_encoding_is_canonical_whatever_the_order() -> None:
+    a, b = entry(b"a"), entry(b"\xffb")
+    assert encode_tree([a, b]) == encode_tree([b, a])
+
+
+def test_round_trip_keeps_every_field() -> None:
+    items = [entry(b"f", xattrs=((b"user.a", b"1"), (b"user.b", b""))),
+             entry(b"d", kind=DIR, size=0),
+             entry(b"l", kind=SYMLINK, ref=None, target=b"../x\xff", size=5),
+             entry(b"old", mtime_ns=-10**18, ino=99)]
+    assert decode_tree(encode_tree(items)) == sorted(items, key=lambda e: e.name)
+
+
+@pytest.mark.parametrize("name", [b"", b".", b"..", b"a/b", b"a\0b"])
+def test_bad_names_are_refused(name: bytes) -> None:
+    with pytest.raises(ValueError):
+        encode_tree([entry(name)])
+
+
+def test_decode_refuses_a_tree_with_a_slash_in_a_name() -> None:
+    data = encode_tree([entry(b"ab")]).replace(b"ab", b"a/")
+    with pytest.raises(CorruptObjectError):
+        decode_tree(data)
+
+
+def test_decode_refuses_truncated_data() -> None:
+    with pytest.raises(CorruptObjectError):
+        decode_tree(encode_tree([entry(b"x")])[:-3])
+
+
+@pytest.mark.parametrize("text", ["", "abc", "../" + "0" * 61, "A" * 64, "0" * 65])
+def test_object_ids_are_validated(text: str) -> None:
+    with pytest.raises(InvalidIdError):
+        validate_object_id(text)

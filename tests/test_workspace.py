@@ -1,0 +1,121 @@
+"""The workspace API over a real store and real trees."""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from dwsd.errors import RefError, TagError, UsageError
+from dwsd.workspace import Workspace
+from tests import trees
+from tests.conftest import WriteConfig
+
+
+@pytest.fixture
+def ws(tmp_path: Path, write_config: WriteConfig) -> Workspace:
+    for name in ("data", "code"):
+        trees.write(tmp_path / name / "a.txt", f"{name} a\n".encode())
+        trees.write(tmp_path / name / "sub" / "b.txt", f"{name} b\n".encode())
+    config = write_config({"data": tmp_path / "data", "code": tmp_path / "code"},
+                          roles={"code": "code"})
+    with Workspace.open(config) as w:
+        yield w
+
+
+def test_snapshot_records_every_resource(ws: Workspace) -> None:
+    result = ws.snapshot(tags=["v1"], message="baseline")
+    rec = result.record
+    assert result.created and rec is not None
+    assert set(rec.resources) == {"data", "code"}
+    assert (rec.kind, rec.tags, rec.message, rec.number) == ("manual", ("v1",), "baseline", 1)
+    assert rec.counts.files == 4 and rec.counts.changed_files == 4
+    assert rec.counts.added_bytes == result.bytes_written > 0
+    assert ws.get("v1") == rec == ws.get("latest")
+
+
+def test_same_content_merges_into_the_existing_snapshot(ws: Workspace) -> None:
+    first = ws.snapshot(tags=["v1"]).record
+    again = ws.snapshot(tags=["v1-again"], message="same data")
+    assert not again.created and again.record is not None
+    assert again.record.id == first.id if first else False
+    assert again.record.tags == ("v1", "v1-again")
+    assert again.objects_written == 0
+    assert len(ws.history()) == 1
+
+
+def test_periodic_checkpoint_without_change_is_not_taken(ws: Workspace) -> None:
+    ws.snapshot(kind="periodic")
+    result = ws.snapshot(kind="periodic")
+    assert result.record is None and not result.created
+    assert len(ws.history()) == 1
+
+
+def test_change_gives_a_new_snapshot_with_counts(ws: Workspace, tmp_path: Path) -> None:
+    ws.snapshot()
+    (tmp_path / "data" / "a.txt").write_bytes(b"changed!")
+    rec = ws.snapshot(kind="periodic").record
+    assert rec is not None and rec.kind == "periodic"
+    assert rec.counts.changed_files == 1
+    # The new blob, and the root tree that names it.
+    assert len(b"changed!") < rec.counts.added_bytes < len(b"changed!") + 300
+    assert [r.number for r in ws.history()] == [2, 1]
+
+
+def test_dirty_mode_matches_a_full_walk(ws: Workspace, tmp_path: Path) -> None:
+    ws.snapshot()
+    (tmp_path / "code" / "sub" / "b.txt").write_bytes(b"edited")
+    dirty = ws.snapshot(dirty={"code": [b"sub/b.txt"]}).record
+    full = ws.snapshot(tags=["full"]).record
+    assert dirty is not None and full is not None and dirty.hash == full.hash
+
+
+def test_tags_are_checked_before_any_work(ws: Workspace) -> None:
+    ws.snapshot(tags=["v1"])
+    with pytest.raises(TagError, match="already on snapshot"):
+        ws.snapshot(tags=["v1"])
+    with pytest.raises(TagError):
+        ws.snapshot(tags=["a/b"])
+    with pytest.raises(UsageError):
+        ws.snapshot(kind="hourly")
+
+
+def test_tag_untag_delete(ws: Workspace, tmp_path: Path) -> None:
+    first = ws.snapshot().record
+    (tmp_path / "data" / "new.txt").write_bytes(b"new")
+    ws.snapshot()
+    assert first is not None
+    ws.tag(first.id, "keep")
+    assert ws.get("keep").id == first.id
+    ws.untag("keep")
+    with pytest.raises(RefError):
+        ws.get("keep")
+    ws.delete(first.id)
+    assert [r.id for r in ws.history()] != [first.id] and len(ws.history()) == 1
+
+
+def test_catalog_survives_reopening(ws: Workspace) -> None:
+    rec = ws.snapshot(tags=["v1"]).record
+    config = ws.config
+    ws.close()
+    with Workspace.open(config) as again:
+        assert again.get("v1") == rec
+
+
+def test_gc_removes_only_what_nothing_uses(ws: Workspace, tmp_path: Path) -> None:
+    first = ws.snapshot().record
+    (tmp_path / "data" / "a.txt").write_bytes(b"second version")
+    ws.snapshot()
+    assert first is not None
+    ws.delete(first.id)
+    result = ws.gc()
+    assert result.removed > 0  # the first a.txt blob and the trees above it
+    assert ws.check(read_data=True).ok
+    assert ws.gc().removed == 0
+
+
+def test_ids_use_the_clock(tmp_path: Path, write_config: WriteConfig) -> None:
+    trees.write(tmp_path / "d" / "x", b"x")
+    fixed = dt.datetime(2026, 11, 22, 10, 30, 5, tzinfo=dt.timezone.utc)
+    with Workspace.open(write_config({"d": tmp_path / "d"}), clock=lambda: fixed) as w:
+        assert w.snapshot().record.id == "20261122T103005Z"  # type: ignore[union-attr]
