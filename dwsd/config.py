@@ -19,9 +19,9 @@ import datetime as dt
 import os
 import re
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -30,6 +30,7 @@ from dwsd.snapshot.retention import KeepPolicy
 
 ROLES = ("source-data", "intermediate-data", "code", "results")
 KINDS = ("periodic", "pre-restore", "manual")
+_ROOT = "(top level)"  # the key path of the whole document, in error messages
 
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 # Units in descending order, each at most once: "1h30m" is fine, "30m1h" is a typo.
@@ -76,8 +77,7 @@ class Config:
     socket: Path
     resources: tuple[Resource, ...]
     checkpoint: CheckpointPolicy
-    retention: Mapping[str, KeepPolicy] = field(
-        default_factory=lambda: types.MappingProxyType(dict(_DEFAULT_RETENTION)))
+    retention: Mapping[str, KeepPolicy]
     allow_other: bool = False
 
     def resource(self, name: str) -> Resource:
@@ -112,19 +112,27 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise ConfigError(f"{shown}: cannot read config: {reason}") from None
+    root = _compose(text, shown)
+    return _build_config(_At(root, _ROOT, shown), Path(os.path.abspath(path)))
+
+
+def _compose(text: str, shown: str) -> yaml.Node:
+    """The document's node graph: unlike loaded values, nodes know their line."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else 1
-        problem = f"{e.problem} ({e.context})" if e.context else e.problem
+        problem = f"{e.problem} ({e.context})" if e.context and e.problem else \
+            e.problem or e.context
         raise ConfigError(f"{shown}:{line}: YAML syntax error: {problem}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{shown}:1: YAML syntax error: {e}") from None
+    except yaml.reader.ReaderError as e:  # its str() spans two lines
+        line = text.count("\n", 0, e.position) + 1
+        raise ConfigError(f"{shown}:{line}: YAML syntax error: character "
+                          f"#x{e.character:04x}: {e.reason}") from None
     if root is None:  # an empty file, or only comments
-        root = yaml.MappingNode("tag:yaml.org,2002:map", [],
+        return yaml.MappingNode("tag:yaml.org,2002:map", [],
                                 start_mark=yaml.Mark(shown, 0, 0, 0, "", 0))
-    config_file = Path(os.path.abspath(path))
-    return _build_config(_At(root, "(top level)", shown), config_file)
+    return root
 
 
 @dataclass(frozen=True)
@@ -140,9 +148,10 @@ class _At:
         return ConfigError(f"{self.file}:{line}: {self.key}: {problem}")
 
     def child(self, node: yaml.Node, key: str) -> _At:
-        sep = "" if key.startswith("[") or self.key == "(top level)" else "."
-        base = "" if self.key == "(top level)" else self.key
-        return _At(node, f"{base}{sep}{key}", self.file)
+        if self.key == _ROOT:
+            return _At(node, key, self.file)
+        sep = "" if key.startswith("[") else "."
+        return _At(node, f"{self.key}{sep}{key}", self.file)
 
     def mapping(self, allowed: tuple[str, ...],
                 required: tuple[str, ...] = ()) -> dict[str, _At]:
@@ -222,7 +231,7 @@ class _At:
 
 def _scalar(at: _At) -> object:
     if not isinstance(at.node, yaml.ScalarNode):
-        return at.node.value  # a list of nodes: only used to report its kind
+        return at.node.value  # a list of nodes: fails every scalar type check
     try:
         return yaml.SafeLoader("").construct_object(at.node)
     except yaml.YAMLError as e:
@@ -242,11 +251,10 @@ def _kind(node: yaml.Node) -> str:
     value = _scalar(_At(node, "", ""))
     if value is None:
         return "null"
-    names = {bool: "a boolean", int: "an integer", float: "a number"}
-    name = names.get(type(value), f"a {type(value).__name__}")
     if isinstance(value, str):
         return f"a string ({value!r})" if value else "an empty string"
-    return f"{name} ({node.value})"
+    names = {bool: "a boolean", int: "an integer", float: "a number"}
+    return f"{names.get(type(value), 'a ' + type(value).__name__)} ({node.value})"
 
 
 def _build_config(root: _At, config_file: Path) -> Config:
@@ -299,10 +307,9 @@ def _resources(at: _At, base: Path) -> list[tuple[Resource, _At]]:
         role = keys["role"].string()
         if role not in ROLES:
             raise keys["role"].error(f"must be one of {', '.join(ROLES)}, not {role!r}")
-        exclude = tuple(p.string() for p in keys["exclude"].sequence()) \
-            if "exclude" in keys else ()
+        patterns = keys["exclude"].sequence() if "exclude" in keys else []
         resource = Resource(name=name, path=keys["path"].path(base), role=role,
-                            exclude=exclude)
+                            exclude=tuple(p.string() for p in patterns))
         resources.append((resource, keys["path"]))
     return resources
 
@@ -333,18 +340,20 @@ def _refuse_nesting(at: _At, path: Path, other: Path, other_name: str) -> None:
         raise at.error(f"{path} contains {other_name} ({other})")
 
 
+_CHECKPOINT_KEYS: dict[str, Callable[[_At], Any]] = {
+    "interval": lambda at: at.duration(allow_zero=False),
+    "changes": lambda at: at.integer(minimum=1),
+    # a zero quiet is meaningful: checkpoint without waiting for writes to settle
+    "quiet": lambda at: at.duration(allow_zero=True),
+    "reconcile": lambda at: at.duration(allow_zero=False),
+}
+
+
 def _checkpoint(at: _At) -> CheckpointPolicy:
-    keys = at.mapping(("interval", "changes", "quiet", "reconcile"))
-    defaults = CheckpointPolicy()
-    return CheckpointPolicy(
-        interval=keys["interval"].duration(False) if "interval" in keys
-        else defaults.interval,
-        changes=keys["changes"].integer(1) if "changes" in keys else defaults.changes,
-        # zero quiet is meaningful: checkpoint without waiting for writes to settle
-        quiet=keys["quiet"].duration(True) if "quiet" in keys else defaults.quiet,
-        reconcile=keys["reconcile"].duration(False) if "reconcile" in keys
-        else defaults.reconcile,
-    )
+    """Keys left out keep CheckpointPolicy's defaults."""
+    keys = at.mapping(tuple(_CHECKPOINT_KEYS))
+    return CheckpointPolicy(**{key: _CHECKPOINT_KEYS[key](value)
+                               for key, value in keys.items()})
 
 
 def _retention(at: _At | None) -> Mapping[str, KeepPolicy]:
@@ -356,12 +365,12 @@ def _retention(at: _At | None) -> Mapping[str, KeepPolicy]:
 
 def _keep_policy(at: _At) -> KeepPolicy:
     keys = at.mapping(_COUNT_RULES + ("within", "tagged"))
-    # Any: `tagged` is passed only when given, so the call also fits a KeepPolicy
-    # without that field; keyword arguments keep field order irrelevant.
+    # Only the rules given are passed, so the others keep KeepPolicy's own defaults
+    # (unused counts, `tagged` true) rather than a second copy of them here.
     rules: dict[str, Any] = {rule: keys[rule].integer(0)
                              for rule in _COUNT_RULES if rule in keys}
     if "within" in keys:
-        rules["within"] = keys["within"].duration(False)
+        rules["within"] = keys["within"].duration(allow_zero=False)
     if "tagged" in keys:
         rules["tagged"] = keys["tagged"].boolean()
     return KeepPolicy(**rules)

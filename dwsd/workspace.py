@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Collection, Mapping, Sequence
@@ -29,6 +30,11 @@ from dwsd.store.catalog import KINDS, Counts, SnapshotRecord, check_tag, hostnam
 from dwsd.store.ids import ObjectId
 from dwsd.store.maintenance import CheckResult, GcResult, check_store, collect_garbage
 from dwsd.store.store import Store
+from dwsd.crashpoints import crash_point
+from dwsd.snapshot.journal import RestoreJournal, clear_journal, read_journal, write_journal
+from dwsd.snapshot.restore import Plan, Progress, ProgressFn, apply_plan, plan_restore, \
+    set_root_metadata
+from dwsd.snapshot.retention import plan_retention
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,66 @@ class SnapshotResult:
         return [(r, p, e) for r, c in self.captures.items() for p, e in c.unreadable]
 
 
+@dataclass
+class RestoreResult:
+    snapshot: SnapshotRecord
+    pre_restore: SnapshotRecord | None
+    plans: dict[str, Plan]
+    dry_run: bool = False
+    resources_changed: int = 0
+    files_written: int = 0
+    removed: int = 0
+    errors: list[tuple[str, bytes, str]] = field(default_factory=list)
+
+
+@dataclass
+class PruneResult:
+    kept: dict[str, tuple[str, ...]]
+    deleted: list[str]
+    dry_run: bool
+    gc: GcResult | None = None
+
+
+def select_resources(config: Config, rec: SnapshotRecord, only: Sequence[str] | None,
+                     leave: Sequence[str] | None, paths: Sequence[str] | None,
+                     in_place: bool) -> dict[str, list[bytes] | None]:
+    """Resource name -> paths inside it to restore (None: all of it). Raises UsageError
+    for unknown names, `only` with `leave`, or `results` resources named in place."""
+    if only and leave:
+        raise UsageError("--only and --leave cannot be used together")
+    known = {r.name: r for r in config.resources}
+    for name in [*(only or ()), *(leave or ())]:
+        if name not in known:
+            raise UsageError(f"unknown resource {name!r} (known: {', '.join(known)})")
+        if name not in rec.resources:
+            raise UsageError(f"snapshot {rec.id} has no resource {name!r}")
+    if in_place:
+        for name in only or ():
+            if known[name].role == "results":
+                raise UsageError(f"resource {name!r} has role 'results' and is never "
+                                 "restored in place (use --target)")
+    names = [n for n in (only or known) if n in rec.resources and n not in (leave or ())
+             and not (in_place and known[n].role == "results")]
+    if not paths:
+        return {n: None for n in names}
+    chosen: dict[str, list[bytes] | None] = {}
+    for path in paths:
+        name, _, inside = path.strip("/").partition("/")
+        if name not in names:
+            raise UsageError(f"path {path!r} is not inside a resource being restored")
+        sub = chosen.setdefault(name, [])
+        assert sub is not None
+        sub.append(os.fsencode(inside))
+    return chosen
+
+
+def _journal_paths(by_resource: dict[str, list[bytes] | None]
+                   ) -> dict[str, list[str]] | None:
+    if all(v is None for v in by_resource.values()):
+        return None
+    return {k: [os.fsdecode(p) for p in v or []] for k, v in by_resource.items()}
+
+
 class Workspace:
     def __init__(self, config: Config, store: Store, clock: Clock = utc_now) -> None:
         self.config = config
@@ -74,11 +140,16 @@ class Workspace:
         self.clock = clock
 
     @classmethod
-    def open(cls, config: Config | str | Path, clock: Clock = utc_now) -> "Workspace":
-        """Open (creating the store if needed) as the store's writer. Raises DwsdError."""
+    def open(cls, config: Config | str | Path, clock: Clock = utc_now,
+             resume: bool = True) -> "Workspace":
+        """Open (creating the store if needed) as the store's writer, and complete a
+        restore a crash interrupted (unless `resume` is False). Raises DwsdError."""
         if not isinstance(config, Config):
             config = load_config(config)
-        return cls(config, Store.open(config.store, create=True), clock)
+        ws = cls(config, Store.open(config.store, create=True), clock)
+        if resume:
+            ws.resume_restore()
+        return ws
 
     def close(self) -> None:
         self.store.close()
@@ -149,11 +220,14 @@ class Workspace:
                         changed_files=sum(c.changed_files for c in captures.values()),
                         added_bytes=self.store.objects.log.bytes_written)
         now = self.clock()
+        crash_point("before-catalog-commit")
         with self.store.changing_catalog() as cat:
             rec = cat.add(SnapshotRecord(
                 id=cat.new_id(now), hash=h, number=0, kind=kind, tags=tuple(tags),
                 message=message, hostname=hostname(), time=now, resources=roots,
-                counts=counts))
+                counts=counts,
+                root_meta={name: c.root_meta for name, c in captures.items()}))
+        crash_point("after-catalog-commit")
         log.info("snapshot %s (%s) taken: %d files, %d changed, %d bytes added",
                  rec.id, kind, files, counts.changed_files, counts.added_bytes)
         return SnapshotResult(rec, True, captures)
@@ -163,6 +237,114 @@ class Workspace:
             self.store.objects.make_durable()
         for name, capture in captures.items():
             save_state(self.store.state_dir, name, capture.state)
+
+    # -- restore ------------------------------------------------------------------------
+
+    def restore(self, ref: str, only: Sequence[str] | None = None,
+                leave: Sequence[str] | None = None, paths: Sequence[str] | None = None,
+                target: str | Path | None = None, dry_run: bool = False,
+                progress: ProgressFn | None = None) -> RestoreResult:
+        """Bring resources back to snapshot `ref`.
+
+        In place (no `target`): a `pre-restore` snapshot of the live state is taken first,
+        then only what differs is written; resources with role `results` are left alone.
+        `paths` ("resource/sub/path") limits it to some files or directories; `target`
+        writes the snapshot under `<target>/<resource>/` instead (an empty directory).
+        `dry_run` plans without changing any file. Raises UsageError, RefError.
+        """
+        rec = self.get(ref)
+        in_place = target is None
+        by_resource = select_resources(self.config, rec, only, leave, paths, in_place)
+        if target is not None:
+            return self._restore_to(rec, by_resource, Path(target), dry_run, progress)
+        if dry_run:
+            live = {name: self._capture(self.config.resource(name), None).root
+                    for name in by_resource}
+            return RestoreResult(rec, None, self._plans(rec, by_resource, live), dry_run=True)
+        pre = self.snapshot(kind="pre-restore", message=f"before restoring {rec.id}")
+        assert pre.record is not None
+        journal = RestoreJournal(rec.id, list(by_resource), _journal_paths(by_resource),
+                                 pre.record.id)
+        write_journal(self.store.journal_dir, journal)
+        live = {name: pre.captures[name].root for name in by_resource}
+        return self._apply(rec, pre.record, self._plans(rec, by_resource, live), progress)
+
+    def pending_restore(self) -> RestoreJournal | None:
+        """The restore a crash interrupted, if any."""
+        return read_journal(self.store.journal_dir)
+
+    def resume_restore(self, progress: ProgressFn | None = None) -> RestoreResult | None:
+        """Finish an interrupted restore (re-planned from the live files); None if none."""
+        journal = self.pending_restore()
+        if journal is None:
+            return None
+        rec = self.get(journal.snapshot)
+        log.warning("completing the interrupted restore of snapshot %s", rec.id)
+        by_resource: dict[str, list[bytes] | None] = {
+            name: None if journal.paths is None else
+            [os.fsencode(p) for p in journal.paths.get(name, [])]
+            for name in journal.resources}
+        live = {name: self._capture(self.config.resource(name), None).root
+                for name in by_resource}
+        pre = self.get(journal.pre_restore) if journal.pre_restore else None
+        return self._apply(rec, pre, self._plans(rec, by_resource, live), progress)
+
+    def _plans(self, rec: SnapshotRecord, by_resource: dict[str, list[bytes] | None],
+               live: Mapping[str, ObjectId | None]) -> dict[str, Plan]:
+        return {name: plan_restore(self.store.objects, live[name], rec.resources[name], sub)
+                for name, sub in by_resource.items()}
+
+    def _apply(self, rec: SnapshotRecord, pre: SnapshotRecord | None,
+               plans: dict[str, Plan], progress: ProgressFn | None,
+               roots: Mapping[str, Path] | None = None) -> RestoreResult:
+        result = RestoreResult(rec, pre, plans)
+        status = Progress(files_total=sum(p.files for p in plans.values()),
+                          bytes_total=sum(p.bytes for p in plans.values()))
+        for name, plan in plans.items():
+            root = roots[name] if roots else self.config.resource(name).path
+            applied = apply_plan(self.store.objects, os.fsencode(root), plan, progress,
+                                 status, lambda: crash_point("restore-file"))
+            if name in rec.root_meta and (plan.actions or plan.dirs or roots):
+                set_root_metadata(os.fsencode(root), rec.root_meta[name])
+            result.files_written += applied.files_written
+            result.removed += applied.removed
+            result.errors += [(name, p, e) for p, e in applied.errors]
+            if plan.actions or plan.dirs:
+                result.resources_changed += 1
+        if roots is None:
+            clear_journal(self.store.journal_dir)
+        for name, path, error in result.errors:
+            log.warning("restore of %s: %s/%r not restored: %s", rec.id, name, path, error)
+        return result
+
+    def _restore_to(self, rec: SnapshotRecord, by_resource: dict[str, list[bytes] | None],
+                    target: Path, dry_run: bool, progress: ProgressFn | None
+                    ) -> RestoreResult:
+        if target.exists() and any(target.iterdir()):
+            raise UsageError(f"restore target {target} is not empty")
+        plans = self._plans(rec, by_resource, {name: None for name in by_resource})
+        if dry_run:
+            return RestoreResult(rec, None, plans, dry_run=True)
+        return self._apply(rec, None, plans, progress,
+                           {name: target / name for name in by_resource})
+
+    # -- retention ----------------------------------------------------------------------
+
+    def prune(self, dry_run: bool = False, now: dt.datetime | None = None) -> PruneResult:
+        """Delete the snapshots the retention policy does not keep, then gc.
+        Returns what is kept (with reasons) and what was (or would be) deleted."""
+        history = self.store.catalog.history()
+        kept = plan_retention(history, self.config.retention, now or self.clock())
+        doomed = [r.id for r in history if r.id not in kept]
+        result = PruneResult(kept=kept, deleted=sorted(doomed), dry_run=dry_run)
+        if dry_run or not doomed:
+            return result
+        with self.store.changing_catalog() as cat:  # one atomic commit for all of them
+            for sid in doomed:
+                cat.remove(sid)
+        crash_point("after-delete-commit")
+        result.gc = self.gc()
+        return result
 
     def capture_state(self, resource: str) -> CaptureState:
         return load_state(self.store.state_dir, self.config.resource(resource).name)

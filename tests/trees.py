@@ -226,9 +226,10 @@ class OpenCounter:
     """Counts real opens of files below a directory through inotify (IN_OPEN): an
     oracle independent of dwsd's own counters."""
 
-    IN_OPEN, IN_ISDIR, IN_NONBLOCK = 0x20, 0x40000000, 0o4000
+    IN_OPEN, IN_CLOSE_WRITE, IN_ISDIR, IN_NONBLOCK = 0x20, 0x08, 0x40000000, 0o4000
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, mask: int = IN_OPEN) -> None:
+        self.mask = mask
         import ctypes
         import ctypes.util
         self._libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -240,7 +241,7 @@ class OpenCounter:
         self._fd = self._libc.inotify_init1(self.IN_NONBLOCK)
         assert self._fd >= 0
         for dirpath, _, _ in os.walk(os.fsencode(self.root)):
-            wd = self._libc.inotify_add_watch(self._fd, dirpath, self.IN_OPEN)
+            wd = self._libc.inotify_add_watch(self._fd, dirpath, self.mask)
             assert wd >= 0
             self._dirs[wd] = os.path.relpath(dirpath, os.fsencode(self.root))
         return self
@@ -262,11 +263,12 @@ class OpenCounter:
                 wd, mask, _, length = struct.unpack_from("iIII", data, pos)
                 name = data[pos + 16:pos + 16 + length].rstrip(b"\0")
                 pos += 16 + length
-                if mask & self.IN_OPEN and not mask & self.IN_ISDIR and name:
+                if mask & self.mask and not mask & self.IN_ISDIR and name:
                     d = self._dirs[wd]
                     out.append(name if d == b"." else d + b"/" + name)
 
     def files_opened(self) -> list[bytes]:
+        """Paths of the events seen (opens, or closes after writing with that mask)."""
         return sorted(self._events)
 
 

@@ -33,6 +33,7 @@ from typing import Collection, Union
 from dwsd.errors import CaptureError
 from dwsd.snapshot.exclude import ExcludeMatcher
 from dwsd.snapshot.statcache import RACY_WINDOW_NS, UNTRUSTED, CachedFile, CaptureState
+from dwsd.store.catalog import RootMeta
 from dwsd.store.ids import ObjectId
 from dwsd.store.objects import ObjectStore
 from dwsd.store.tree import DIR, FILE, SYMLINK, Entry, Xattrs, decode_tree, encode_tree, \
@@ -60,6 +61,7 @@ class CaptureResult:
     root: ObjectId
     state: CaptureState
     counters: CaptureCounters
+    root_meta: RootMeta
     changed_files: int = 0
     unreadable: list[tuple[bytes, str]] = field(default_factory=list)
     unstable: list[bytes] = field(default_factory=list)
@@ -110,12 +112,14 @@ def capture_resource(objects: ObjectStore, root: Path, prev: CaptureState,
             else:
                 job = walker.walk_full(root_fd)
             tree_id = walker.finish(job)
+            top = os.fstat(root_fd)
         finally:
             os.close(root_fd)
             walker.cancel_pending()
     walker.state.root = tree_id
-    return CaptureResult(tree_id, walker.state, walker.counters, walker.changed,
-                         walker.unreadable, walker.unstable)
+    root_meta = (stat_mod.S_IMODE(top.st_mode), top.st_uid, top.st_gid, top.st_mtime_ns)
+    return CaptureResult(tree_id, walker.state, walker.counters, root_meta,
+                         walker.changed, walker.unreadable, walker.unstable)
 
 
 class _Walker:

@@ -39,6 +39,11 @@ class Counts:
     added_bytes: int = 0
 
 
+# A resource's top directory: (mode, uid, gid, mtime_ns). Kept in the record, not in the
+# content hash: the top directory has no parent tree to hold it.
+RootMeta = tuple[int, int, int, int]
+
+
 @dataclass(frozen=True)
 class SnapshotRecord:
     """One snapshot as the catalog knows it. `hash` identifies the content."""
@@ -53,12 +58,14 @@ class SnapshotRecord:
     time: dt.datetime
     resources: Mapping[str, ObjectId]
     counts: Counts = field(default_factory=Counts)
+    root_meta: Mapping[str, RootMeta] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["time"] = format_time(self.time)
         d["tags"] = list(self.tags)
         d["resources"] = dict(self.resources)
+        d["root_meta"] = {k: list(v) for k, v in self.root_meta.items()}
         return d
 
     @classmethod
@@ -70,6 +77,8 @@ class SnapshotRecord:
             time=parse_time(d["time"]),
             resources={str(k): validate_object_id(v) for k, v in d["resources"].items()},
             counts=Counts(**d.get("counts", {})),
+            root_meta={str(k): (int(v[0]), int(v[1]), int(v[2]), int(v[3]))
+                       for k, v in d.get("root_meta", {}).items()},
         )
 
 

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from dwsd.crashpoints import crash_point
 from dwsd.errors import CorruptObjectError, ObjectMissingError
 from dwsd.store.catalog import Catalog, manifest_hash
 from dwsd.store.ids import ObjectId
@@ -79,6 +80,7 @@ def collect_garbage(objects: ObjectStore, roots: Iterable[ObjectId]) -> GcResult
             if oid in live[kind]:
                 result.kept += 1
             else:
+                crash_point("gc-remove")
                 objects.remove(kind, oid)
                 result.removed += 1
     log.info("gc kept %d objects, removed %d", result.kept, result.removed)

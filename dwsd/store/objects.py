@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
+from dwsd.crashpoints import crash_point
 from dwsd.errors import CorruptObjectError, ObjectMissingError, StoreError
 from dwsd.store.fsutil import TEMP_PREFIX, clean_temps, fsync_dir, syncfs, temp_name
 from dwsd.store.ids import Hasher, ObjectId, hash_bytes, validate_object_id
@@ -49,6 +50,8 @@ class ObjectStore:
         # Capture workers publish concurrently; the lock keeps the log and the
         # exists-then-rename step consistent between them.
         self._publish_lock = threading.Lock()
+        # Objects read, by kind: work counters for tests and `status`.
+        self.reads: dict[Kind, int] = {"blobs": 0, "trees": 0}
         # Every object renamed in since the last make_durable, whichever log it was in.
         self._unsynced: list[Path] = []
 
@@ -151,6 +154,7 @@ class ObjectStore:
             self.log.written.append((kind, oid))
             self.log.bytes_written += length
             self._unsynced.append(target)
+        crash_point("objects-written")
         return True
 
     def _translate(self, exc: OSError, doing: str) -> StoreError:
@@ -191,6 +195,7 @@ class ObjectStore:
 
     def get(self, kind: Kind, oid: ObjectId) -> bytes:
         """Read and verify a whole object. Raises ObjectMissingError, CorruptObjectError."""
+        self.reads[kind] += 1
         try:
             with open(self.path(kind, oid), "rb") as f:
                 data = f.read()
@@ -202,6 +207,7 @@ class ObjectStore:
 
     def open_blob(self, oid: ObjectId) -> int:
         """Open a blob for reading; the caller closes the fd. Raises ObjectMissingError."""
+        self.reads["blobs"] += 1
         try:
             return os.open(self.path("blobs", oid), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:

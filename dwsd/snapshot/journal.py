@@ -1,0 +1,41 @@
+"""The restore journal: `<store>/journal/restore.json` exists exactly while an in-place
+restore is unfinished. It records what was asked, so the restore can be completed after a
+crash (restore is idempotent: re-planning from the live files converges on the target)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dwsd.store.fsutil import atomic_write, fsync_dir
+
+_NAME = "restore.json"
+
+
+@dataclass(frozen=True)
+class RestoreJournal:
+    snapshot: str                       # the snapshot id being restored
+    resources: list[str]
+    paths: dict[str, list[str]] | None  # resource -> paths (surrogate-escaped), or all
+    pre_restore: str | None             # the undo snapshot's id
+
+
+def write_journal(journal_dir: Path, entry: RestoreJournal) -> None:
+    atomic_write(journal_dir / _NAME, json.dumps(asdict(entry)).encode())
+
+
+def read_journal(journal_dir: Path) -> RestoreJournal | None:
+    try:
+        raw = json.loads((journal_dir / _NAME).read_bytes())
+    except FileNotFoundError:
+        return None
+    return RestoreJournal(**raw)
+
+
+def clear_journal(journal_dir: Path) -> None:
+    try:
+        os.unlink(journal_dir / _NAME)
+    except FileNotFoundError:
+        return
+    fsync_dir(journal_dir)
