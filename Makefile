@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PKGS := fuse3 libfuse3-dev pkg-config rsync attr
+APT_PKGS := fuse3 libfuse3-dev pkg-config rsync attr git sqlite3 systemd
 CONFIG  ?= config/dwsd.yaml
 
 .PHONY: setup system-packages run test lint clean bench
@@ -29,6 +29,7 @@ $(BIN)/.installed: pyproject.toml
 
 run: setup
 	$(BIN)/python -m dwsd.cli.demo --config $(CONFIG)
+	exec $(BIN)/dwsd --config $(CONFIG)
 
 test: setup
 	$(BIN)/python -m pytest -q tests

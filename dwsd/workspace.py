@@ -31,6 +31,7 @@ from dwsd.store.ids import ObjectId
 from dwsd.store.maintenance import CheckResult, GcResult, check_store, collect_garbage
 from dwsd.store.store import Store
 from dwsd.crashpoints import crash_point
+from dwsd.snapshot.diff import Change, diff_trees
 from dwsd.snapshot.journal import RestoreJournal, clear_journal, read_journal, write_journal
 from dwsd.snapshot.restore import Plan, Progress, ProgressFn, apply_plan, plan_restore, \
     set_root_metadata
@@ -163,11 +164,13 @@ class Workspace:
     # -- snapshots ----------------------------------------------------------------------
 
     def snapshot(self, tags: Sequence[str] = (), message: str = "", kind: str = "manual",
-                 dirty: Mapping[str, Collection[bytes]] | None = None) -> SnapshotResult:
+                 dirty: Mapping[str, Collection[bytes]] | None = None,
+                 full: Collection[str] = ()) -> SnapshotResult:
         """Capture every resource and record a snapshot.
 
         `dirty=None` walks every resource; otherwise only the listed relative paths of
-        the listed resources are examined (resources absent from it are unchanged).
+        the listed resources are examined (resources absent from it are unchanged),
+        except resources named in `full`, which are walked whole.
         A periodic snapshot whose content equals an existing snapshot is not recorded;
         any other kind adds its tags and message to that snapshot instead.
         """
@@ -180,7 +183,8 @@ class Workspace:
         objects = self.store.objects
         write_log = objects.start_log()
         try:
-            captures = {r.name: self._capture(r, dirty) for r in self.config.resources}
+            captures = {r.name: self._capture(r, None if r.name in full else dirty)
+                        for r in self.config.resources}
             roots = {name: c.root for name, c in captures.items()}
             result = self._record(roots, captures, tags, message, kind)
         except BaseException:
@@ -237,6 +241,22 @@ class Workspace:
             self.store.objects.make_durable()
         for name, capture in captures.items():
             save_state(self.store.state_dir, name, capture.state)
+
+    # -- diff ---------------------------------------------------------------------------
+
+    def diff(self, ref: str, other: str | None = None) -> dict[str, list[Change]]:
+        """Changes per resource from snapshot `ref` to snapshot `other`, or to the live
+        files when `other` is None (captured first; the capture state is not saved, so
+        a diff never changes what the next snapshot sees as new)."""
+        old = self.get(ref)
+        if other is not None:
+            new_roots: Mapping[str, ObjectId | None] = self.get(other).resources
+        else:
+            new_roots = {r.name: self._capture(r, None).root for r in self.config.resources}
+        names = sorted(set(old.resources) | set(new_roots))
+        return {name: list(diff_trees(self.store.objects, old.resources.get(name),
+                                      new_roots.get(name)))
+                for name in names}
 
     # -- restore ------------------------------------------------------------------------
 

@@ -164,3 +164,16 @@ def test_unreadable_entries_are_reported_not_fatal() -> None:
     result = trees.capture_as_nobody(data_dir)
     assert sorted(p for p, _ in result["unreadable"]) == ["locked", "secret.txt"]
     assert result["names"] == ["ok.txt"]
+
+
+def test_dirty_path_with_slash_walks_a_moved_in_directory(store: Store, data_dir: Path
+                                                           ) -> None:
+    trees.write(data_dir / "sub" / "a", b"old a")
+    first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    os.rename(data_dir / "sub", data_dir / "away")
+    trees.write(data_dir / "other" / "b", b"b")
+    os.rename(data_dir / "other", data_dir / "sub")  # same name, other content
+    dirty = [b"away/", b"sub/"]
+    second = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES, dirty)
+    full = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    assert second.root == full.root

@@ -172,3 +172,50 @@ def test_diff_of_snapshots_reads_only_changed_trees(tmp_path: Path,
     assert {c.status for c in changes} == {"modified"}
     # The two roots, and old and new of the five directories on changed paths.
     assert objects.reads == {"blobs": 0, "trees": 12}
+
+
+def test_diff_against_live_files_tells_kinds_of_change(two_ws: Workspace, tmp_path: Path
+                                                       ) -> None:
+    os.chmod(tmp_path / "data" / "sub", 0o700)
+    (tmp_path / "data" / "gone").mkdir()
+    trees.write(tmp_path / "data" / "gone" / "f", b"")
+    changes = two_ws.diff("v1")
+    data = {(c.path, c.status) for c in changes["data"]}
+    assert data == {(b"d.csv", "modified"), (b"sub", "metadata"),
+                    (b"sub/x.csv", "modified"), (b"gone", "added"), (b"gone/f", "added")}
+    assert [(c.path, c.status, c.size_delta) for c in changes["results"]] == [
+        (b"r.txt", "modified", 0)]
+
+
+def test_diff_between_snapshots(two_ws: Workspace, tmp_path: Path) -> None:
+    (tmp_path / "data" / "d.csv").unlink()
+    two_ws.snapshot(tags=["v2"])
+    changes = two_ws.diff("v1", "v2")
+    assert [(c.path, c.status) for c in changes["data"]] == [
+        (b"d.csv", "removed"), (b"sub/x.csv", "modified")]
+
+
+def test_prune_keeps_by_policy_and_collects_garbage(tmp_path: Path,
+                                                    write_config: WriteConfig) -> None:
+    import datetime as dt
+    data = tmp_path / "data"
+    now = [dt.datetime(2026, 11, 22, 0, 0, tzinfo=dt.timezone.utc)]
+    config = write_config({"data": data}, extra="""
+        retention:
+          periodic: {last: 2}
+          manual: {}
+        """)
+    trees.write(data / "f", b"0")
+    with Workspace.open(config, clock=lambda: now[0]) as ws:
+        ws.snapshot(tags=["hand"])
+        for i in range(1, 5):
+            now[0] += dt.timedelta(hours=1)
+            trees.write(data / "f", b"%d" % i)
+            ws.snapshot(kind="periodic")
+        dry = ws.prune(dry_run=True)
+        assert len(dry.deleted) == 2 and len(ws.history()) == 5
+        result = ws.prune()
+        assert result.deleted == dry.deleted
+        assert [r.kind for r in ws.history()] == ["periodic", "periodic", "manual"]
+        assert result.gc is not None and result.gc.removed == 4  # 2 blobs, 2 root trees
+        assert ws.check(read_data=True).ok

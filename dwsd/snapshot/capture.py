@@ -6,6 +6,9 @@ Two modes, one walker:
   tree id back (the encoding is canonical), so nothing new is written for them;
 - dirty: only the given paths (relative, bytes) are looked at; everything else is taken
   from the previous root tree. Cost follows the number of dirty paths, not the tree.
+  A dirty directory is re-listed (new and vanished names are found) but its unchanged
+  children are reused; a dirty path ending in `/` is walked fully (a directory that was
+  moved in may carry a known name with other content).
 
 Everything is relative to directory fds (`dir_fd=`, `O_NOFOLLOW`), so no path is ever
 followed through a symlink and paths longer than PATH_MAX work. Names stay bytes.
@@ -266,6 +269,9 @@ class _Walker:
 
     def _update_child(self, dfd: int, name: bytes, relpath: bytes,
                       prev: _Pending | None, node: "_Trie") -> _Pending | None:
+        if node.full:
+            self.state.drop_under(relpath)
+            return self._capture_entry(dfd, name, relpath)
         if not node.marked and isinstance(prev, Entry) and prev.kind == DIR:
             # Only something below changed: keep this directory's own metadata.
             try:
@@ -417,9 +423,11 @@ def _join(rel: bytes, name: bytes) -> bytes:
 
 @dataclass
 class _Trie:
-    """Dirty paths as a tree of names; `marked` = this path itself changed."""
+    """Dirty paths as a tree of names; `marked` = this path itself changed, `full` = walk
+    everything below it."""
 
     marked: bool = False
+    full: bool = False
     children: dict[bytes, "_Trie"] = field(default_factory=dict)
 
     @classmethod
@@ -434,4 +442,5 @@ class _Trie:
                     raise CaptureError(f"dirty path {path!r} leaves the resource")
                 node = node.children.setdefault(part, cls())
             node.marked = True
+            node.full = node.full or path.endswith(b"/")
         return root

@@ -1,0 +1,122 @@
+"""The composition root: `run_daemon(config_path)`.
+
+Nested nurseries give the shutdown order: the view (outermost) outlives the control
+server, which outlives the watcher and the scheduler (innermost). SIGTERM/SIGINT cancel
+from the inside out; an operation already on a worker thread finishes first (worker
+threads are never abandoned), then the view is unmounted and the store lock released.
+SIGHUP reloads the configuration; a broken one is refused and the old one kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+import trio
+
+from dwsd.config import Config, load_config
+from dwsd.control.ops import make_handlers
+from dwsd.control.server import serve_control
+from dwsd.errors import DwsdError
+from dwsd.fuse.mount import serve_view
+from dwsd.schedule.scheduler import Scheduler
+from dwsd.watch.watcher import Watcher
+from dwsd.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd about our state (Type=notify); a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(address)
+            s.sendall(state.encode())
+    except OSError as exc:
+        log.warning("cannot notify systemd: %s", exc)
+
+
+async def run_daemon(config_path: Path) -> None:
+    """Run until SIGTERM/SIGINT. Raises DwsdError when the daemon cannot start."""
+    config = load_config(config_path)
+    ws = await trio.to_thread.run_sync(Workspace.open, config)
+    try:
+        async with trio.open_nursery() as outer:
+            view = None
+            if config.mount is not None:
+                view = await outer.start(functools.partial(
+                    serve_view, config.store, config.mount, allow_other=config.allow_other))
+            await _serve(config_path, ws, view, outer)
+            outer.cancel_scope.cancel()
+    finally:
+        sd_notify("STOPPING=1")
+        await trio.to_thread.run_sync(ws.close)
+        log.info("dwsd stopped")
+
+
+async def _serve(config_path: Path, ws: Workspace, view: object | None,
+                 outer: trio.Nursery) -> None:
+    reload_view = getattr(view, "reload_catalog", None)
+    watcher = Watcher(ws.config.resources, on_change=lambda: scheduler.wake())
+    scheduler = Scheduler(ws, watcher, on_catalog_change=reload_view)
+    async with trio.open_nursery() as control:
+        await control.start(serve_control, ws.config.socket, make_handlers(scheduler))
+        async with trio.open_nursery() as inner:
+            await inner.start(watcher.run)
+            await inner.start(scheduler.run)
+            inner.start_soon(_signals, config_path, scheduler, inner.cancel_scope)
+            sd_notify(f"READY=1\nSTATUS=watching {len(ws.config.resources)} resources")
+            log.info("dwsd ready: workspace %s, socket %s, view %s", ws.config.workspace,
+                     ws.config.socket, ws.config.mount or "off")
+        control.cancel_scope.cancel()
+
+
+async def _signals(config_path: Path, scheduler: Scheduler, stop: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                await reload_config(config_path, scheduler)
+                continue
+            log.info("%s: shutting down", signal.Signals(signum).name)
+            sd_notify("STOPPING=1")
+            stop.cancel()
+            return
+
+
+async def reload_config(config_path: Path, scheduler: Scheduler) -> None:
+    """Apply a changed configuration; refuse a broken one and keep the running one."""
+    sd_notify("RELOADING=1")
+    try:
+        new = await trio.to_thread.run_sync(load_config, config_path)
+    except DwsdError as exc:
+        log.error("configuration reload refused, keeping the running one: %s", exc)
+        sd_notify("READY=1")
+        return
+    old = scheduler.config
+    kept = _needs_restart(old, new)
+    if kept:
+        log.warning("configuration reloaded; %s changed and needs a restart to apply",
+                    ", ".join(kept))
+        new = dataclasses.replace(new, store=old.store, mount=old.mount, socket=old.socket,
+                                  resources=old.resources)
+    scheduler.ws.config = new
+    log.info("configuration reloaded from %s", config_path)
+    sd_notify("READY=1")
+    scheduler.wake()
+
+
+def _needs_restart(old: Config, new: Config) -> list[str]:
+    changed = [k for k in ("store", "mount", "socket", "allow_other")
+               if getattr(old, k) != getattr(new, k)]
+    if [(r.name, r.path) for r in old.resources] != [(r.name, r.path) for r in new.resources]:
+        changed.append("resources")
+    return changed

@@ -1,0 +1,241 @@
+"""The scheduler: the store's single writer.
+
+Every write — periodic checkpoints, manual snapshots, restores, tags, deletes, prunes —
+runs through `_write`, which holds one FIFO `trio.Lock` and runs the workspace call on a
+worker thread (its own CapacityLimiter), so the trio thread never blocks on the disk.
+
+Checkpoints: when something changed, a checkpoint is taken once writes have been quiet for
+`quiet`, if `changes` piled up or `interval` passed since the last one. It captures only
+the dirty paths the watcher collected, except for resources needing a full reconcile walk
+(at start, after an overflow or watch error, and every `reconcile`). No change, no
+snapshot. Retention runs after each checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+import trio
+
+from dwsd.config import Config
+from dwsd.snapshot.diff import Change
+from dwsd.snapshot.restore import Progress
+from dwsd.store.catalog import SnapshotRecord
+from dwsd.store.maintenance import CheckResult
+from dwsd.watch.watcher import Watcher
+from dwsd.workspace import PruneResult, RestoreResult, SnapshotResult, Workspace
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Scheduler:
+    """Implements `dwsd.schedule.interface.SchedulerAPI`. Trio thread only."""
+
+    def __init__(self, ws: Workspace, watcher: Watcher,
+                 on_catalog_change: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.ws = ws
+        self.watcher = watcher
+        self.on_catalog_change = on_catalog_change
+        self._writer = trio.Lock()
+        self._limiter = trio.CapacityLimiter(1)
+        self._wakeup = trio.Event()
+        self._last_checkpoint = trio.current_time()
+        self._last_reconcile = -math.inf
+        self.queue_length = 0
+        self.stats: dict[str, Any] = {"checkpoints": 0, "skipped": 0, "errors": 0,
+                                      "last_checkpoint": None, "last_error": None,
+                                      "last_counters": None}
+
+    @property
+    def config(self) -> Config:
+        return self.ws.config
+
+    def wake(self) -> None:
+        """Called by the watcher (trio thread) whenever something changed."""
+        self._wakeup.set()
+
+    # -- the checkpoint loop -------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Report readiness, reconcile once (catching up on what changed while the daemon
+        was down), then checkpoint as the triggers say. Runs until cancelled."""
+        task_status.started()
+        await self.checkpoint(reconcile=True)
+        while True:
+            delay = self._next_delay()
+            with trio.move_on_after(delay):
+                await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            if self._due_reconcile():
+                await self.checkpoint(reconcile=True)
+            elif self._due_checkpoint():
+                await self.checkpoint()
+
+    def _next_delay(self) -> float:
+        now = trio.current_time()
+        cp = self.config.checkpoint
+        waits = [self._last_reconcile + cp.reconcile.total_seconds() - now]
+        last = self.watcher.last_event()
+        if self.watcher.anything_to_capture() and last is not None:
+            quiet_at = last + cp.quiet.total_seconds()
+            interval_at = self._last_checkpoint + cp.interval.total_seconds()
+            waits.append(max(quiet_at, interval_at) - now
+                         if self.watcher.pending_changes() < cp.changes
+                         else quiet_at - now)
+        return max(min(waits), 0.05)
+
+    def _due_reconcile(self) -> bool:
+        reconcile = self.config.checkpoint.reconcile.total_seconds()
+        return trio.current_time() - self._last_reconcile >= reconcile
+
+    def _due_checkpoint(self) -> bool:
+        if not self.watcher.anything_to_capture():
+            return False
+        now = trio.current_time()
+        cp = self.config.checkpoint
+        last = self.watcher.last_event() or 0.0
+        if now - last < cp.quiet.total_seconds():
+            return False
+        return (self.watcher.pending_changes() >= cp.changes or
+                now - self._last_checkpoint >= cp.interval.total_seconds())
+
+    async def checkpoint(self, reconcile: bool = False) -> SnapshotResult | None:
+        """One periodic checkpoint (a full walk when `reconcile`), then retention."""
+        try:
+            result = await self._capture("periodic", (), "", full=reconcile)
+        except Exception as exc:  # a bad checkpoint must not stop the daemon
+            self.stats["errors"] += 1
+            self.stats["last_error"] = str(exc)
+            log.error("checkpoint failed: %s", exc)
+            return None
+        if reconcile:
+            self._last_reconcile = trio.current_time()
+        if result.record is None:
+            self.stats["skipped"] += 1
+            return result
+        self.stats["checkpoints"] += 1
+        await self.prune(dry_run=False)
+        return result
+
+    async def _capture(self, kind: str, tags: Sequence[str], message: str, full: bool
+                       ) -> SnapshotResult:
+        async with self._writing():
+            taken = self.watcher.take(force_full=full)
+            try:
+                result = await self._thread(lambda: self.ws.snapshot(
+                    tags, message, kind, dirty=taken.dirty, full=taken.full))
+            except BaseException:
+                self.watcher.give_back(taken)
+                raise
+        self._last_checkpoint = trio.current_time()
+        self.stats["last_counters"] = vars(result.counters)
+        if result.record is not None:
+            self.stats["last_checkpoint"] = result.record.id
+        if result.created or (result.record is not None and (tags or message)):
+            await self._catalog_changed()
+        return result
+
+    # -- SchedulerAPI --------------------------------------------------------------------
+
+    async def snapshot(self, tags: Sequence[str], message: str, full: bool
+                       ) -> SnapshotResult:
+        return await self._capture("manual", tags, message, full)
+
+    async def restore(self, ref: str, only: Sequence[str] | None,
+                      leave: Sequence[str] | None, paths: Sequence[str] | None,
+                      target: str | None, dry_run: bool,
+                      progress: Callable[[Progress], None]) -> RestoreResult:
+        token = trio.lowlevel.current_trio_token()
+
+        def report(p: Progress) -> None:  # worker thread -> trio thread, never blocking
+            snapshot = Progress(p.files_done, p.files_total, p.bytes_done, p.bytes_total,
+                                p.path)
+            token.run_sync_soon(progress, snapshot)
+
+        result = await self._write_call(lambda: self.ws.restore(
+            ref, only, leave, paths, target, dry_run, report))
+        await self._catalog_changed()
+        return result
+
+    async def tag(self, ref: str, tag: str) -> SnapshotRecord:
+        return await self._catalog_write(lambda: self.ws.tag(ref, tag))
+
+    async def untag(self, tag: str) -> SnapshotRecord:
+        return await self._catalog_write(lambda: self.ws.untag(tag))
+
+    async def delete(self, ref: str) -> SnapshotRecord:
+        return await self._catalog_write(lambda: self.ws.delete(ref))
+
+    async def prune(self, dry_run: bool) -> PruneResult:
+        result = await self._write_call(lambda: self.ws.prune(dry_run=dry_run))
+        if result.deleted and not dry_run:
+            await self._catalog_changed()
+        return result
+
+    async def check(self, read_data: bool) -> CheckResult:
+        return await self._write_call(lambda: self.ws.check(read_data))
+
+    async def diff(self, ref: str, other: str | None) -> dict[str, list[Change]]:
+        return await self._write_call(lambda: self.ws.diff(ref, other))
+
+    def history(self, limit: int | None, kind: str | None) -> list[SnapshotRecord]:
+        return self.ws.history(limit, kind)
+
+    def get(self, ref: str) -> SnapshotRecord:
+        return self.ws.get(ref)
+
+    def resources(self) -> list[dict[str, Any]]:
+        return [{"name": r.name, "path": str(r.path), "role": r.role}
+                for r in self.config.resources]
+
+    def status(self) -> dict[str, Any]:
+        latest = self.ws.store.catalog.latest()
+        return {
+            "workspace": self.config.workspace, "store": str(self.config.store),
+            "mount": str(self.config.mount) if self.config.mount else None,
+            "snapshots": len(self.ws.store.catalog.snapshots),
+            "latest": latest.id if latest else None,
+            "queue": self.queue_length, **self.stats,
+            "resources": {n: s.to_json() for n, s in self.watcher.state.items()},
+        }
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _writing(self) -> "_Writing":
+        return _Writing(self)
+
+    async def _thread(self, fn: Callable[[], T]) -> T:
+        return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+
+    async def _write_call(self, fn: Callable[[], T]) -> T:
+        async with self._writing():
+            return await self._thread(fn)
+
+    async def _catalog_write(self, fn: Callable[[], T]) -> T:
+        result = await self._write_call(fn)
+        await self._catalog_changed()
+        return result
+
+    async def _catalog_changed(self) -> None:
+        if self.on_catalog_change is not None:
+            await self.on_catalog_change()
+
+
+class _Writing:
+    """Holds the writer lock; counts waiters for `status`."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.s = scheduler
+
+    async def __aenter__(self) -> None:
+        self.s.queue_length += 1
+        try:
+            await self.s._writer.acquire()
+        finally:
+            self.s.queue_length -= 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.s._writer.release()
