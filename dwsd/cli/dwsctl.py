@@ -1,8 +1,444 @@
-"""`dwsctl` entry point (placeholder until the daemon lands)."""
+"""`dwsctl`: control a running dwsd over its socket (see docs/protocol.md).
+
+Human-readable output by default, JSON with `--json`; progress (restore, long snapshots)
+on stderr: a bar with an ETA on a terminal, plain periodic lines otherwise. Any failure
+is one line on stderr and an exit code from EXIT_CODES.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
 import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO
+
+from dwsd.control.client import ConnectError, ControlClient, RemoteError, find_socket
+from dwsd.control.protocol import JSON
+from dwsd.errors import ConfigError, DwsdError, UsageError
+from dwsd.store.catalog import KINDS
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+EXIT_CODES = """\
+exit codes:
+  0  success
+  1  the daemon reported an error (or check found problems, or a restore left
+     files it could not write)
+  2  usage error: bad command line, no socket known, unreadable config
+  3  the daemon is not running, or its socket cannot be connected to
+
+socket: --socket, else --config's socket, else $DWSD_SOCKET, else $DWSD_CONFIG's
+socket, else the socket of ~/.config/dwsd/config.yaml."""
+
+Render = Callable[[Any, argparse.Namespace, TextIO], int]
 
 
-def main() -> int:
-    print("dwsctl: the daemon is not built yet; see `make run` for the workspace demo",
-          file=sys.stderr)
-    return 2
+# -- command line -----------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dwsctl", description="Control a running dwsd snapshot daemon.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--socket", metavar="PATH", help="the daemon's control socket")
+    parser.add_argument("--config", metavar="FILE", help="the daemon's config (for its "
+                        "socket)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_snapshot_commands(sub)
+    _add_restore_commands(sub)
+    _add_maintenance_commands(sub)
+    return parser
+
+
+def _add_snapshot_commands(sub: Any) -> None:
+    p = sub.add_parser("snapshot", help="take a snapshot now")
+    p.add_argument("-t", "--tag", action="append", default=[], dest="tags", metavar="TAG")
+    p.add_argument("-m", "--message", default="", metavar="MSG")
+    p.add_argument("--full", action="store_true", help="walk every resource in full")
+    p = sub.add_parser("list", help="list snapshots, newest first")
+    p.add_argument("-n", type=_positive, dest="limit", metavar="N", help="at most N")
+    p.add_argument("--kind", choices=KINDS)
+    sub.add_parser("show", help="show one snapshot").add_argument("ref", metavar="REF")
+    p = sub.add_parser("diff", help="changes from REF to the live files (or to REF2)")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("other", metavar="REF2", nargs="?")
+    p = sub.add_parser("tag", help="add a tag to a snapshot")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("tag", metavar="TAG")
+    sub.add_parser("untag", help="remove a tag").add_argument("tag", metavar="TAG")
+    sub.add_parser("delete", help="delete a snapshot").add_argument("ref", metavar="REF")
+
+
+def _add_restore_commands(sub: Any) -> None:
+    p = sub.add_parser("restore", help="restore a snapshot (a pre-restore snapshot is "
+                       "taken first when restoring in place)")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--only", action="append", metavar="RESOURCE")
+    p.add_argument("--leave", action="append", metavar="RESOURCE")
+    p.add_argument("--path", action="append", dest="paths", metavar="RESOURCE/PATH")
+    p.add_argument("--target", metavar="DIR", help="write into DIR instead of in place")
+    p.add_argument("--dry-run", action="store_true", help="show what would change")
+
+
+def _add_maintenance_commands(sub: Any) -> None:
+    p = sub.add_parser("prune", help="apply the retention policy")
+    p.add_argument("--dry-run", action="store_true")
+    sub.add_parser("status", help="daemon, watcher and scheduler status")
+    p = sub.add_parser("check", help="check the store")
+    p.add_argument("--read-data", action="store_true", help="re-hash every object")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def request_for(ns: argparse.Namespace) -> tuple[str, dict[str, JSON]]:
+    """The (op, args) a parsed command line asks for."""
+    c = ns.command
+    if c == "snapshot":
+        return c, {"tags": ns.tags, "message": ns.message, "full": ns.full}
+    if c == "list":
+        return c, {"limit": ns.limit, "kind": ns.kind}
+    if c == "restore":
+        target = os.path.abspath(ns.target) if ns.target else None
+        return c, {"ref": ns.ref, "only": ns.only, "leave": ns.leave, "paths": ns.paths,
+                   "target": target, "dry_run": ns.dry_run}
+    names = {"show": ("ref",), "diff": ("ref", "other"), "tag": ("ref", "tag"),
+             "untag": ("tag",), "delete": ("ref",), "prune": ("dry_run",), "status": (),
+             "check": ("read_data",)}
+    return c, {name: getattr(ns, name) for name in names[c]}
+
+
+# -- formatting helpers -----------------------------------------------------------------
+
+def human_size(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_duration(seconds: float) -> str:
+    """75 -> '1:15', 3700 -> '1:01:40'."""
+    s = max(0, int(seconds + 0.5))
+    h, rest = divmod(s, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def first_line(text: str, width: int = 50) -> str:
+    line = text.split("\n", 1)[0]
+    return line if len(line) <= width else line[:width - 1] + "…"
+
+
+def table(rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> list[str]:
+    """Rows (the first is the header) as aligned lines; `right` columns align right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.rjust(w) if i in right else cell.ljust(w)
+                      for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+            for row in rows]
+
+
+def snapshot_name(snap: dict[str, Any]) -> str:
+    return f"snapshot {snap['number']} ({snap['id']})"
+
+
+# -- progress ---------------------------------------------------------------------------
+
+def progress_line(op: str, data: dict[str, Any], elapsed: float, bar_width: int = 0) -> str:
+    """One progress line; with `bar_width`, a bar of that many cells. The ETA extrapolates
+    the bytes done so far (files when no bytes are involved)."""
+    done, total = data.get("bytes_done", 0), data.get("bytes_total", 0)
+    if not total:
+        done, total = data.get("files_done", 0), data.get("files_total", 0)
+    fraction = min(1.0, done / total) if total else 1.0
+    parts = [f"{op}:"]
+    if bar_width:
+        filled = int(fraction * bar_width)
+        parts.append("[" + "#" * filled + "-" * (bar_width - filled) + "]")
+    parts.append(f"{fraction * 100:3.0f}%")
+    parts.append(f"{data.get('files_done', 0):,}/{data.get('files_total', 0):,} files")
+    parts.append(f"{human_size(data.get('bytes_done', 0))}/"
+                 f"{human_size(data.get('bytes_total', 0))}")
+    if 0 < fraction < 1 and done:
+        parts.append(f"ETA {human_duration(elapsed * (total - done) / done)}")
+    return " ".join(parts)
+
+
+@dataclass
+class ProgressDisplay:
+    """Shows a request's events on `stream`: redrawn in place on a terminal, else a plain
+    line at most every `plain_interval` seconds (and the last one at `finish`)."""
+
+    op: str
+    stream: TextIO
+    tty: bool
+    plain_interval: float = 2.0
+    clock: Callable[[], float] = time.monotonic
+    started: float = field(default=0.0)
+    _last_plain: float = field(default=-float("inf"))
+    _pending: str = ""
+    _drawn: bool = False
+
+    def __post_init__(self) -> None:
+        self.started = self.clock()
+
+    def __call__(self, event: str, data: dict[str, Any]) -> None:
+        elapsed = self.clock() - self.started
+        if event == "progress":
+            line = progress_line(self.op, data, elapsed, 30 if self.tty else 0)
+        elif event == "working":
+            line = f"{self.op}: working ({human_duration(data.get('elapsed', elapsed))})"
+        else:
+            return
+        self._show(line)
+
+    def _show(self, line: str) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[K" + line)
+            self.stream.flush()
+            self._drawn = True
+        elif self.clock() - self._last_plain >= self.plain_interval:
+            self._last_plain = self.clock()
+            self._pending = ""
+            print(line, file=self.stream, flush=True)
+        else:
+            self._pending = line
+
+    def finish(self) -> None:
+        """End the display: close the redrawn line, print a held-back plain line."""
+        if self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+        elif self._pending:
+            print(self._pending, file=self.stream, flush=True)
+        self._drawn, self._pending = False, ""
+
+
+# -- rendering results ------------------------------------------------------------------
+
+def render_snapshot(result: dict[str, Any], ns: argparse.Namespace, out: TextIO) -> int:
+    snap = result["snapshot"]
+    if snap is None:
+        print("no change: no snapshot recorded", file=out)
+    elif result["created"]:
+        c = snap["counts"]
+        tags = f" [{', '.join(snap['tags'])}]" if snap["tags"] else ""
+        print(f"{snapshot_name(snap)} taken{tags}: {c['files']:,} files, "
+              f"{human_size(c['bytes'])}; {c['changed_files']:,} changed, "
+              f"{human_size(c['added_bytes'])} added", file=out)
+    else:
+        print(f"no change: same content as {snapshot_name(snap)}"
+              + ("; tags and message added to it" if ns.tags or ns.message else ""),
+              file=out)
+    for item in result["unstable"]:
+        print(f"dwsctl: warning: {item['resource']}/{item['path']} changed while it was "
+              "read", file=sys.stderr)
+    for item in result["unreadable"]:
+        print(f"dwsctl: warning: {item['resource']}/{item['path']} not captured: "
+              f"{item['error']}", file=sys.stderr)
+    return EXIT_OK
+
+
+def render_list(result: list[dict[str, Any]], ns: argparse.Namespace, out: TextIO) -> int:
+    if not result:
+        print("no snapshots", file=out)
+        return EXIT_OK
+    rows = [["#", "ID", "KIND", "TAGS", "FILES", "SIZE", "MESSAGE"]]
+    rows += [[str(s["number"]), s["id"], s["kind"], ",".join(s["tags"]),
+              f"{s['counts']['files']:,}", human_size(s["counts"]["bytes"]),
+              first_line(s["message"])] for s in result]
+    for line in table(rows, right=(0, 4, 5)):
+        print(line, file=out)
+    return EXIT_OK
+
+
+def render_show(snap: dict[str, Any], ns: argparse.Namespace, out: TextIO) -> int:
+    c = snap["counts"]
+    rows = [["snapshot", str(snap["number"])], ["id", snap["id"]], ["hash", snap["hash"]],
+            ["kind", snap["kind"]], ["time", snap["time"]],
+            ["tags", ", ".join(snap["tags"]) or "-"], ["host", snap["hostname"]],
+            ["files", f"{c['files']:,} ({human_size(c['bytes'])})"],
+            ["changed", f"{c['changed_files']:,} files, {human_size(c['added_bytes'])} "
+                        "added to the store"]]
+    for line in table(rows):
+        print(line, file=out)
+    message = snap["message"].split("\n")
+    print("message   " + message[0], *("          " + m for m in message[1:]), sep="\n",
+          file=out)
+    print("resources", file=out)
+    for line in table([["  " + n, t] for n, t in sorted(snap["resources"].items())]):
+        print(line, file=out)
+    return EXIT_OK
+
+
+def render_diff(result: dict[str, list[dict[str, Any]]], ns: argparse.Namespace,
+                out: TextIO) -> int:
+    counts: dict[str, int] = {}
+    for resource, changes in result.items():
+        for change in changes:
+            counts[change["status"]] = counts.get(change["status"], 0) + 1
+            print(f"{change['status']:<9} {resource}/{change['path']}", file=out)
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    print(summary or "no differences", file=out)
+    return EXIT_OK
+
+
+def render_restore(result: dict[str, Any], ns: argparse.Namespace, out: TextIO) -> int:
+    name = snapshot_name(result["snapshot"])
+    if result["dry_run"]:
+        for resource, plan in sorted(result["plans"].items()):
+            print(f"{resource}: {plan['files']:,} files ({human_size(plan['bytes'])}) "
+                  f"to write, {plan['removals']:,} to remove", file=out)
+            for change in plan.get("changes", []):
+                print(f"  {change['op']:<6} {resource}/{change['path']}", file=out)
+        print(f"dry run: nothing changed (restore of {name})", file=out)
+        return EXIT_OK
+    print(f"restored {name}: {result['files_written']:,} files written, "
+          f"{result['removed']:,} removed, {result['resources_changed']} resource(s) "
+          "changed", file=out)
+    if result["pre_restore"]:
+        print(f"undo with: dwsctl restore {result['pre_restore']['id']}", file=out)
+    for error in result["errors"]:
+        print(f"dwsctl: not restored: {error['resource']}/{error['path']}: "
+              f"{error['error']}", file=sys.stderr)
+    return EXIT_ERROR if result["errors"] else EXIT_OK
+
+
+def render_record_line(verb: Callable[[argparse.Namespace, str], str]) -> Render:
+    def render(snap: dict[str, Any], ns: argparse.Namespace, out: TextIO) -> int:
+        print(verb(ns, snapshot_name(snap)), file=out)
+        return EXIT_OK
+    return render
+
+
+def render_prune(result: dict[str, Any], ns: argparse.Namespace, out: TextIO) -> int:
+    verb, keep = ("would delete", "keep") if result["dry_run"] else ("deleted", "kept")
+    for sid in result["deleted"]:
+        print(f"{verb} {sid}", file=out)
+    print(f"{verb} {len(result['deleted'])} snapshot(s), {keep} {len(result['kept'])}",
+          file=out)
+    if result["gc"]:
+        print(f"gc: {result['gc']['removed']:,} objects removed, "
+              f"{result['gc']['kept']:,} kept", file=out)
+    return EXIT_OK
+
+
+def render_status(result: Any, ns: argparse.Namespace, out: TextIO) -> int:
+    for line in nested_lines(result):
+        print(line, file=out)
+    return EXIT_OK
+
+
+def nested_lines(value: Any, indent: str = "") -> list[str]:
+    """A JSON value as indented `key: value` lines."""
+    if isinstance(value, dict):
+        lines = []
+        for key, item in value.items():
+            if isinstance(item, (dict, list)) and item:
+                lines += [f"{indent}{key}:"] + nested_lines(item, indent + "  ")
+            else:
+                lines.append(f"{indent}{key}: {_scalar(item)}")
+        return lines
+    if isinstance(value, list):
+        return [line for item in value for line in
+                (nested_lines(item, indent + "  ") if isinstance(item, (dict, list))
+                 else [f"{indent}- {_scalar(item)}"])]
+    return [indent + _scalar(value)]
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return "{}" if isinstance(value, dict) else "[]"
+    return "-" if value is None else str(value).lower() if isinstance(value, bool) \
+        else str(value)
+
+
+def render_check(result: dict[str, Any], ns: argparse.Namespace, out: TextIO) -> int:
+    summary = (f"{result['trees']:,} trees, {result['blobs']:,} blobs "
+               f"({result['blobs_read']:,} re-read)")
+    if result["ok"]:
+        print(f"store ok: {summary}", file=out)
+        return EXIT_OK
+    print(f"store has {len(result['problems'])} problem(s): {summary}", file=out)
+    for problem in result["problems"]:
+        print(f"  {problem['text']}", file=out)
+    return EXIT_ERROR
+
+
+RENDER: dict[str, Render] = {
+    "snapshot": render_snapshot, "list": render_list, "show": render_show,
+    "diff": render_diff, "restore": render_restore, "prune": render_prune,
+    "status": render_status, "check": render_check,
+    "tag": render_record_line(lambda ns, name: f"tagged {name} as {ns.tag}"),
+    "untag": render_record_line(lambda ns, name: f"removed tag {ns.tag} from {name}"),
+    "delete": render_record_line(lambda ns, name: f"deleted {name}"),
+}
+
+
+def render_json(op: str, result: Any, out: TextIO) -> int:
+    print(json.dumps(result, indent=2, ensure_ascii=True), file=out)
+    failed = (op == "check" and not result["ok"]) or (op == "restore" and result["errors"])
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+# -- main -------------------------------------------------------------------------------
+
+def fail(message: str, code: int) -> int:
+    print(f"dwsctl: {message}", file=sys.stderr)
+    return code
+
+
+def run(ns: argparse.Namespace, out: TextIO) -> int:
+    """Carry out a parsed command line; returns the exit code."""
+    try:
+        socket_path = find_socket(ns.socket, ns.config)
+    except (UsageError, ConfigError) as exc:
+        return fail(str(exc), EXIT_USAGE)
+    op, args = request_for(ns)
+    display = ProgressDisplay(op, sys.stderr, sys.stderr.isatty())
+    try:
+        try:
+            with ControlClient(Path(socket_path)) as client:
+                result = client.call(op, args, display)
+        finally:
+            display.finish()
+    except ConnectError as exc:
+        return fail(str(exc), EXIT_NOT_RUNNING)
+    except RemoteError as exc:
+        return fail(f"{exc} ({exc.code})", EXIT_ERROR)
+    except DwsdError as exc:
+        return fail(str(exc), EXIT_ERROR)
+    return render_json(op, result, out) if ns.json else RENDER[op](result, ns, out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `dwsctl` command; returns its exit code (see EXIT_CODES)."""
+    try:
+        ns = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="surrogateescape")  # non-UTF-8 file names as bytes
+    try:
+        return run(ns, sys.stdout)
+    except KeyboardInterrupt:
+        return fail("interrupted (the daemon finishes what it was asked to do)", 130)
+    except BrokenPipeError:  # `dwsctl list | head`: the reader has gone, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
