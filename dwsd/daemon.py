@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 from pathlib import Path
+from typing import AsyncIterator
 
 import trio
 
@@ -47,48 +48,71 @@ def sd_notify(state: str) -> None:
 
 async def run_daemon(config_path: Path) -> None:
     """Run until SIGTERM/SIGINT. Raises DwsdError when the daemon cannot start."""
-    config = load_config(config_path)
-    ws = await trio.to_thread.run_sync(Workspace.open, config)
-    try:
-        async with trio.open_nursery() as outer:
-            view = None
-            if config.mount is not None:
-                view = await outer.start(functools.partial(
-                    serve_view, config.store, config.mount, allow_other=config.allow_other))
-            await _serve(config_path, ws, view, outer)
-            outer.cancel_scope.cancel()
-    finally:
-        sd_notify("STOPPING=1")
-        await trio.to_thread.run_sync(ws.close)
-        log.info("dwsd stopped")
+    await Daemon(config_path).run()
 
 
-async def _serve(config_path: Path, ws: Workspace, view: object | None,
-                 outer: trio.Nursery) -> None:
-    reload_view = getattr(view, "reload_catalog", None)
-    watcher = Watcher(ws.config.resources, on_change=lambda: scheduler.wake())
-    scheduler = Scheduler(ws, watcher, on_catalog_change=reload_view)
-    async with trio.open_nursery() as control:
-        await control.start(serve_control, ws.config.socket, make_handlers(scheduler))
-        async with trio.open_nursery() as inner:
-            await inner.start(watcher.run)
-            await inner.start(scheduler.run)
-            inner.start_soon(_signals, config_path, scheduler, inner.cancel_scope)
-            sd_notify(f"READY=1\nSTATUS=watching {len(ws.config.resources)} resources")
-            log.info("dwsd ready: workspace %s, socket %s, view %s", ws.config.workspace,
-                     ws.config.socket, ws.config.mount or "off")
-        control.cancel_scope.cancel()
+class Daemon:
+    """One running daemon. Trio thread only."""
 
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.config = load_config(config_path)
+        self.scheduler: Scheduler | None = None
+        self._stop_inner = trio.CancelScope()
 
-async def _signals(config_path: Path, scheduler: Scheduler, stop: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    async def run(self) -> None:
+        # Signals are caught from the start: one arriving while the view is being
+        # mounted must still unmount it, not kill the process and leave it dead.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                       signal.SIGHUP) as signals:
+            ws = await trio.to_thread.run_sync(Workspace.open, self.config)
+            try:
+                async with trio.open_nursery() as outer:
+                    outer.start_soon(self._watch_signals, signals)
+                    view = None
+                    if self.config.mount is not None:
+                        view = await outer.start(functools.partial(
+                            serve_view, self.config.store, self.config.mount,
+                            allow_other=self.config.allow_other))
+                    await self._serve(ws, view)
+                    outer.cancel_scope.cancel()  # last: the view (and signal watch)
+            finally:
+                sd_notify("STOPPING=1")
+                await trio.to_thread.run_sync(ws.close)
+                log.info("dwsd stopped")
+
+    async def _serve(self, ws: Workspace, view: object | None) -> None:
+        """Control server, then watcher and scheduler inside it: on shutdown the
+        scheduler stops first (finishing any operation on its thread), the control
+        server after it, so a client waiting for that operation still gets its answer."""
+        reload_view = getattr(view, "reload_catalog", None)
+        watcher = Watcher(ws.config.resources, on_change=lambda: scheduler.wake())
+        scheduler = Scheduler(ws, watcher, on_catalog_change=reload_view)
+        self.scheduler = scheduler
+        async with trio.open_nursery() as control:
+            await control.start(serve_control, ws.config.socket, make_handlers(scheduler))
+            with self._stop_inner:
+                async with trio.open_nursery() as inner:
+                    await inner.start(watcher.run)
+                    await inner.start(scheduler.run)
+                    sd_notify(f"READY=1\nSTATUS=watching {len(ws.config.resources)} "
+                              "resources")
+                    log.info("dwsd ready: workspace %s, socket %s, view %s",
+                             ws.config.workspace, ws.config.socket,
+                             ws.config.mount or "off")
+            control.cancel_scope.cancel()
+
+    async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                await reload_config(config_path, scheduler)
+                if self.scheduler is not None:
+                    await reload_config(self.config_path, self.scheduler)
                 continue
             log.info("%s: shutting down", signal.Signals(signum).name)
             sd_notify("STOPPING=1")
-            stop.cancel()
+            # Cancelling a scope not yet entered is fine: the start-up then goes
+            # straight to the orderly shutdown.
+            self._stop_inner.cancel()
             return
 
 

@@ -45,6 +45,7 @@ class Scheduler:
         self._last_reconcile = -math.inf
         self.queue_length = 0
         self.stats: dict[str, Any] = {"checkpoints": 0, "skipped": 0, "errors": 0,
+                                      "reconciles": 0,
                                       "last_checkpoint": None, "last_error": None,
                                       "last_counters": None}
 
@@ -113,6 +114,7 @@ class Scheduler:
             return None
         if reconcile:
             self._last_reconcile = trio.current_time()
+            self.stats["reconciles"] += 1
         if result.record is None:
             self.stats["skipped"] += 1
             return result

@@ -1,0 +1,166 @@
+"""Mounting and serving the view: `serve_view`, dead-mount clean-up, the catalog poll.
+
+pyfuse3 keeps its session in module globals: one view per process.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from dwsd.errors import DwsdError
+from dwsd.fuse.ops import ViewOps
+from dwsd.fuse.vfs import Inode
+from dwsd.store.store import Store
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 1.0
+CatalogKey = tuple[int, int, int] | None
+
+
+class MountError(DwsdError):
+    """The view cannot be mounted where asked (not a directory, already mounted...)."""
+
+    code = "mount"
+
+
+def mount_options(allow_other: bool) -> set[str]:
+    """FUSE mount options: the kernel checks permissions (`default_permissions`) always;
+    other users reach the view only with `allow_other`. `ro` makes the kernel refuse
+    writes before they reach us (the handlers refuse them too)."""
+    options = {"default_permissions", "ro", "fsname=dwsd", "subtype=dwsd"}
+    if allow_other:
+        options.add("allow_other")
+    return options
+
+
+async def serve_view(store_path: Path | str, mountpoint: Path | str, *,
+                     allow_other: bool = False, poll_interval: float | None = None,
+                     task_status: trio.TaskStatus[ViewOps] = trio.TASK_STATUS_IGNORED
+                     ) -> None:
+    """Mount the read-only view of the store at `mountpoint` and serve it.
+
+    A dead mount left there by a crashed server is cleared first. Reports the `ViewOps`
+    through `task_status` once mounted; the daemon calls its `reload_catalog()` after each
+    catalog change. With `poll_interval`, catalog.json is also watched (for `dwsd mount`,
+    which runs without the daemon). Returns when the view is unmounted from outside;
+    on cancellation unmounts and re-raises. Raises StoreError, MountError.
+    """
+    store = await trio.to_thread.run_sync(
+        functools.partial(Store.open, store_path, readonly=True))
+    mountpoint = Path(mountpoint).absolute()
+    await prepare_mountpoint(mountpoint)
+    ops = ViewOps(store, invalidate=_invalidate_entry)
+    first_key = await trio.to_thread.run_sync(catalog_key, store.catalog.path)
+    await ops.reload_catalog()
+    try:
+        pyfuse3.init(ops, str(mountpoint), mount_options(allow_other))
+    except RuntimeError as exc:
+        raise MountError(f"cannot mount the view at {mountpoint}: {exc}") from exc
+    log.info("view of %s mounted at %s%s", store.root, mountpoint,
+             " (allow_other)" if allow_other else "")
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_run_fuse, mountpoint, nursery.cancel_scope)
+            if poll_interval is not None:
+                nursery.start_soon(poll_catalog, ops, poll_interval, first_key)
+            task_status.started(ops)
+    finally:
+        ops.shutdown()
+        # Blocks briefly (umount2, or fusermount3 when not root); it must run even when
+        # cancelled, and nothing else is served by now.
+        pyfuse3.close(unmount=True)
+        log.info("view at %s unmounted", mountpoint)
+
+
+async def _run_fuse(mountpoint: Path, scope: trio.CancelScope) -> None:
+    await pyfuse3.main()
+    log.info("the view at %s was unmounted from outside", mountpoint)
+    scope.cancel()
+
+
+def _invalidate_entry(parent: Inode, name: bytes) -> None:
+    # Queued to pyfuse3's notify thread: invalidating from the trio thread could
+    # deadlock against a lookup of the same directory that this thread must answer.
+    pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+
+
+# -- the mount point ----------------------------------------------------------------------
+
+async def prepare_mountpoint(path: Path) -> None:
+    """Make `path` ready to mount on: create it when missing, clear a dead FUSE mount
+    (ENOTCONN) with `fusermount3 -u -z`, refuse a live mount or a
+    non-directory. Raises MountError."""
+    try:
+        st = await trio.to_thread.run_sync(_probe, path)
+    except FileNotFoundError:
+        await trio.to_thread.run_sync(functools.partial(path.mkdir, parents=True))
+        return
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise MountError(f"cannot use mount point {path}: {exc.strerror}") from exc
+        await clear_dead_mount(path)
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mount point {path} is not a directory")
+    if await trio.to_thread.run_sync(os.path.ismount, path):
+        raise MountError(f"{path} is already mounted (is another dwsd serving it?)")
+
+
+def _probe(path: Path) -> os.stat_result:
+    """stat `path`; raises ENOTCONN for a dead FUSE mount. statvfs is asked too: FUSE
+    never caches it, while a stat may be answered from the kernel's attribute cache
+    for a while after the server died. Blocks."""
+    st = os.stat(path)
+    os.statvfs(path)
+    return st
+
+
+async def clear_dead_mount(path: Path) -> None:
+    """Lazily unmount a dead FUSE mount at `path`. Raises MountError if that fails."""
+    fusermount = shutil.which("fusermount3") or "fusermount3"
+    result = await trio.run_process([fusermount, "-u", "-z", str(path)], check=False,
+                                    capture_stdout=True, capture_stderr=True)
+    if result.returncode != 0:
+        raise MountError(f"cannot clear the dead mount at {path}: "
+                         f"{result.stderr.decode(errors='replace').strip()}")
+    log.warning("cleared a dead mount at %s (left by a server that crashed)", path)
+
+
+# -- live updates -------------------------------------------------------------------------
+
+def catalog_key(path: Path) -> CatalogKey:
+    """What changes whenever the catalog is replaced: (inode, mtime, size); None when
+    absent. The catalog is replaced by rename, so the inode changes on every commit even
+    within one mtime tick. Blocks."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+async def poll_catalog(ops: ViewOps, interval: float, last: CatalogKey) -> None:
+    """Reload the view's catalog whenever catalog.json changes (checked every `interval`
+    seconds; `last` is the key of the catalog shown now). A failed reload is logged and
+    the view keeps showing the previous catalog. Runs until cancelled."""
+    path = ops.store.catalog.path
+    while True:
+        await trio.sleep(interval)
+        key = await trio.to_thread.run_sync(catalog_key, path, limiter=ops.meta_limiter)
+        if key == last:
+            continue
+        try:
+            await ops.reload_catalog()
+        except DwsdError as exc:
+            log.warning("view: cannot reload the catalog: %s", exc)
+            continue
+        last = key

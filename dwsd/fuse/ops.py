@@ -1,0 +1,428 @@
+"""The pyfuse3 adapter: kernel requests -> `vfs.View` and the object store.
+
+Every handler goes through `_fuse_errors`, the one place where errors become errnos:
+a ViewError gives its errno (not found -> ENOENT...), a missing or corrupt object gives
+EIO and one log line naming the object, anything unexpected gives EIO and a traceback in
+the log. Nothing but FUSEError leaves a handler: another exception would end
+`pyfuse3.main()` and the daemon with it.
+
+Blocking work goes to worker threads, each kind through its own CapacityLimiter (a
+shared pool could fill with slow verifications and starve reads): tree loads, blob opens,
+statfs and catalog reloads through `meta`; blob verification through `verify`; file
+reads through `read`. Everything else runs on the trio thread and never blocks; see
+docs/concurrency.md for the places that rely on there being no await between two lines.
+
+Content is immutable, so below the snapshots the kernel may cache it all: files open with
+`keep_cache`, entries and attributes carry long timeouts. The root's names change with
+the catalog: they get short timeouts, and `show_catalog` invalidates the ones that
+changed, so new snapshots, moved tags and `latest` show at once.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Concatenate, Coroutine, NoReturn, \
+    ParamSpec, Sequence, TypeVar
+
+import pyfuse3
+import trio
+
+from dwsd.errors import CorruptObjectError, ObjectMissingError
+from dwsd.fuse.vfs import ROOT, Attributes, Inode, RootChange, View, ViewError
+from dwsd.store.catalog import Catalog
+from dwsd.store.ids import ObjectId, hash_bytes
+from dwsd.store.store import Store
+from dwsd.store.tree import Entry, decode_tree
+
+log = logging.getLogger(__name__)
+
+ROOT_TIMEOUT = 1.0          # the root's names follow the catalog
+SNAPSHOT_TIMEOUT = 86400.0  # everything below a snapshot is immutable
+BLOCK_SIZE = 128 * 1024     # st_blksize: the largest read FUSE sends by default
+READ_THREADS = 16
+VERIFY_THREADS = 2
+META_THREADS = 4
+VERIFIED_IDS_KEPT = 65536
+SMALL_BLOB = 1 << 20        # verified with one pread and one hash
+REPORTED_KEPT = 1024
+
+P = ParamSpec("P")
+T = TypeVar("T")
+Invalidate = Callable[[Inode, bytes], None]
+ReaddirReply = Callable[[Any, bytes, pyfuse3.EntryAttributes, int], bool]
+
+
+def _fuse_errors(handler: Callable[Concatenate["ViewOps", P], Awaitable[T]]
+                 ) -> Callable[Concatenate["ViewOps", P], Coroutine[Any, Any, T]]:
+    """Map every exception of a handler to FUSEError (the one place that does)."""
+    async def wrapper(self: "ViewOps", /, *args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await handler(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except ViewError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except (ObjectMissingError, CorruptObjectError) as exc:
+            self.report_bad_object(exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("view: unexpected error in %s%r", handler.__name__, args)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    functools.update_wrapper(wrapper, handler)
+    return wrapper
+
+
+@dataclass
+class _OpenFile:
+    """An open blob. The fd is closed by whichever comes last: release or the last read
+    in flight (so a released fd number is never reused under a running pread)."""
+
+    fd: int
+    blob: ObjectId
+    size: int
+    reads: int = 0
+    released: bool = False
+
+    def close_if_idle(self) -> None:
+        if self.released and self.reads == 0:
+            os.close(self.fd)
+
+
+@dataclass
+class _OpenDir:
+    inode: Inode
+    names: list[bytes]   # frozen at opendir: offsets index into it, so restart works
+
+
+class ViewOps(pyfuse3.Operations):
+    """pyfuse3 Operations over a read-only `Store`.
+
+    `invalidate` is called as (parent inode, name) for every kernel entry a catalog
+    change made stale, from `init` on: `mount.py` passes pyfuse3's asynchronous
+    invalidation; tests calling handlers directly (no mount) pass a recorder or None.
+    `readdir_reply` is a seam for the same tests (a real ReaddirToken exists only inside
+    a mount).
+    """
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, store: Store, *, invalidate: Invalidate | None = None,
+                 readdir_reply: ReaddirReply = pyfuse3.readdir_reply,
+                 tree_cache_entries: int | None = None) -> None:
+        super().__init__()
+        self.store = store
+        kwargs = {} if tree_cache_entries is None else {"tree_cache_entries":
+                                                        tree_cache_entries}
+        self.vfs = View(uid=os.getuid(), gid=os.getgid(), **kwargs)
+        self._notify = invalidate
+        self._invalidate: Invalidate | None = None  # set by init(): see there
+        self._readdir_reply = readdir_reply
+        self._handles = itertools.count(1)
+        self._files: dict[int, _OpenFile] = {}
+        self._dirs: dict[int, _OpenDir] = {}
+        self._verified: OrderedDict[ObjectId, None] = OrderedDict()
+        self._verifying: dict[ObjectId, trio.Event] = {}
+        self._corrupt: set[ObjectId] = set()
+        self._reported: set[str] = set()
+        self._reload_lock = trio.Lock()
+        self.read_limiter = trio.CapacityLimiter(READ_THREADS)
+        self.verify_limiter = trio.CapacityLimiter(VERIFY_THREADS)
+        self.meta_limiter = trio.CapacityLimiter(META_THREADS)
+
+    def init(self) -> None:
+        """pyfuse3 calls this once the kernel's INIT is answered; invalidations sent
+        before that fail with ENOSYS (and are pointless: the kernel has cached nothing)."""
+        self._invalidate = self._notify
+
+    # -- the catalog --------------------------------------------------------------------
+
+    def show_catalog(self, catalog: Catalog, mtime_ns: int | None = None) -> RootChange:
+        """Show `catalog` in the root and invalidate the kernel's stale root entries.
+        Never blocks (invalidations are queued)."""
+        change = self.vfs.refresh(catalog, mtime_ns)
+        if self._invalidate is not None:
+            for name in change.names:
+                self._invalidate(ROOT, name)
+        if change:
+            log.debug("view: root changed: %s", change)
+        return change
+
+    async def reload_catalog(self) -> RootChange:
+        """Re-read the store's catalog (in a thread) and show it. Reloads are serialised,
+        so an older catalog is never shown after a newer one. Raises StoreError."""
+        async with self._reload_lock:
+            mtime_ns = await trio.to_thread.run_sync(self._read_catalog,
+                                                     limiter=self.meta_limiter)
+            return self.show_catalog(self.store.catalog, mtime_ns)
+
+    def _read_catalog(self) -> int | None:
+        """Reload the catalog (blocks); return catalog.json's mtime, None if absent."""
+        self.store.reload_catalog()
+        try:
+            return os.stat(self.store.catalog.path).st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    # -- errors -------------------------------------------------------------------------
+
+    def report_bad_object(self, exc: Exception) -> None:
+        """Log a missing or corrupt object once (later requests hitting it stay quiet)."""
+        message = str(exc)
+        if message in self._reported:
+            log.debug("view: %s", message)
+            return
+        if len(self._reported) >= REPORTED_KEPT:
+            self._reported.clear()
+        self._reported.add(message)
+        log.error("view: %s; reads of it fail with EIO", message)
+
+    # -- names and attributes -----------------------------------------------------------
+
+    def entry_attributes(self, attrs: Attributes) -> pyfuse3.EntryAttributes:
+        """pyfuse3 attributes with timeouts: short for the root and its names, long below
+        (an inode's attributes never change; see vfs)."""
+        out = pyfuse3.EntryAttributes()
+        out.st_ino = attrs.inode
+        out.generation = 0
+        timeout = ROOT_TIMEOUT if self.vfs.volatile(attrs.inode) else SNAPSHOT_TIMEOUT
+        out.entry_timeout = timeout
+        out.attr_timeout = timeout
+        out.st_mode = attrs.mode
+        out.st_nlink = attrs.nlink
+        out.st_uid = attrs.uid
+        out.st_gid = attrs.gid
+        out.st_rdev = attrs.rdev
+        out.st_size = attrs.size
+        out.st_blksize = BLOCK_SIZE
+        out.st_blocks = (attrs.size + 511) // 512
+        out.st_atime_ns = out.st_mtime_ns = out.st_ctime_ns = attrs.mtime_ns
+        return out
+
+    async def _ensure_tree(self, inode: int) -> None:
+        """Load the tree of directory `inode` into the cache if it is not there. After
+        this returns, the caller must use the tree before its next await (a later load
+        may evict it)."""
+        oid = self.vfs.tree_needed(inode)
+        if oid is not None:
+            entries = await trio.to_thread.run_sync(self._load_tree, oid,
+                                                    limiter=self.meta_limiter)
+            self.vfs.add_tree(oid, entries)
+
+    def _load_tree(self, oid: ObjectId) -> list[Entry]:
+        """Read, verify and decode a tree (blocks)."""
+        return decode_tree(self.store.objects.get("trees", oid), oid)
+
+    @_fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        if name in (b".", b".."):
+            inode = self.vfs.dot_lookup(parent_inode, name)
+            return self.entry_attributes(self.vfs.getattr(inode))
+        await self._ensure_tree(parent_inode)
+        return self.entry_attributes(self.vfs.lookup(parent_inode, name))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            self.vfs.forget(inode, count)
+
+    @_fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
+                      ) -> pyfuse3.EntryAttributes:
+        return self.entry_attributes(self.vfs.getattr(inode))
+
+    @_fuse_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext | None = None
+                       ) -> bytes:
+        return self.vfs.readlink(inode)
+
+    # -- directories --------------------------------------------------------------------
+
+    @_fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> int:
+        await self._ensure_tree(inode)
+        names = self.vfs.listdir(inode)
+        fh = next(self._handles)
+        self._dirs[fh] = _OpenDir(Inode(inode), names)
+        return fh
+
+    @_fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self._dir(fh)
+        await self._ensure_tree(handle.inode)
+        for index in range(start_id, len(handle.names)):
+            name = handle.names[index]
+            try:
+                attrs = self.vfs.peek(handle.inode, name)
+            except ViewError:
+                continue  # a root name gone since opendir: "may or may not be returned"
+            if not self._readdir_reply(token, name, self.entry_attributes(attrs),
+                                       index + 1):
+                self.vfs.discard(attrs.inode)
+                return
+            self.vfs.remember(attrs.inode)
+
+    @_fuse_errors
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    def _dir(self, fh: int) -> _OpenDir:
+        try:
+            return self._dirs[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+
+    # -- files --------------------------------------------------------------------------
+
+    @_fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext | None = None
+                   ) -> pyfuse3.FileInfo:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        blob = self.vfs.blob(inode)
+        size = self.vfs.getattr(inode).size
+        fd = await self._open_blob(blob, size)
+        fh = next(self._handles)  # no await since the fd was opened: nothing leaks it
+        self._files[fh] = _OpenFile(fd, blob, size)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    async def _open_blob(self, blob: ObjectId, size: int) -> int:
+        """Open a blob, hashing it first on its first open in this process; one thread
+        hop either way. Concurrent first opens of one blob wait for one verification.
+        Raises ObjectMissingError, CorruptObjectError."""
+        while True:
+            if blob in self._verified:
+                self._verified.move_to_end(blob)
+                return await trio.to_thread.run_sync(self.store.objects.open_blob, blob,
+                                                     limiter=self.meta_limiter)
+            if blob in self._corrupt:
+                raise CorruptObjectError(f"blob {blob} is corrupt (content hash differs)")
+            pending = self._verifying.get(blob)
+            if pending is None:
+                break
+            await pending.wait()  # then look again: the verification may have failed
+        done = self._verifying[blob] = trio.Event()
+        try:
+            fd = await trio.to_thread.run_sync(self._open_verified, blob, size,
+                                               limiter=self.verify_limiter)
+        finally:
+            del self._verifying[blob]
+            done.set()
+        if fd is None:
+            self._corrupt.add(blob)
+            raise CorruptObjectError(f"blob {blob} is corrupt (content hash differs)")
+        self._verified[blob] = None
+        if len(self._verified) > VERIFIED_IDS_KEPT:
+            self._verified.popitem(last=False)
+        return fd
+
+    def _open_verified(self, blob: ObjectId, size: int) -> int | None:
+        """Open a blob and check its hash (blocks); None (fd closed) when corrupt. A
+        small blob is hashed from the fd in one read (the store's streaming `verify`
+        costs more than the hash for a few KiB: a second open and hashing threads)."""
+        fd = self.store.objects.open_blob(blob)
+        try:
+            if size <= SMALL_BLOB:
+                good = hash_bytes(os.pread(fd, size + 1, 0)) == blob
+            else:
+                good = self.store.objects.verify("blobs", blob)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not good:
+            os.close(fd)
+            return None
+        return fd
+
+    @_fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._file(fh)
+        cached = read_if_cached(handle.fd, off, min(size, handle.size - off))
+        if cached is not None:
+            return cached
+        handle.reads += 1
+        try:
+            return await trio.to_thread.run_sync(os.pread, handle.fd, size, off,
+                                                 limiter=self.read_limiter)
+        finally:
+            handle.reads -= 1
+            handle.close_if_idle()
+
+    @_fuse_errors
+    async def release(self, fh: int) -> None:
+        handle = self._files.pop(fh, None)
+        if handle is not None:
+            handle.released = True
+            handle.close_if_idle()
+
+    def _file(self, fh: int) -> _OpenFile:
+        try:
+            return self._files[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+
+    def shutdown(self) -> None:
+        """Stop invalidating (the session is going) and close every open blob (after
+        an unmount the kernel sends no release). Handlers must not run after this."""
+        self._invalidate = None
+        for handle in self._files.values():
+            handle.released = True
+            handle.close_if_idle()
+        self._files.clear()
+
+    # -- xattrs and statfs --------------------------------------------------------------
+
+    @_fuse_errors
+    async def getxattr(self, inode: int, name: bytes,
+                       ctx: pyfuse3.RequestContext | None = None) -> bytes:
+        return self.vfs.getxattr(inode, name)
+
+    @_fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
+                        ) -> Sequence[bytes]:
+        return [name for name, _ in self.vfs.xattrs(inode)]
+
+    @_fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext | None = None
+                     ) -> pyfuse3.StatvfsData:
+        """The store's filesystem size, nothing free (the view is read-only)."""
+        st = await trio.to_thread.run_sync(os.statvfs, self.store.root,
+                                           limiter=self.meta_limiter)
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = BLOCK_SIZE
+        out.f_frsize = st.f_frsize
+        out.f_blocks = st.f_blocks
+        out.f_bfree = out.f_bavail = 0
+        out.f_files = len(self.vfs)
+        out.f_ffree = out.f_favail = 0
+        out.f_namemax = 255
+        return out
+
+    # -- writes: all refused --------------------------------------------------------------
+
+    async def _read_only(self, *args: object, **kwargs: object) -> NoReturn:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only
+    write = create = setxattr = removexattr = _read_only
+
+
+def read_if_cached(fd: int, offset: int, length: int) -> bytes | None:
+    """Read `length` bytes at `offset` if the page cache holds them all, else None.
+    Never blocks on I/O (RWF_NOWAIT), so the trio thread may call it: a read of cached
+    content skips the worker-thread round trip, which costs more than the read."""
+    if length <= 0:
+        return b""
+    buf = bytearray(length)
+    try:
+        got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
+            return None  # not cached (or RWF_NOWAIT unsupported here): use a thread
+        raise
+    return bytes(buf) if got == length else None

@@ -1,0 +1,497 @@
+"""The view as a model: names -> catalog entries and trees, with an inode table.
+
+No pyfuse3 and no I/O here: every method is plain, never blocks and never awaits, so the
+adapter (`ops.py`) can rely on "no await between these lines" around any of them. Trees
+are decoded elsewhere (in a worker thread) and handed in with `add_tree`; a method that
+needs a tree that is not in the cache raises `TreeNotLoaded` (a bug in the caller: it
+must ask `tree_needed` first and load what it names).
+
+Layout::
+
+    /                       ROOT: one directory per tag and per snapshot id, `latest`
+    /<tag or id>/           SNAPSHOT: one directory per resource; mtime = snapshot time
+    /<tag or id>/<res>/     RESOURCE: the resource's root tree
+    /latest -> <id>         LATEST: a symlink to the newest snapshot's directory
+
+Inodes. A node is identified by a key that fixes its content for good, so an inode's
+attributes and children never change: a snapshot directory is keyed by (name, snapshot
+id), so a tag moved to another snapshot gets a new inode; `latest` is keyed by its
+target; a resource directory by (snapshot directory name, snapshot id, resource). Below
+a resource a node is keyed by (parent inode, name), except hard links (entries with the
+same non-zero `ino` in one resource of one snapshot directory), which share the key
+(resource key, ino) and so one inode. Keys that do not contain an inode number keep their
+inode number even after the kernel forgets the node. A node lives while the kernel holds a lookup count on it
+(`lookup`/`remember` raise it, `forget` lowers it); nodes of a deleted snapshot keep
+working until forgotten, as long as their objects exist.
+"""
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import enum
+import errno
+import os
+import stat
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, NamedTuple, NewType, Sequence
+
+from dwsd.store.catalog import Catalog, SnapshotRecord
+from dwsd.store.ids import ObjectId
+from dwsd.store.tree import DIR, FILE, SYMLINK, Entry, Xattrs
+
+Inode = NewType("Inode", int)
+ROOT = Inode(1)
+LATEST = b"latest"
+NAME_MAX = 255
+DIR_MODE = 0o755
+DEFAULT_TREE_CACHE_ENTRIES = 65536
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
+# -- errors -----------------------------------------------------------------------------
+
+class ViewError(Exception):
+    """A request the view answers with an error; `errno` is what the caller sees."""
+
+    errno = errno.EIO
+
+
+class NoEntry(ViewError):
+    errno = errno.ENOENT
+
+
+class NotADirectory(ViewError):
+    errno = errno.ENOTDIR
+
+
+class WrongKind(ViewError):
+    """Reading a link target of a non-link, opening a non-file, and the like."""
+
+    errno = errno.EINVAL
+
+
+class NoAttribute(ViewError):
+    errno = errno.ENODATA  # ENOATTR on Linux
+
+
+class TreeNotLoaded(Exception):
+    """A method needed tree `oid` and it is not cached: the caller skipped `tree_needed`."""
+
+    def __init__(self, oid: ObjectId) -> None:
+        super().__init__(f"tree {oid} is not loaded")
+        self.oid = oid
+
+
+# -- plain data ---------------------------------------------------------------------------
+
+class NodeKind(enum.Enum):
+    ROOT = "root"
+    SNAPSHOT = "snapshot"
+    RESOURCE = "resource"
+    LATEST = "latest"
+    ENTRY = "entry"
+
+
+@dataclass(frozen=True, slots=True)
+class Attributes:
+    """What stat shows for one inode. atime and ctime are reported equal to mtime."""
+
+    inode: Inode
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    rdev: int = 0
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+class RootItem(NamedTuple):
+    """A name in the root: the snapshot it shows, and whether it is the `latest` link."""
+
+    snapshot_id: str
+    is_latest: bool = False
+
+
+@dataclass(frozen=True)
+class RootChange:
+    """Root names that appeared, disappeared, or now show another snapshot."""
+
+    appeared: tuple[bytes, ...] = ()
+    disappeared: tuple[bytes, ...] = ()
+    changed: tuple[bytes, ...] = ()
+
+    @property
+    def names(self) -> tuple[bytes, ...]:
+        """Every name whose cached kernel entry is now wrong."""
+        return self.appeared + self.disappeared + self.changed
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+
+NodeKey = Hashable
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    inode: Inode
+    kind: NodeKind
+    key: NodeKey
+    parent: Inode
+    name: bytes
+    attrs: Attributes
+    record: SnapshotRecord | None = None   # SNAPSHOT, RESOURCE, LATEST
+    tree: ObjectId | None = None           # RESOURCE and directory entries
+    entry: Entry | None = None             # ENTRY
+    resource: NodeKey = None               # key of the resource directory it is in
+    target: bytes = b""                    # LATEST
+    lookups: int = 0
+
+
+# -- root names ---------------------------------------------------------------------------
+
+def root_items(catalog: Catalog) -> dict[bytes, RootItem]:
+    """The root listing of `catalog`: name -> item. Names are made file-name safe and
+    unique (restic-style); ids and `latest` are claimed first so they never change, then
+    tags in sorted order get a `-2`, `-3`... suffix on a collision (catalog rules make
+    collisions impossible today; this keeps the view sound if the rules ever loosen)."""
+    items: dict[bytes, RootItem] = {}
+    latest = catalog.latest()
+    if latest is not None:
+        items[LATEST] = RootItem(latest.id, True)
+    for rec in sorted(catalog.snapshots.values(), key=lambda r: r.id):
+        items[_unique(items, safe_name(rec.id))] = RootItem(rec.id)
+    for tag, snapshot_id in sorted(catalog.tags().items()):
+        items[_unique(items, safe_name(tag))] = RootItem(snapshot_id)
+    return items
+
+
+def safe_name(text: str) -> bytes:
+    """`text` as one path component: no `/` or NUL, not `.`/`..`/empty, <= NAME_MAX."""
+    name = os.fsencode(text).replace(b"/", b"_").replace(b"\0", b"_")
+    if name in (b"", b".", b".."):
+        name = b"_" + name
+    return name[:NAME_MAX]
+
+
+def _unique(taken: dict[bytes, RootItem], name: bytes) -> bytes:
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        suffix = b"-%d" % n
+        candidate = name[:NAME_MAX - len(suffix)] + suffix
+    return candidate
+
+
+def time_ns(t: dt.datetime) -> int:
+    """An aware datetime as integer nanoseconds since the epoch, exactly."""
+    return (t - _EPOCH) // dt.timedelta(microseconds=1) * 1000
+
+
+# -- tree cache ---------------------------------------------------------------------------
+
+class TreeCache:
+    """Decoded trees by id, least recently used first out, bounded by the total number
+    of entries (the most recent tree stays even when it alone is larger)."""
+
+    def __init__(self, max_entries: int = DEFAULT_TREE_CACHE_ENTRIES) -> None:
+        self.max_entries = max_entries
+        self._trees: OrderedDict[ObjectId, Sequence[Entry]] = OrderedDict()
+        self._size = 0
+
+    def __contains__(self, oid: ObjectId) -> bool:
+        return oid in self._trees
+
+    def __len__(self) -> int:
+        return len(self._trees)
+
+    def get(self, oid: ObjectId) -> Sequence[Entry]:
+        """The entries of tree `oid`; raises TreeNotLoaded when it is not cached."""
+        try:
+            entries = self._trees[oid]
+        except KeyError:
+            raise TreeNotLoaded(oid) from None
+        self._trees.move_to_end(oid)
+        return entries
+
+    def put(self, oid: ObjectId, entries: Sequence[Entry]) -> None:
+        """Cache a tree's entries (sorted by name, as decoded) and evict the oldest."""
+        if oid in self._trees:
+            self._trees.move_to_end(oid)
+            return
+        self._trees[oid] = entries
+        self._size += len(entries)
+        while self._size > self.max_entries and len(self._trees) > 1:
+            _, old = self._trees.popitem(last=False)
+            self._size -= len(old)
+
+
+# -- the view -----------------------------------------------------------------------------
+
+@dataclass
+class _Root:
+    items: dict[bytes, RootItem] = field(default_factory=dict)
+    records: dict[str, SnapshotRecord] = field(default_factory=dict)
+    mtime_ns: int = 0
+
+
+class View:
+    """The inode table and name resolution of the read-only view.
+
+    Synthetic directories (root, snapshots, resources) belong to `uid`/`gid` with mode
+    0755; everything below a resource has the captured metadata. Raises ViewError
+    subclasses for requests the view refuses, TreeNotLoaded for caller bugs.
+    """
+
+    def __init__(self, *, uid: int, gid: int,
+                 tree_cache_entries: int = DEFAULT_TREE_CACHE_ENTRIES) -> None:
+        self.uid = uid
+        self.gid = gid
+        self.trees = TreeCache(tree_cache_entries)
+        self._root = _Root()
+        root = Node(ROOT, NodeKind.ROOT, "root", ROOT, b"", self._root_attrs(), lookups=1)
+        self._nodes: dict[Inode, Node] = {ROOT: root}
+        self._by_key: dict[NodeKey, Inode] = {"root": ROOT}
+        self._next_inode = ROOT + 1
+
+    # -- catalog ------------------------------------------------------------------------
+
+    def refresh(self, catalog: Catalog, mtime_ns: int | None = None) -> RootChange:
+        """Show `catalog` from now on; return which root names changed. `mtime_ns` is the
+        root's new mtime (default: the newest snapshot's time)."""
+        old = self._root.items
+        new = root_items(catalog)
+        latest = catalog.latest()
+        if mtime_ns is None:
+            mtime_ns = time_ns(latest.time) if latest is not None else 0
+        self._root = _Root(new, dict(catalog.snapshots), mtime_ns)
+        self._nodes[ROOT].attrs = self._root_attrs()
+        return RootChange(
+            appeared=tuple(sorted(n for n in new if n not in old)),
+            disappeared=tuple(sorted(n for n in old if n not in new)),
+            changed=tuple(sorted(n for n in new if n in old and new[n] != old[n])))
+
+    def _root_attrs(self) -> Attributes:
+        dirs = sum(1 for item in self._root.items.values() if not item.is_latest)
+        return Attributes(ROOT, stat.S_IFDIR | DIR_MODE, 2 + dirs, self.uid, self.gid, 0,
+                          self._root.mtime_ns)
+
+    # -- the inode table ----------------------------------------------------------------
+
+    def node(self, inode: int) -> Node:
+        """The node of a live inode; raises NoEntry for an unknown (forgotten) one."""
+        try:
+            return self._nodes[Inode(inode)]
+        except KeyError:
+            raise NoEntry(f"no inode {inode}") from None
+
+    def getattr(self, inode: int) -> Attributes:
+        return self.node(inode).attrs
+
+    def lookup(self, parent: int, name: bytes) -> Attributes:
+        """Resolve `name` in directory `parent` and count one kernel reference to it."""
+        node = self._child(self.node(parent), name)
+        node.lookups += 1
+        return node.attrs
+
+    def dot_lookup(self, parent: int, name: bytes) -> Inode:
+        """`.` or `..` of directory `parent` (counted like `lookup`). `..` of a node
+        whose parent was forgotten is refused with NoEntry."""
+        node = self.node(parent)
+        target = self.node(node.inode if name == b"." else node.parent)
+        target.lookups += 1
+        return target.inode
+
+    def volatile(self, inode: int) -> bool:
+        """True for the root and its names, which follow the catalog; everything below
+        a snapshot directory is immutable."""
+        node = self._nodes.get(Inode(inode))
+        return node is None or node.inode == ROOT or node.parent == ROOT
+
+    def peek(self, parent: int, name: bytes) -> Attributes:
+        """Like `lookup` without counting a reference: for readdir, which calls
+        `remember` once the kernel took the entry, else `discard`."""
+        return self._child(self.node(parent), name).attrs
+
+    def remember(self, inode: int) -> None:
+        self.node(inode).lookups += 1
+
+    def discard(self, inode: int) -> None:
+        """Drop a node `peek` made if the kernel holds no reference to it."""
+        node = self._nodes.get(Inode(inode))
+        if node is not None and node.lookups == 0 and node.inode != ROOT:
+            self._drop(node)
+
+    def forget(self, inode: int, count: int) -> None:
+        """Lower a node's lookup count; at zero the node goes. Never raises."""
+        node = self._nodes.get(Inode(inode))
+        if node is None or node.inode == ROOT:
+            return
+        node.lookups -= count
+        if node.lookups <= 0:
+            self._drop(node)
+
+    def _drop(self, node: Node) -> None:
+        del self._nodes[node.inode]
+        # Snapshot and resource directories, `latest` and hard-link groups keep their
+        # numbers: the kernel may forget an inode between a client's visits to two names
+        # of one hard-linked file (memory pressure, drop_caches), and tar or rsync -H
+        # would then see two files. They are few, so the map stays small.
+        if not _keeps_number(node.key) and self._by_key.get(node.key) == node.inode:
+            del self._by_key[node.key]
+
+    def __len__(self) -> int:
+        """Number of live inodes (the root included)."""
+        return len(self._nodes)
+
+    # -- directories --------------------------------------------------------------------
+
+    def tree_needed(self, inode: int) -> ObjectId | None:
+        """The tree to load before listing or looking up in `inode`, or None when nothing
+        needs loading (not a tree directory, or already cached)."""
+        node = self.node(inode)
+        if node.tree is not None and node.tree not in self.trees:
+            return node.tree
+        return None
+
+    def add_tree(self, oid: ObjectId, entries: Sequence[Entry]) -> None:
+        """Cache a decoded tree (from a worker thread's `decode_tree`)."""
+        self.trees.put(oid, entries)
+
+    def listdir(self, inode: int) -> list[bytes]:
+        """The names in directory `inode`, sorted (a new list: callers may keep it)."""
+        node = self.node(inode)
+        if node.kind is NodeKind.ROOT:
+            return sorted(self._root.items)
+        if node.kind is NodeKind.SNAPSHOT:
+            assert node.record is not None
+            return sorted(safe_name(r) for r in node.record.resources)
+        if node.tree is not None:
+            return [e.name for e in self.trees.get(node.tree)]
+        raise NotADirectory(f"inode {inode} is not a directory")
+
+    def _child(self, parent: Node, name: bytes) -> Node:
+        if parent.kind is NodeKind.ROOT:
+            return self._root_child(name)
+        if parent.kind is NodeKind.SNAPSHOT:
+            return self._resource_child(parent, name)
+        if parent.tree is not None:
+            return self._entry_child(parent, name)
+        raise NotADirectory(f"{self.describe(parent.inode)} is not a directory")
+
+    def _root_child(self, name: bytes) -> Node:
+        item = self._root.items.get(name)
+        if item is None:
+            raise NoEntry(name)
+        rec = self._root.records[item.snapshot_id]
+        mtime = time_ns(rec.time)
+        if item.is_latest:
+            target = safe_name(rec.id)
+            return self._intern(("latest", rec.id), lambda ino: Node(
+                ino, NodeKind.LATEST, None, ROOT, name,
+                Attributes(ino, stat.S_IFLNK | 0o777, 1, self.uid, self.gid, len(target),
+                           mtime),
+                record=rec, target=target))
+        return self._intern(("snapshot", name, rec.id), lambda ino: Node(
+            ino, NodeKind.SNAPSHOT, None, ROOT, name,
+            Attributes(ino, stat.S_IFDIR | DIR_MODE, 2 + len(rec.resources), self.uid,
+                       self.gid, 0, mtime),
+            record=rec))
+
+    def _resource_child(self, parent: Node, name: bytes) -> Node:
+        rec = parent.record
+        assert rec is not None
+        resource = next((r for r in rec.resources if safe_name(r) == name), None)
+        if resource is None:
+            raise NoEntry(name)
+        key = ("resource", parent.name, rec.id, name)
+        return self._intern(key, lambda ino: Node(
+            ino, NodeKind.RESOURCE, None, parent.inode, name,
+            Attributes(ino, stat.S_IFDIR | DIR_MODE, 1, self.uid, self.gid, 0,
+                       time_ns(rec.time)),
+            record=rec, tree=rec.resources[resource], resource=key))
+
+    def _entry_child(self, parent: Node, name: bytes) -> Node:
+        assert parent.tree is not None
+        entries = self.trees.get(parent.tree)
+        i = bisect.bisect_left(entries, name, key=lambda e: e.name)
+        if i == len(entries) or entries[i].name != name:
+            raise NoEntry(name)
+        entry = entries[i]
+        key: NodeKey = ("entry", parent.inode, name)
+        if entry.ino and entry.kind == FILE:
+            key = ("link", parent.resource, entry.ino)
+        return self._intern(key, lambda ino: Node(
+            ino, NodeKind.ENTRY, None, parent.inode, name, entry_attributes(ino, entry),
+            record=parent.record, entry=entry, resource=parent.resource,
+            tree=entry.ref if entry.kind == DIR else None))
+
+    def _intern(self, key: NodeKey, make: Callable[[Inode], Node]) -> Node:
+        inode = self._by_key.get(key)
+        if inode is None:
+            inode = self._by_key[key] = Inode(self._next_inode)
+            self._next_inode += 1
+        elif inode in self._nodes:
+            return self._nodes[inode]
+        node = make(inode)
+        node.key = key
+        self._nodes[inode] = node
+        return node
+
+    # -- leaves -------------------------------------------------------------------------
+
+    def readlink(self, inode: int) -> bytes:
+        """A symlink's target, verbatim."""
+        node = self.node(inode)
+        if node.kind is NodeKind.LATEST:
+            return node.target
+        if node.entry is not None and node.entry.kind == SYMLINK:
+            return node.entry.target
+        raise WrongKind(f"{self.describe(inode)} is not a symbolic link")
+
+    def blob(self, inode: int) -> ObjectId:
+        """The content blob of a regular file."""
+        entry = self.node(inode).entry
+        if entry is None or entry.kind != FILE or entry.ref is None:
+            raise WrongKind(f"{self.describe(inode)} is not a regular file")
+        return entry.ref
+
+    def xattrs(self, inode: int) -> Xattrs:
+        """The captured extended attributes (name, value), sorted by name."""
+        entry = self.node(inode).entry
+        return entry.xattrs if entry is not None else ()
+
+    def getxattr(self, inode: int, name: bytes) -> bytes:
+        for xname, value in self.xattrs(inode):
+            if xname == name:
+                return value
+        raise NoAttribute(name)
+
+    def describe(self, inode: int) -> str:
+        """A best-effort path of `inode` below the mount, for log lines."""
+        parts: list[bytes] = []
+        node = self._nodes.get(Inode(inode))
+        while node is not None and node.inode != ROOT:
+            parts.append(node.name)
+            node = self._nodes.get(node.parent)
+        prefix = "" if node is not None else ".../"
+        return prefix + os.fsdecode(b"/".join(reversed(parts)))
+
+
+def _keeps_number(key: NodeKey) -> bool:
+    return isinstance(key, tuple) and key[0] in ("snapshot", "resource", "latest", "link")
+
+
+def entry_attributes(inode: Inode, entry: Entry) -> Attributes:
+    """Attributes of a captured entry. Directories report nlink 1 ("unknown", as btrfs
+    does: counting subdirectories would mean loading the child tree). Hard-linked files
+    report 2: trees record the link group, not its size."""
+    nlink = 2 if entry.ino and entry.kind == FILE else 1
+    return Attributes(inode, entry.st_mode, nlink, entry.uid, entry.gid, entry.size,
+                      entry.mtime_ns, entry.rdev)

@@ -1,0 +1,227 @@
+"""The mounted view over time and under trouble: live catalog changes, corrupt objects,
+open readers of deleted snapshots, other users, signals, crashes and outside unmounts.
+Each test runs its own `dwsd mount` subprocess over a small store."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from dwsd.store.store import Store
+from tests import trees
+from tests.conftest import WriteConfig
+from tests.fusehelp import REPO, STOP_TIMEOUT, ViewServer, delete_snapshot, \
+    is_mounted, require_fuse, run, serving, tag_snapshot, take_snapshot, unmount, \
+    wait_until
+
+NOBODY = 65534
+UPDATE_TIMEOUT = 5.0  # the standalone server polls catalog.json every second
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    root = tmp_path / "src"
+    trees.write(root / "public.txt", b"for everyone\n", 0o644)
+    trees.write(root / "private.txt", b"owner only\n", 0o600)
+    trees.write(root / "other.txt", b"another file\n")
+    trees.write(root / "big.bin", os.urandom(1 << 20))
+    return root
+
+
+@pytest.fixture
+def store(tmp_path: Path, source: Path) -> Path:
+    require_fuse()
+    take_snapshot(tmp_path / "store", {"data": source}, tags=["v1"])
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def mountpoint() -> Iterator[Path]:
+    """A mount point other users can reach (pytest's tmp_path is root's, 0700)."""
+    top = trees.world_readable_dir("dwsd-view-")
+    yield top / "view"
+    unmount(top / "view")
+
+
+def root_names(mountpoint: Path) -> set[str]:
+    return set(os.listdir(mountpoint))
+
+
+def test_a_new_snapshot_appears_and_latest_moves_at_once(
+        store: Path, source: Path, mountpoint: Path) -> None:
+    with serving(store, mountpoint):
+        first = os.readlink(mountpoint / "latest")
+        os.stat(mountpoint / "latest" / "data")  # the kernel now caches `latest`
+        trees.write(source / "new.txt", b"new\n")
+        second = take_snapshot(store, {"data": source}, tags=["v2"])
+        wait_until(lambda: {second.id, "v2"} <= root_names(mountpoint), UPDATE_TIMEOUT,
+                   "the new snapshot in the root")
+        assert os.readlink(mountpoint / "latest") == second.id != first
+        assert (mountpoint / "latest" / "data" / "new.txt").read_bytes() == b"new\n"
+
+
+def test_deleted_snapshots_and_moved_tags_update_the_root(
+        store: Path, source: Path, mountpoint: Path) -> None:
+    with serving(store, mountpoint):
+        first = os.readlink(mountpoint / "latest")
+        trees.write(source / "new.txt", b"new\n")
+        second = take_snapshot(store, {"data": source})
+        tag_snapshot(store, second.id, "v2")
+        wait_until(lambda: "v2" in root_names(mountpoint), UPDATE_TIMEOUT, "tag v2")
+        os.stat(mountpoint / "v1" / "data" / "other.txt")
+        delete_snapshot(store, first)
+        wait_until(lambda: first not in root_names(mountpoint), UPDATE_TIMEOUT,
+                   "the deleted snapshot gone")
+        assert root_names(mountpoint) == {second.id, "v2", "latest"}
+        with pytest.raises(FileNotFoundError):
+            os.stat(mountpoint / "v1" / "data" / "other.txt")
+
+
+def test_an_open_reader_survives_the_deletion_of_its_snapshot(
+        store: Path, mountpoint: Path) -> None:
+    with serving(store, mountpoint):
+        snapshot_id = os.readlink(mountpoint / "latest")
+        with open(mountpoint / "v1" / "data" / "big.bin", "rb") as f:
+            head = f.read(4096)
+            with Store.open(store, readonly=True) as s:
+                blobs = list(s.objects.iter_ids("blobs"))
+                for blob in blobs:
+                    os.unlink(s.objects.path("blobs", blob))
+            delete_snapshot(store, snapshot_id)
+            wait_until(lambda: root_names(mountpoint) == set(), UPDATE_TIMEOUT,
+                       "an empty root")
+            rest = f.read()
+        assert len(head + rest) == 1 << 20
+
+
+def test_a_flipped_byte_in_one_blob_is_eio_for_that_file_only(
+        store: Path, mountpoint: Path) -> None:
+    with Store.open(store, readonly=True) as s:
+        target = s.objects.path("blobs", find_blob(s, b"other.txt"))
+    os.chmod(target, 0o644)
+    with open(target, "r+b") as f:
+        f.write(b"A")
+    with serving(store, mountpoint) as server:
+        data = mountpoint / "v1" / "data"
+        for _ in range(2):
+            with pytest.raises(OSError) as exc:
+                (data / "other.txt").read_bytes()
+            assert exc.value.errno == errno.EIO
+        assert (data / "public.txt").read_bytes() == b"for everyone\n"
+        assert len((data / "big.bin").read_bytes()) == 1 << 20
+        assert sorted(os.listdir(data)) == ["big.bin", "other.txt", "private.txt",
+                                            "public.txt"]
+        errors = [line for line in server.log().splitlines() if "ERROR" in line]
+        assert len(errors) == 1 and target.parent.name + target.name in errors[0]
+
+
+def find_blob(store: Store, name: bytes) -> str:
+    from dwsd.store.tree import decode_tree
+    rec = store.catalog.resolve("latest")
+    tree = rec.resources["data"]
+    entry = next(e for e in decode_tree(store.objects.get("trees", tree)) if e.name == name)
+    assert entry.ref is not None
+    return entry.ref
+
+
+@pytest.mark.parametrize("allow_other", [False, True])
+def test_another_user_cannot_read_a_0600_file(store: Path, mountpoint: Path,
+                                              allow_other: bool) -> None:
+    extra = ("--allow-other",) if allow_other else ()
+    with serving(store, mountpoint, *extra):
+        data = mountpoint / "v1" / "data"
+        private = run(["cat", data / "private.txt"], user=NOBODY)
+        assert private.returncode != 0 and b"Permission denied" in private.stderr
+        public = run(["cat", data / "public.txt"], user=NOBODY)
+        if allow_other:
+            assert public.stdout == b"for everyone\n", public.stderr
+        else:  # without allow_other the kernel refuses every other user outright
+            assert b"Permission denied" in public.stderr
+        assert (data / "private.txt").read_bytes() == b"owner only\n"  # the owner can
+
+
+def test_after_kill_9_the_next_start_clears_the_dead_mount(
+        store: Path, mountpoint: Path) -> None:
+    crashed = ViewServer(store, mountpoint)
+    try:
+        crashed.start()
+    finally:
+        crashed.kill()  # the mount stays behind, dead (the fixture clears it at the end)
+    with pytest.raises(OSError) as exc:
+        os.statvfs(mountpoint)  # stat may still be answered from the attribute cache
+    assert exc.value.errno == errno.ENOTCONN
+    with serving(store, mountpoint) as server:
+        assert (mountpoint / "v1" / "data" / "public.txt").read_bytes() == \
+            b"for everyone\n"
+        assert "cleared a dead mount" in server.log()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_unmounts_cleanly(store: Path, mountpoint: Path, signum: int) -> None:
+    server = ViewServer(store, mountpoint)
+    try:
+        server.start()
+        assert server.proc is not None
+        server.proc.send_signal(signum)
+        assert server.proc.wait(timeout=STOP_TIMEOUT) == 0, server.log()
+        assert not is_mounted(mountpoint)
+    finally:
+        server.close()
+
+
+def test_an_outside_unmount_ends_the_server(store: Path, mountpoint: Path) -> None:
+    server = ViewServer(store, mountpoint)
+    try:
+        server.start()
+        assert server.proc is not None
+        assert run(["fusermount3", "-u", mountpoint]).returncode == 0
+        assert server.proc.wait(timeout=STOP_TIMEOUT) == 0, server.log()
+    finally:
+        server.close()
+
+
+def test_a_live_mount_is_not_mounted_over(store: Path, mountpoint: Path) -> None:
+    with serving(store, mountpoint):
+        second = run([sys.executable, "-m", "dwsd.cli.dwsd", "mount", "--store", store,
+                      "--mount", mountpoint], cwd=REPO, timeout=STOP_TIMEOUT)
+        assert second.returncode == 1
+        assert b"already mounted" in second.stderr
+
+
+def test_dwsd_mount_reads_store_and_mount_from_the_config(
+        store: Path, source: Path, mountpoint: Path, write_config: WriteConfig) -> None:
+    config = write_config({"data": source}, store=store)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dwsd.cli.dwsd", "mount", "--config", str(config),
+         "--mount", str(mountpoint)], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(b"mounted ")
+        assert os.listdir(mountpoint / "v1") == ["data"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=STOP_TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=STOP_TIMEOUT)
+        unmount(mountpoint)
+
+
+def test_dwsd_without_a_command_says_the_daemon_is_not_built() -> None:
+    res = run([sys.executable, "-m", "dwsd.cli.dwsd"], cwd=REPO)
+    assert res.returncode == 2 and b"not built yet" in res.stderr
+
+
+def test_dwsd_mount_of_a_missing_store_is_one_line(tmp_path: Path) -> None:
+    res = run([sys.executable, "-m", "dwsd.cli.dwsd", "mount", "--store",
+               tmp_path / "none", "--mount", tmp_path / "view"], cwd=REPO)
+    assert res.returncode == 1
+    assert res.stderr.decode().strip().splitlines() == [
+        f"dwsd: {tmp_path / 'none'} is not a dwsd store (no format file)"]

@@ -1,0 +1,329 @@
+"""The pyfuse3 adapter's handlers called directly (no mount) over a real store."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import pytest
+import trio
+
+from dwsd.fuse.ops import ROOT_TIMEOUT, SNAPSHOT_TIMEOUT, ViewOps
+from dwsd.fuse.vfs import LATEST, ROOT
+from dwsd.store.store import Store
+from tests import trees
+from tests.fusehelp import delete_snapshot, take_snapshot, tag_snapshot
+
+TIMEOUT = 10
+
+
+class Listing:
+    """A readdir_reply stand-in that accepts `room` entries, then reports a full
+    buffer (a real ReaddirToken exists only inside a mount)."""
+
+    def __init__(self, room: int = 1000) -> None:
+        self.room = room
+        self.entries: list[tuple[bytes, int, int]] = []
+
+    def __call__(self, token: Any, name: bytes, attrs: pyfuse3.EntryAttributes,
+                 next_id: int) -> bool:
+        if len(self.entries) >= self.room:
+            return False
+        self.entries.append((name, attrs.st_ino, next_id))
+        return True
+
+
+def make_source(root: Path) -> Path:
+    trees.write(root / "a.txt", b"alpha\n")
+    trees.write(root / "sub" / "b.txt", b"beta\n")
+    trees.write(root / "sub" / "c.txt", b"gamma\n")
+    os.link(root / "a.txt", root / "sub" / "a-link")
+    os.setxattr(root / "a.txt", "user.note", b"hi")
+    return root
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    return make_source(tmp_path / "src")
+
+
+@pytest.fixture
+def store(tmp_path: Path, source: Path) -> Path:
+    """A store of its own, for tests that damage or change it."""
+    take_snapshot(tmp_path / "store", {"data": source}, tags=["v1"])
+    return tmp_path / "store"
+
+
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One store for the tests that only read (stores cost a syncfs to make)."""
+    work = tmp_path_factory.mktemp("ops")
+    take_snapshot(work / "store", {"data": make_source(work / "src")}, tags=["v1"])
+    return work / "store"
+
+
+@pytest.fixture
+def listing() -> Listing:
+    return Listing()
+
+
+def make_ops(store: Path, listing: Listing) -> ViewOps:
+    view_ops = ViewOps(Store.open(store, readonly=True), readdir_reply=listing)
+    view_ops.show_catalog(view_ops.store.catalog)
+    return view_ops
+
+
+@pytest.fixture
+def ops(shared_store: Path, listing: Listing) -> ViewOps:
+    return make_ops(shared_store, listing)
+
+
+@pytest.fixture
+def own_ops(store: Path, listing: Listing) -> ViewOps:
+    return make_ops(store, listing)
+
+
+async def resolve(ops: ViewOps, *names: bytes) -> int:
+    inode = ROOT
+    for name in names:
+        inode = (await ops.lookup(inode, name)).st_ino
+    return inode
+
+
+async def read_file(ops: ViewOps, inode: int) -> bytes:
+    info = await ops.open(inode, os.O_RDONLY)
+    try:
+        return await ops.read(info.fh, 0, 1 << 20)
+    finally:
+        await ops.release(info.fh)
+
+
+async def listdir(ops: ViewOps, listing: Listing, inode: int, start: int = 0
+                  ) -> list[bytes]:
+    fh = await ops.opendir(inode)
+    listing.entries.clear()
+    await ops.readdir(fh, start, None)  # type: ignore[arg-type]
+    await ops.releasedir(fh)
+    return [name for name, _, _ in listing.entries]
+
+
+async def test_lookup_open_and_read_a_file(ops: ViewOps) -> None:
+    with trio.fail_after(TIMEOUT):
+        inode = await resolve(ops, b"v1", b"data", b"sub", b"b.txt")
+        info = await ops.open(inode, os.O_RDONLY)
+        assert info.keep_cache and not info.direct_io
+        assert await ops.read(info.fh, 1, 3) == b"eta"
+        await ops.release(info.fh)
+
+
+async def test_timeouts_are_short_at_the_root_and_long_below(ops: ViewOps) -> None:
+    with trio.fail_after(TIMEOUT):
+        assert (await ops.getattr(ROOT)).attr_timeout == ROOT_TIMEOUT
+        snap = await ops.lookup(ROOT, b"v1")
+        assert snap.entry_timeout == ROOT_TIMEOUT
+        below = await ops.lookup(snap.st_ino, b"data")
+        assert below.entry_timeout == below.attr_timeout == SNAPSHOT_TIMEOUT
+
+
+async def test_readdir_lists_and_restarts_from_any_offset(ops: ViewOps,
+                                                          listing: Listing) -> None:
+    with trio.fail_after(TIMEOUT):
+        sub = await resolve(ops, b"v1", b"data", b"sub")
+        assert await listdir(ops, listing, sub) == [b"a-link", b"b.txt", b"c.txt"]
+        offsets = [next_id for _, _, next_id in listing.entries]
+        assert await listdir(ops, listing, sub, offsets[0]) == [b"b.txt", b"c.txt"]
+        assert await listdir(ops, listing, sub, offsets[-1]) == []
+
+
+async def test_readdir_counts_lookups_only_for_entries_taken(ops: ViewOps,
+                                                             listing: Listing) -> None:
+    with trio.fail_after(TIMEOUT):
+        sub = await resolve(ops, b"v1", b"data", b"sub")
+        listing.room = 1
+        await listdir(ops, listing, sub)
+        taken = listing.entries[0][1]
+        assert ops.vfs.node(taken).lookups == 1
+        live = len(ops.vfs)
+        await ops.forget([(taken, 1)])
+        assert len(ops.vfs) == live - 1
+
+
+async def test_root_readdir_loads_no_tree(ops: ViewOps, listing: Listing) -> None:
+    with trio.fail_after(TIMEOUT):
+        names = await listdir(ops, listing, ROOT)
+        rec = ops.store.catalog.resolve("v1")
+        assert names == sorted([LATEST, b"v1", rec.id.encode()])
+        assert len(ops.vfs.trees) == 0
+
+
+async def test_hard_links_share_an_inode(ops: ViewOps) -> None:
+    with trio.fail_after(TIMEOUT):
+        a = await ops.lookup(await resolve(ops, b"v1", b"data"), b"a.txt")
+        b = await ops.lookup(await resolve(ops, b"v1", b"data", b"sub"), b"a-link")
+        assert a.st_ino == b.st_ino and a.st_nlink == 2
+
+
+async def test_xattrs_are_listed_and_read(ops: ViewOps) -> None:
+    with trio.fail_after(TIMEOUT):
+        inode = await resolve(ops, b"v1", b"data", b"a.txt")
+        assert list(await ops.listxattr(inode)) == [b"user.note"]
+        assert await ops.getxattr(inode, b"user.note") == b"hi"
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.getxattr(inode, b"user.other")
+        assert exc.value.errno == pyfuse3.ENOATTR
+
+
+async def test_latest_and_snapshot_mtime(ops: ViewOps) -> None:
+    with trio.fail_after(TIMEOUT):
+        rec = ops.store.catalog.resolve("latest")
+        latest = await resolve(ops, LATEST)
+        assert await ops.readlink(latest) == rec.id.encode()
+        snap = await ops.lookup(ROOT, rec.id.encode())
+        assert snap.st_mtime_ns == int(rec.time.timestamp() * 1e6) * 1000
+
+
+async def test_a_missing_name_is_enoent(ops: ViewOps) -> None:
+    with trio.fail_after(TIMEOUT):
+        for parent, name in ((ROOT, b"nope"), (await resolve(ops, b"v1"), b"nope"),
+                             (await resolve(ops, b"v1", b"data"), b"nope")):
+            with pytest.raises(pyfuse3.FUSEError) as exc:
+                await ops.lookup(parent, name)
+            assert exc.value.errno == errno.ENOENT
+
+
+@pytest.mark.parametrize("method,args", [
+    ("setattr", (2, None, None, None, None)), ("mknod", (1, b"x", 0o644, 0, None)),
+    ("mkdir", (1, b"x", 0o755, None)), ("unlink", (1, b"v1", None)),
+    ("rmdir", (1, b"v1", None)), ("symlink", (1, b"x", b"y", None)),
+    ("rename", (1, b"v1", 1, b"v2", 0, None)), ("link", (2, 1, b"x", None)),
+    ("write", (1, 0, b"x")), ("create", (1, b"x", 0o644, os.O_WRONLY, None)),
+    ("setxattr", (1, b"user.x", b"y", None)), ("removexattr", (1, b"user.x", None)),
+])
+async def test_every_write_is_erofs(ops: ViewOps, method: str, args: tuple[Any, ...]
+                                    ) -> None:
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await getattr(ops, method)(*args)
+    assert exc.value.errno == errno.EROFS
+
+
+@pytest.mark.parametrize("flags", [os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC])
+async def test_opening_for_writing_is_erofs(ops: ViewOps, flags: int) -> None:
+    with trio.fail_after(TIMEOUT):
+        inode = await resolve(ops, b"v1", b"data", b"a.txt")
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.open(inode, flags)
+        assert exc.value.errno == errno.EROFS
+
+
+async def test_a_corrupt_blob_is_eio_for_that_file_only_with_one_log_line(
+        own_ops: ViewOps, caplog: pytest.LogCaptureFixture) -> None:
+    ops = own_ops
+    with trio.fail_after(TIMEOUT):
+        inode = await resolve(ops, b"v1", b"data", b"sub", b"b.txt")
+        blob = ops.vfs.blob(inode)
+        flip_byte(ops.store.objects.path("blobs", blob))
+        for _ in range(2):
+            with pytest.raises(pyfuse3.FUSEError) as exc:
+                await ops.open(inode, os.O_RDONLY)
+            assert exc.value.errno == errno.EIO
+        other = await resolve(ops, b"v1", b"data", b"sub", b"c.txt")
+        assert await read_file(ops, other) == b"gamma\n"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1 and blob in errors[0] and "corrupt" in errors[0]
+    caplog.clear()
+
+
+async def test_a_missing_tree_is_eio_naming_the_object(
+        own_ops: ViewOps, caplog: pytest.LogCaptureFixture) -> None:
+    ops = own_ops
+    with trio.fail_after(TIMEOUT):
+        data = await resolve(ops, b"v1", b"data")
+        sub_tree = ops.vfs.node(await resolve(ops, b"v1", b"data", b"sub")).tree
+        assert sub_tree is not None
+        os.unlink(ops.store.objects.path("trees", sub_tree))  # not loaded yet: unused
+        sub = await resolve(ops, b"v1", b"data", b"sub")
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.lookup(sub, b"b.txt")
+        assert exc.value.errno == errno.EIO
+        a_txt = (await ops.lookup(data, b"a.txt")).st_ino
+        assert await read_file(ops, a_txt) == b"alpha\n"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1 and sub_tree in errors[0] and "missing" in errors[0]
+    caplog.clear()
+
+
+async def test_an_unexpected_error_is_eio_and_logged(
+        ops: ViewOps, caplog: pytest.LogCaptureFixture) -> None:
+    with trio.fail_after(TIMEOUT):
+        data = await resolve(ops, b"v1", b"data")
+        tree = ops.vfs.node(data).tree
+        assert tree is not None
+        ops.vfs.trees._trees[tree] = None  # type: ignore[assignment]  # break the cache
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.lookup(data, b"a.txt")
+        assert exc.value.errno == errno.EIO
+    assert any("unexpected error in lookup" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+
+
+async def test_unknown_handles_are_ebadf(ops: ViewOps) -> None:
+    for call in (ops.read(99, 0, 1), ops.readdir(99, 0, None)):  # type: ignore[arg-type]
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await call
+        assert exc.value.errno == errno.EBADF
+
+
+async def test_an_open_file_survives_deleting_its_snapshot_and_blob(
+        own_ops: ViewOps, store: Path) -> None:
+    ops = own_ops
+    with trio.fail_after(TIMEOUT):
+        inode = await resolve(ops, b"v1", b"data", b"sub", b"c.txt")
+        info = await ops.open(inode, os.O_RDONLY)
+        delete_snapshot(store, "v1")
+        os.unlink(ops.store.objects.path("blobs", ops.vfs.blob(inode)))
+        await ops.reload_catalog()
+        assert await ops.read(info.fh, 0, 100) == b"gamma\n"
+        await ops.release(info.fh)
+
+
+async def test_a_catalog_change_invalidates_the_changed_root_names(
+        store: Path, source: Path) -> None:
+    invalidated: list[tuple[int, bytes]] = []
+    ops = ViewOps(Store.open(store, readonly=True),
+                  invalidate=lambda parent, name: invalidated.append((parent, name)))
+    await ops.reload_catalog()
+    assert invalidated == []  # before init() the kernel has cached nothing
+    ops.init()
+    with trio.fail_after(TIMEOUT):
+        first = ops.store.catalog.resolve("v1")
+        trees.write(source / "new.txt", b"new\n")
+        second = take_snapshot(store, {"data": source})
+        tag_snapshot(store, second.id, "v2")
+        await ops.reload_catalog()
+        assert sorted(invalidated) == sorted([(ROOT, LATEST), (ROOT, second.id.encode()),
+                                              (ROOT, b"v2")])
+        invalidated.clear()
+        delete_snapshot(store, first.id)
+        await ops.reload_catalog()
+        assert sorted(invalidated) == sorted([(ROOT, first.id.encode()), (ROOT, b"v1")])
+        assert await ops.readlink(await resolve(ops, LATEST)) == second.id.encode()
+
+
+async def test_statfs_reports_a_full_read_only_filesystem(ops: ViewOps) -> None:
+    with trio.fail_after(TIMEOUT):
+        st = await ops.statfs()
+        assert st.f_blocks > 0 and st.f_bavail == 0 and st.f_namemax == 255
+
+
+def flip_byte(path: Path, offset: int = 0) -> None:
+    """Corrupt a stored object in place (objects are 0444: write through chmod)."""
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.chmod(path, 0o444)
