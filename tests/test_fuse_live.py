@@ -214,9 +214,13 @@ def test_dwsd_mount_reads_store_and_mount_from_the_config(
         unmount(mountpoint)
 
 
-def test_dwsd_without_a_command_says_the_daemon_is_not_built() -> None:
-    res = run([sys.executable, "-m", "dwsd.cli.dwsd"], cwd=REPO)
-    assert res.returncode == 2 and b"not built yet" in res.stderr
+def test_dwsd_without_a_config_says_which_file_it_tried(tmp_path: Path) -> None:
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-m", "dwsd.cli.dwsd"], cwd=REPO, env=env,
+                         capture_output=True, timeout=60)
+    assert res.returncode == 1
+    assert res.stderr == (f"dwsd: {tmp_path}/dwsd/config.yaml: cannot read config: "
+                          "No such file or directory\n").encode()
 
 
 def test_dwsd_mount_of_a_missing_store_is_one_line(tmp_path: Path) -> None:
