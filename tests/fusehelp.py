@@ -57,15 +57,17 @@ def take_snapshot(store: Path, resources: Mapping[str, Path], tags: Sequence[str
     objects made durable, then the catalog committed."""
     now = time or dt.datetime.now(dt.timezone.utc)
     with Store.open(store, create=True) as s:
-        roots = {name: capture_resource(s.objects, path, CaptureState(),
-                                        ExcludeMatcher(())).root
-                 for name, path in resources.items()}
+        captures = {name: capture_resource(s.objects, path, CaptureState(),
+                                           ExcludeMatcher(()))
+                    for name, path in resources.items()}
+        roots = {name: c.root for name, c in captures.items()}
         s.objects.make_durable()
         with s.changing_catalog() as cat:
             return cat.add(SnapshotRecord(
                 id=cat.new_id(now), hash=manifest_hash(roots), number=0, kind="manual",
                 tags=tuple(tags), message="", hostname=hostname(), time=now,
-                resources=roots))
+                resources=roots,
+                root_meta={name: c.root_meta for name, c in captures.items()}))
 
 
 def delete_snapshot(store: Path, ref: str) -> SnapshotRecord:

@@ -58,12 +58,10 @@ def reference_copy(odd: Path, dest: Path, record: SnapshotRecord) -> Path:
     """The reference rsync and tar compare the view with: the odd tree copied without
     `deep`, whose path is longer than PATH_MAX ("filename overflows max-path len" for
     rsync, "File name too long" for tar extracting); `deep` is compared by a dir-fd
-    walk instead. The resource's own directory is not captured by the store, and the
-    view shows it with mode 0755 and the snapshot's time: the copy's top gets that."""
+    walk instead. rsync -a keeps the top directory's mode and mtime, which the view
+    shows as captured."""
     res = run(["rsync", "-aHAX", "--exclude=/deep", f"{odd}/", f"{dest}/"])
     assert res.returncode == 0, res.stderr
-    os.chmod(dest, 0o755)
-    os.utime(dest, ns=(time_ns(record.time), time_ns(record.time)))
     return dest
 
 

@@ -411,10 +411,13 @@ class View:
         if resource is None:
             raise NoEntry(name)
         key = ("resource", parent.name, rec.id, name)
+        # The resource's own directory as captured; the synthetic defaults only for
+        # snapshots recorded without it.
+        mode, uid, gid, mtime = rec.root_meta.get(
+            resource, (DIR_MODE, self.uid, self.gid, time_ns(rec.time)))
         return self._intern(key, lambda ino: Node(
             ino, NodeKind.RESOURCE, None, parent.inode, name,
-            Attributes(ino, stat.S_IFDIR | DIR_MODE, 1, self.uid, self.gid, 0,
-                       time_ns(rec.time)),
+            Attributes(ino, stat.S_IFDIR | mode, 1, uid, gid, 0, mtime),
             record=rec, tree=rec.resources[resource], resource=key))
 
     def _entry_child(self, parent: Node, name: bytes) -> Node:
