@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Collection, Mapping, Sequence
@@ -40,6 +41,7 @@ from dwsd.snapshot.retention import plan_retention
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], dt.datetime]
+PROGRESS_EVERY = 0.1  # seconds between snapshot progress reports
 
 
 def utc_now() -> dt.datetime:
@@ -165,7 +167,8 @@ class Workspace:
 
     def snapshot(self, tags: Sequence[str] = (), message: str = "", kind: str = "manual",
                  dirty: Mapping[str, Collection[bytes]] | None = None,
-                 full: Collection[str] = ()) -> SnapshotResult:
+                 full: Collection[str] = (), progress: ProgressFn | None = None
+                 ) -> SnapshotResult:
         """Capture every resource and record a snapshot.
 
         `dirty=None` walks every resource; otherwise only the listed relative paths of
@@ -182,8 +185,9 @@ class Workspace:
                 raise TagError(f"tag {tag!r} is already on snapshot {holder.id}")
         objects = self.store.objects
         write_log = objects.start_log()
+        on_file = self._progress_counter(progress)
         try:
-            captures = {r.name: self._capture(r, None if r.name in full else dirty)
+            captures = {r.name: self._capture(r, None if r.name in full else dirty, on_file)
                         for r in self.config.resources}
             roots = {name: c.root for name, c in captures.items()}
             result = self._record(roots, captures, tags, message, kind)
@@ -195,12 +199,32 @@ class Workspace:
         self._save_states(captures)
         return result
 
-    def _capture(self, resource: Resource, dirty: Mapping[str, Collection[bytes]] | None
-                 ) -> CaptureResult:
+    def _progress_counter(self, progress: ProgressFn | None
+                          ) -> Callable[[int], None] | None:
+        """A per-file callback feeding `progress` at most every PROGRESS_EVERY seconds."""
+        if progress is None:
+            return None
+        totals = [load_state(self.store.state_dir, r.name).totals()
+                  for r in self.config.resources]
+        status = Progress(files_total=sum(t[0] for t in totals),
+                          bytes_total=sum(t[1] for t in totals))
+        last = [0.0]
+
+        def on_file(size: int) -> None:
+            status.files_done += 1
+            status.bytes_done += size
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_EVERY:
+                last[0] = now
+                progress(status)
+        return on_file
+
+    def _capture(self, resource: Resource, dirty: Mapping[str, Collection[bytes]] | None,
+                 on_file: Callable[[int], None] | None = None) -> CaptureResult:
         prev = load_state(self.store.state_dir, resource.name)
         paths = None if dirty is None else dirty.get(resource.name, ())
         result = capture_resource(self.store.objects, resource.path, prev,
-                                  ExcludeMatcher(resource.exclude), paths)
+                                  ExcludeMatcher(resource.exclude), paths, on_file=on_file)
         for path, error in result.unreadable:
             log.warning("%s: cannot read %r: %s", resource.name, path, error)
         return result

@@ -56,11 +56,16 @@ class WorkspaceScheduler:
         if gate is not None:
             trio.from_thread.run(gate.wait)
 
-    async def snapshot(self, tags: Sequence[str], message: str, full: bool
+    async def snapshot(self, tags: Sequence[str], message: str, full: bool,
+                       progress: Callable[[Progress], None] | None = None
                        ) -> SnapshotResult:
+        def report(p: Progress) -> None:
+            if progress is not None:
+                trio.from_thread.run_sync(progress, replace(p))
+
         def work() -> SnapshotResult:
             self._hold(self.snapshot_gate, self.snapshot_started)
-            return self.ws.snapshot(tags, message)
+            return self.ws.snapshot(tags, message, progress=report)
         return await self._write(work)
 
     async def restore(self, ref: str, only: Sequence[str] | None,

@@ -119,3 +119,22 @@ def test_ids_use_the_clock(tmp_path: Path, write_config: WriteConfig) -> None:
     fixed = dt.datetime(2026, 11, 22, 10, 30, 5, tzinfo=dt.timezone.utc)
     with Workspace.open(write_config({"d": tmp_path / "d"}), clock=lambda: fixed) as w:
         assert w.snapshot().record.id == "20261122T103005Z"  # type: ignore[union-attr]
+
+
+def test_snapshot_progress_estimates_from_the_last_capture(ws: Workspace, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    from dwsd import workspace as workspace_module
+    from dwsd.snapshot.restore import Progress
+    monkeypatch.setattr(workspace_module, "PROGRESS_EVERY", 0.0)  # report every file
+    ws.snapshot()
+    (tmp_path / "data" / "a.txt").write_bytes(b"longer content")
+    seen: list[tuple[int, int, int, int]] = []
+
+    def progress(p: Progress) -> None:
+        seen.append((p.files_done, p.files_total, p.bytes_done, p.bytes_total))
+
+    ws.snapshot(progress=progress)
+    assert [s[0] for s in seen] == [1, 2, 3, 4]
+    assert {s[1] for s in seen} == {4} and {s[3] for s in seen} == {4 * 7}
+    assert seen[-1][2] == 3 * 7 + len(b"longer content")

@@ -145,8 +145,13 @@ class _Ops:
         self.progress_interval = progress_interval
 
     async def op_snapshot(self, a: Args, emit: EventSink) -> JSON:
+        throttle = ProgressThrottle(lambda p: emit("progress", encode_progress(p)),
+                                    self.progress_interval)
+
         async def work() -> JSON:
-            result = await self.scheduler.snapshot(a["tags"], a["message"], a["full"])
+            result = await self.scheduler.snapshot(a["tags"], a["message"], a["full"],
+                                                   throttle)
+            throttle.flush()
             return encode_snapshot_result(result)
         return await with_heartbeat(emit, work)
 

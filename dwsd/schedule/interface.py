@@ -16,8 +16,12 @@ from dwsd.workspace import PruneResult, RestoreResult, SnapshotResult
 
 
 class SchedulerAPI(Protocol):
-    async def snapshot(self, tags: Sequence[str], message: str, full: bool
-                       ) -> SnapshotResult: ...
+    async def snapshot(self, tags: Sequence[str], message: str, full: bool,
+                       progress: Callable[[Progress], None] | None = None
+                       ) -> SnapshotResult:
+        """`progress` (files and bytes so far, totals estimated from the previous
+        capture) is called on the trio thread."""
+        ...
 
     async def restore(self, ref: str, only: Sequence[str] | None,
                       leave: Sequence[str] | None, paths: Sequence[str] | None,

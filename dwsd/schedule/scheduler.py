@@ -122,13 +122,16 @@ class Scheduler:
         await self.prune(dry_run=False)
         return result
 
-    async def _capture(self, kind: str, tags: Sequence[str], message: str, full: bool
+    async def _capture(self, kind: str, tags: Sequence[str], message: str, full: bool,
+                       progress: Callable[[Progress], None] | None = None
                        ) -> SnapshotResult:
+        report = None if progress is None else self._to_trio(progress)
         async with self._writing():
             taken = self.watcher.take(force_full=full)
             try:
                 result = await self._thread(lambda: self.ws.snapshot(
-                    tags, message, kind, dirty=taken.dirty, full=taken.full))
+                    tags, message, kind, dirty=taken.dirty, full=taken.full,
+                    progress=report))
             except BaseException:
                 self.watcher.give_back(taken)
                 raise
@@ -142,21 +145,16 @@ class Scheduler:
 
     # -- SchedulerAPI --------------------------------------------------------------------
 
-    async def snapshot(self, tags: Sequence[str], message: str, full: bool
+    async def snapshot(self, tags: Sequence[str], message: str, full: bool,
+                       progress: Callable[[Progress], None] | None = None
                        ) -> SnapshotResult:
-        return await self._capture("manual", tags, message, full)
+        return await self._capture("manual", tags, message, full, progress)
 
     async def restore(self, ref: str, only: Sequence[str] | None,
                       leave: Sequence[str] | None, paths: Sequence[str] | None,
                       target: str | None, dry_run: bool,
                       progress: Callable[[Progress], None]) -> RestoreResult:
-        token = trio.lowlevel.current_trio_token()
-
-        def report(p: Progress) -> None:  # worker thread -> trio thread, never blocking
-            snapshot = Progress(p.files_done, p.files_total, p.bytes_done, p.bytes_total,
-                                p.path)
-            token.run_sync_soon(progress, snapshot)
-
+        report = self._to_trio(progress)  # here: it needs the trio thread
         result = await self._write_call(lambda: self.ws.restore(
             ref, only, leave, paths, target, dry_run, report))
         await self._catalog_changed()
@@ -205,6 +203,17 @@ class Scheduler:
         }
 
     # -- plumbing ------------------------------------------------------------------------
+
+    @staticmethod
+    def _to_trio(progress: Callable[[Progress], None]) -> Callable[[Progress], None]:
+        """A progress callback for a worker thread that hands a copy of each report to
+        `progress` on the trio thread, never blocking the worker."""
+        token = trio.lowlevel.current_trio_token()
+
+        def report(p: Progress) -> None:
+            token.run_sync_soon(progress, Progress(p.files_done, p.files_total,
+                                                   p.bytes_done, p.bytes_total, p.path))
+        return report
 
     def _writing(self) -> "_Writing":
         return _Writing(self)

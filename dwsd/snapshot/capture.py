@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Collection, Union
+from typing import Callable, Collection, Union
 
 from dwsd.errors import CaptureError
 from dwsd.snapshot.exclude import ExcludeMatcher
@@ -99,16 +99,18 @@ _Pending = Union[Entry, _FileJob, _DirJob]
 
 def capture_resource(objects: ObjectStore, root: Path, prev: CaptureState,
                      excludes: ExcludeMatcher, dirty: Collection[bytes] | None = None,
-                     workers: int = 4) -> CaptureResult:
+                     workers: int = 4, on_file: Callable[[int], None] | None = None
+                     ) -> CaptureResult:
     """Capture the directory `root`. `dirty=None` walks everything; otherwise only the
     given relative paths are examined (falling back to a full walk when there is no
-    previous tree). Raises CaptureError when the root itself cannot be read."""
+    previous tree). `on_file(size)` is called on this thread as each file is settled.
+    Raises CaptureError when the root itself cannot be read."""
     try:
         root_fd = os.open(root, _OPEN_DIR)
     except OSError as exc:
         raise CaptureError(f"cannot read resource directory {root}: {exc.strerror}") from exc
     with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="capture") as pool:
-        walker = _Walker(objects, prev, excludes, pool)
+        walker = _Walker(objects, prev, excludes, pool, on_file)
         try:
             if dirty is not None and prev.root is not None and objects.has("trees", prev.root):
                 job = walker.update(root_fd, prev.root, dirty)
@@ -127,8 +129,10 @@ def capture_resource(objects: ObjectStore, root: Path, prev: CaptureState,
 
 class _Walker:
     def __init__(self, objects: ObjectStore, prev: CaptureState,
-                 excludes: ExcludeMatcher, pool: cf.ThreadPoolExecutor) -> None:
+                 excludes: ExcludeMatcher, pool: cf.ThreadPoolExecutor,
+                 on_file: Callable[[int], None] | None = None) -> None:
         self.objects = objects
+        self.on_file = on_file
         self.prev = prev
         self.excludes = excludes
         self.pool = pool
@@ -207,6 +211,8 @@ class _Walker:
         if cached is not None and cached[:4] == (st.st_size, st.st_mtime_ns,
                                                  st.st_ctime_ns, st.st_ino):
             self.state.files[relpath] = cached
+            if self.on_file is not None:
+                self.on_file(cached.size)
             done = replace(base, ref=cached.blob, xattrs=cached.xattrs)
             self._remember_inode(st, done)
             return done
@@ -316,6 +322,8 @@ class _Walker:
     def _resolve_file(self, job: _FileJob) -> Entry | None:
         out = job.future.result()
         self.counters.bytes_read += out.length * max(out.attempts, 1)
+        if self.on_file is not None:
+            self.on_file(out.length)
         cached = self.prev.files.get(job.relpath)
         if out.error is not None:
             self.unreadable.append((job.relpath, out.error))
