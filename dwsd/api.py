@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 from typing import Any, NamedTuple, Sequence
 
-from dwsd.control.client import DaemonNotRunning, RemoteError, call
+from dwsd.control.client import call
+from dwsd.errors import DaemonNotRunning, RemoteError
 
 __all__ = ["SnapshotInfo", "ResourceInfo", "take_snapshot", "get_snapshot_history",
            "restore", "get_resource_info", "delete_snapshot", "DaemonNotRunning",

@@ -103,6 +103,12 @@ def parse_duration(text: str) -> dt.timedelta:
     return dt.timedelta(seconds=seconds)
 
 
+def default_config_path(environ: Mapping[str, str] = os.environ) -> Path:
+    """$XDG_CONFIG_HOME/dwsd/config.yaml (~/.config when that is unset)."""
+    config_home = environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return Path(config_home) / "dwsd" / "config.yaml"
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read, parse and validate the config file at `path`; raises `ConfigError`."""
     shown = os.fspath(path)

@@ -5,6 +5,8 @@ Edges translate them: the CLI prints `str(exc)` as one line, the control server 
 """
 from __future__ import annotations
 
+import os
+
 
 class DwsdError(Exception):
     """Base of all expected errors. `code` is a stable machine-readable name."""
@@ -81,3 +83,86 @@ class RestoreError(DwsdError):
     """A restore could not be planned or applied."""
 
     code = "restore"
+
+
+# -- the control socket and the view ------------------------------------------------
+
+class ConnectError(DwsdError):
+    """The control socket exists but cannot be connected to (permissions, say)."""
+
+    code = "connect"
+
+
+class DaemonNotRunning(ConnectError):
+    """No daemon answers at the socket path (named in the message)."""
+
+    code = "not-running"
+
+    def __init__(self, path: os.PathLike[str] | str) -> None:
+        super().__init__(f"dwsd is not running (no daemon answers at {path})")
+        self.path = path
+
+
+class ConnectionLostError(DwsdError):
+    """The daemon closed the connection before it answered."""
+
+    code = "disconnected"
+
+
+class RemoteError(DwsdError):
+    """The daemon answered a request with an error."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ProtocolError(DwsdError):
+    """A line that is not a valid request or reply; `request_id` is the request's id
+    when it could be read (so the error reply can name it)."""
+
+    code = "bad-request"
+
+    def __init__(self, message: str, request_id: int | str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class VersionError(ProtocolError):
+    """A request for a protocol version this daemon does not speak."""
+
+    code = "bad-version"
+
+
+class UnknownOpError(DwsdError):
+    """A request names an operation the daemon does not have."""
+
+    code = "unknown-op"
+
+
+class ControlSocketError(DwsdError):
+    """The control socket cannot be set up (path in use, not a socket, too long...)."""
+
+    code = "socket"
+
+
+class RequestTooLargeError(DwsdError):
+    code = "too-large"
+
+
+class RequestTimeoutError(DwsdError):
+    code = "timeout"
+
+
+class PeerRefusedError(DwsdError):
+    code = "forbidden"
+
+
+class ServerBusyError(DwsdError):
+    code = "busy"
+
+
+class MountError(DwsdError):
+    """The view cannot be mounted where asked (not a directory, already mounted...)."""
+
+    code = "mount"

@@ -14,10 +14,11 @@ from typing import Any, Mapping
 import pytest
 import trio
 
-from dwsd.control.client import ControlClient, DaemonNotRunning, RemoteError
+from dwsd.control.client import ControlClient
+from dwsd.errors import ControlSocketError, DaemonNotRunning, RemoteError
 from dwsd.control.ops import make_handlers
 from dwsd.control.protocol import EventSink, JSON, request_line
-from dwsd.control.server import ControlSocketError, Limits, serve_control
+from dwsd.control.server import Limits, serve_control
 from dwsd.errors import RefError
 from tests.test_control_support import DATA_FILES, TEST_LIMITS, Served, \
     WorkspaceScheduler, served, short_dir, workspace  # noqa: F401 (fixtures)

@@ -17,7 +17,8 @@ import trio
 from dwsd.config import load_config
 from dwsd.control.ops import ProgressThrottle, check_args, make_handlers, SPECS
 from dwsd.control.encode import encode_change, encode_record
-from dwsd.control.protocol import ProtocolError, VersionError, parse_request, request_line
+from dwsd.control.protocol import parse_request, request_line
+from dwsd.errors import ProtocolError, VersionError
 from dwsd.control.server import Limits, serve_control
 from dwsd.errors import UsageError
 from dwsd.snapshot.diff import Change

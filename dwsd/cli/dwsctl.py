@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
-from dwsd.control.client import ConnectError, ControlClient, RemoteError, find_socket
+from dwsd.control.client import ControlClient, find_socket
 from dwsd.control.protocol import JSON
-from dwsd.errors import ConfigError, DwsdError, UsageError
+from dwsd.errors import ConfigError, ConnectError, DwsdError, RemoteError, UsageError
 from dwsd.store.catalog import KINDS
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3

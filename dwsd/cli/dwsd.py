@@ -21,7 +21,7 @@ from pathlib import Path
 
 import trio
 
-from dwsd.config import load_config
+from dwsd.config import default_config_path, load_config
 from dwsd.daemon import run_daemon
 from dwsd.errors import DwsdError, UsageError
 from dwsd.fuse.mount import POLL_INTERVAL, serve_view
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "mount":
             trio.run(run_mount, mount_request(args))
         else:
-            trio.run(run_daemon, args.config or default_config())
+            trio.run(run_daemon, args.config or default_config_path())
     except BaseException as exc:
         error = expected_error(exc)
         if error is None:
@@ -66,11 +66,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dwsd: {error}", file=sys.stderr)
         return 1
     return 0
-
-
-def default_config() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
-    return Path(base) / "dwsd" / "config.yaml"
 
 
 class _JournalFormatter(logging.Formatter):

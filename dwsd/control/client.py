@@ -17,48 +17,13 @@ import socket
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from dwsd.config import load_config
-from dwsd.control.protocol import JSON, ProtocolError, parse_reply, request_line
-from dwsd.errors import DwsdError, UsageError
+from dwsd.config import default_config_path, load_config
+from dwsd.control.protocol import JSON, parse_reply, request_line
+from dwsd.errors import ConnectError, ConnectionLostError, DaemonNotRunning, \
+    ProtocolError, RemoteError, UsageError
 
 EventCallback = Callable[[str, dict[str, JSON]], None]
 _NOT_RUNNING = (errno.ENOENT, errno.ECONNREFUSED)
-
-
-class ConnectError(DwsdError):
-    """The control socket exists but cannot be connected to (permissions, say)."""
-
-    code = "connect"
-
-
-class DaemonNotRunning(ConnectError):
-    """No daemon answers at the socket path (named in the message)."""
-
-    code = "not-running"
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(f"dwsd is not running (no daemon answers at {path})")
-        self.path = path
-
-
-class ConnectionLostError(DwsdError):
-    """The daemon closed the connection before it answered."""
-
-    code = "disconnected"
-
-
-class RemoteError(DwsdError):
-    """The daemon answered a request with an error."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def default_config_path(environ: Mapping[str, str] = os.environ) -> Path:
-    """$XDG_CONFIG_HOME/dwsd/config.yaml (~/.config when that is unset)."""
-    config_home = environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
-    return Path(config_home) / "dwsd" / "config.yaml"
 
 
 def find_socket(socket_path: str | os.PathLike[str] | None = None,

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping
 
-from dwsd.errors import DwsdError
+from dwsd.errors import ProtocolError, VersionError
 
 PROTOCOL_VERSION = 1
 MAX_REQUEST_BYTES = 1 << 20
@@ -31,29 +31,6 @@ RequestId = int | str | None
 # when the client reads too slowly, the final reply never is).
 EventSink = Callable[[str, dict[str, JSON]], None]
 Handler = Callable[[Mapping[str, JSON], EventSink], Awaitable[JSON]]
-
-class ProtocolError(DwsdError):
-    """A line that is not a valid request or reply; `request_id` is the request's id
-    when it could be read (so the error reply can name it)."""
-
-    code = "bad-request"
-
-    def __init__(self, message: str, request_id: RequestId = None) -> None:
-        super().__init__(message)
-        self.request_id = request_id
-
-
-class VersionError(ProtocolError):
-    """A request for a protocol version this daemon does not speak."""
-
-    code = "bad-version"
-
-
-class UnknownOpError(DwsdError):
-    """A request names an operation the daemon does not have."""
-
-    code = "unknown-op"
-
 
 @dataclass(frozen=True)
 class Request:

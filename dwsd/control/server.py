@@ -29,37 +29,15 @@ from typing import Mapping
 import trio
 
 from dwsd.control.protocol import MAX_REQUEST_BYTES, JSON, EventSink, Handler, \
-    ProtocolError, Request, RequestId, UnknownOpError, error_line, event_line, \
-    parse_request, result_line
-from dwsd.errors import DwsdError
+    Request, RequestId, error_line, event_line, parse_request, result_line
+from dwsd.errors import ControlSocketError, DwsdError, PeerRefusedError, ProtocolError, \
+    RequestTimeoutError, RequestTooLargeError, ServerBusyError, UnknownOpError
 
 log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 128
 EVENT_BUFFER = 64          # events queued per request before the oldest new ones drop
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-
-
-class ControlSocketError(DwsdError):
-    """The control socket cannot be set up (path in use, not a socket, too long...)."""
-
-    code = "socket"
-
-
-class RequestTooLargeError(DwsdError):
-    code = "too-large"
-
-
-class RequestTimeoutError(DwsdError):
-    code = "timeout"
-
-
-class PeerRefusedError(DwsdError):
-    code = "forbidden"
-
-
-class ServerBusyError(DwsdError):
-    code = "busy"
 
 
 @dataclass(frozen=True)

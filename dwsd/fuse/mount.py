@@ -15,7 +15,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from dwsd.errors import DwsdError
+from dwsd.errors import DwsdError, MountError
 from dwsd.fuse.ops import ViewOps
 from dwsd.fuse.vfs import Inode
 from dwsd.store.store import Store
@@ -24,12 +24,6 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 1.0
 CatalogKey = tuple[int, int, int] | None
-
-
-class MountError(DwsdError):
-    """The view cannot be mounted where asked (not a directory, already mounted...)."""
-
-    code = "mount"
 
 
 def mount_options(allow_other: bool) -> set[str]:
