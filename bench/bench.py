@@ -250,6 +250,7 @@ class Bench:
         self._ws: Any = None
         self.phases: dict[str, float] = {}
         self.rep = 0  # which repetition of the current step (--repeat)
+        self.foreign_cpu = 0.0  # other processes' CPU seconds during this step's timed parts
         self._timers_installed = False
 
     # page cache
@@ -285,13 +286,28 @@ class Bench:
                 os.lstat(os.path.join(d, name))
 
     # commands
-    def run(self, argv: list[str], env: dict[str, str] | None = None,
-            cwd: Path | None = None) -> tuple[float, str]:
-        """Run a command; return (seconds, stdout). Raises on failure with its stderr."""
+    @contextlib.contextmanager
+    def timing(self, count: bool = True) -> Iterator[list[float]]:
+        """Time the block: yields a list that holds its seconds afterwards; with `count`,
+        other processes' CPU use meanwhile is added to `foreign_cpu`."""
+        out: list[float] = []
+        foreign = ForeignCpu()
         t0 = time.perf_counter()
-        proc = subprocess.run(argv, env={**os.environ, **(env or {})}, cwd=cwd,
-                              capture_output=True, text=True)
-        seconds = time.perf_counter() - t0
+        try:
+            yield out
+        finally:
+            out.append(time.perf_counter() - t0)
+            if count:
+                self.foreign_cpu += foreign.seconds()
+
+    def run(self, argv: list[str], env: dict[str, str] | None = None,
+            cwd: Path | None = None, setup: bool = False) -> tuple[float, str]:
+        """Run a command; return (seconds, stdout). Raises on failure with its stderr.
+        `setup` runs are not part of a measurement."""
+        with self.timing(count=not setup) as took:
+            proc = subprocess.run(argv, env={**os.environ, **(env or {})}, cwd=cwd,
+                                  capture_output=True, text=True)
+        seconds = took[0]
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: "
                                f"{proc.stderr.strip()[-2000:]}")
@@ -373,7 +389,8 @@ class Bench:
         out = OUT_DIR / f"profile-{self.ds.variant}-{name}.txt"
         OUT_DIR.mkdir(exist_ok=True)
         proc = subprocess.Popen([spy, "record", "--pid", str(os.getpid()), "--rate", "200",
-                                 "--idle", "--format", "raw", "--output", str(out)],
+                                 "--idle", "--nonblocking", "--format", "raw",
+                                 "--output", str(out)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # let it attach
         try:
@@ -382,6 +399,43 @@ class Bench:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=60)
             self.notes.append(f"profile of {name}: {out}")
+
+
+class ForeignCpu:
+    """CPU seconds used on this machine by everything but this process and its children
+    (other people's tests, say) while a step runs: a step with much of it is suspect.
+    Kernel threads doing our own write-back count as foreign too, so small values are
+    normal."""
+
+    def __init__(self) -> None:
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal [guest guest_nice]: guest time is
+        # already inside user/nice, idle and iowait are not work.
+        busy = sum(fields[:8]) - fields[3] - fields[4]
+        t = os.times()
+        own = t.user + t.system + t.children_user + t.children_system
+        return busy / os.sysconf("SC_CLK_TCK"), own
+
+    def seconds(self) -> float:
+        busy, own = self._sample()
+        return max(0.0, (busy - self._start[0]) - (own - self._start[1]))
+
+
+def wait_quiet(limit_s: float, window_s: float = 3.0, max_busy: float = 0.1) -> float:
+    """Wait (up to `limit_s`) until other processes used under `max_busy` of a CPU for
+    `window_s` in a row; return the seconds waited (the bench shares its machine)."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit_s:
+        probe = ForeignCpu()
+        time.sleep(window_s)
+        if probe.seconds() < max_busy * window_s:
+            break
+    return time.perf_counter() - t0
 
 
 def du(path: Path) -> tuple[int, int]:
@@ -470,7 +524,7 @@ def _restic_backup(b: Bench) -> tuple[float, str]:
 def restic_first(b: Bench) -> Result:
     """restic backup into a new repository (defaults; cold cache)."""
     b.fresh(b.dir / "restic-repo", b.dir / "restic-cache")
-    b.run(["restic", "init"], _restic_env(b))
+    b.run(["restic", "init"], _restic_env(b), setup=True)
     b.prepare("cold")
     seconds, _ = _restic_backup(b)
     size = du(b.dir / "restic-repo")[0]
@@ -507,7 +561,7 @@ def _borg_env(b: Bench) -> dict[str, str]:
 def borg_first(b: Bench) -> Result:
     """borg create into a new repository (init -e none, defaults; cold cache)."""
     b.fresh(b.dir / "borg-repo", b.dir / "borg-base")
-    b.run(["borg", "init", "-e", "none"], _borg_env(b))
+    b.run(["borg", "init", "-e", "none"], _borg_env(b), setup=True)
     b.prepare("cold")
     seconds, _ = b.run(["borg", "create", "::first", str(b.ds.root)], _borg_env(b))
     size = du(b.dir / "borg-repo")[0]
@@ -555,10 +609,9 @@ def _snapshot(b: Bench, name: str, **kwargs: Any) -> tuple[float, Any, dict[str,
     ws = b.workspace()
     with b.profiled(name):
         b.phases.clear()
-        t0 = time.perf_counter()
-        res = ws.snapshot(**kwargs)
-        seconds = time.perf_counter() - t0
-    return seconds, res, dict(b.phases)
+        with b.timing() as took:
+            res = ws.snapshot(**kwargs)
+    return took[0], res, dict(b.phases)
 
 
 def _facts(res: Any, phases: dict[str, float]) -> dict[str, Any]:
@@ -697,7 +750,9 @@ def combine(runs: list[Result]) -> Result:
     times = sorted(r.seconds for r in runs if r.seconds is not None)
     median = statistics.median(times)
     closest = min(runs, key=lambda r: abs((r.seconds or 0) - median))
-    return Result(median, closest.detail, {**closest.extra, "runs_s": times}, closest.growth,
+    foreign = [r.extra.get("foreign_cpu_s") for r in runs]
+    return Result(median, closest.detail,
+                  {**closest.extra, "runs_s": times, "foreign_cpu_s": foreign}, closest.growth,
                   None if any(r.ok is None for r in runs) else all(r.ok for r in runs))
 
 
@@ -713,8 +768,8 @@ def plan(only: list[str] | None) -> list[str]:
             wanted.add(name)
             for req in STEPS[name].requires:
                 add(req)
-            if STEPS[name].ref:
-                add(STEPS[name].ref)  # a ratio needs its reference measured in the same run
+            if (ref := STEPS[name].ref) is not None:
+                add(ref)  # a ratio needs its reference measured in the same run
     for name in only:
         add(name)
     return [n for n in STEPS if n in wanted]
@@ -767,9 +822,10 @@ def render(table: list[dict[str, Any]]) -> str:
         r["detail"]] for r in table]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
     right = {1, 3}
-    fmt = lambda cells: "  ".join(  # noqa: E731
-        c.rjust(w) if i in right else c.ljust(w)
-        for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
 
 
@@ -784,11 +840,15 @@ def main(argv: list[str] | None = None) -> int:
                          "they need")
     ap.add_argument("--repeat", type=int, default=1, metavar="N",
                     help="run each step N times and report the median time")
+    ap.add_argument("--quiet-wait", type=float, default=120, metavar="S",
+                    help="before each step, wait up to S seconds for other processes to "
+                         "go quiet (0: don't)")
     ap.add_argument("--list", action="store_true", help="list the steps and exit")
     ap.add_argument("--no-phases", dest="phases", action="store_false",
                     help="do not wrap dwsd functions to split snapshot time into phases")
     ap.add_argument("--profile", action="store_true",
-                    help="sample dwsd steps with py-spy (raw stacks into bench/out/)")
+                    help="sample dwsd steps with py-spy (`pip install py-spy`; raw "
+                         "stacks into bench/out/; times are inflated)")
     args = ap.parse_args(argv)
     if args.list:
         for s in STEPS.values():
@@ -813,11 +873,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"-- {name}: {STEPS[name].doc}", flush=True)
             runs: list[Result] = []
             for b.rep in range(args.repeat):
+                b.foreign_cpu = 0.0
+                if args.quiet_wait > 0:
+                    waited = wait_quiet(args.quiet_wait)
+                    if waited >= args.quiet_wait:
+                        b.notes.append(f"{name}: machine still busy after waiting "
+                                       f"{args.quiet_wait:.0f} s; ran anyway")
                 try:
                     r = STEPS[name].fn(b)
                 except Exception as exc:  # one broken tool must not lose the others' figures
                     logging.exception("step %s failed", name)
                     r = Result(error=f"{type(exc).__name__}: {exc}")
+                r.extra["foreign_cpu_s"] = round(b.foreign_cpu, 2)
+                if r.seconds and r.extra["foreign_cpu_s"] > 0.25 * r.seconds + 0.5:
+                    b.notes.append(f"{name}: other processes used {r.extra['foreign_cpu_s']} "
+                                   f"CPU-s during the step (took {r.seconds:.2f} s): noisy")
                 runs.append(r)
                 if r.seconds is not None:
                     print(f"   {r.seconds:.2f} s  {r.detail}", flush=True)

@@ -45,6 +45,7 @@ from dwsd.store.tree import DIR, FILE, SYMLINK, Entry, Xattrs, decode_tree, enco
 READ_ATTEMPTS = 3
 SMALL_FILE = 1 << 20
 MAX_PENDING_READS = 64
+READ_WORKERS = 8  # reads and hashing release the GIL; more threads keep the disk busy
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -99,7 +100,7 @@ _Pending = Union[Entry, _FileJob, _DirJob]
 
 def capture_resource(objects: ObjectStore, root: Path, prev: CaptureState,
                      excludes: ExcludeMatcher, dirty: Collection[bytes] | None = None,
-                     workers: int = 4, on_file: Callable[[int], None] | None = None
+                     workers: int = READ_WORKERS, on_file: Callable[[int], None] | None = None
                      ) -> CaptureResult:
     """Capture the directory `root`. `dirty=None` walks everything; otherwise only the
     given relative paths are examined (falling back to a full walk when there is no
@@ -196,7 +197,6 @@ class _Walker:
             entry = replace(base, xattrs=_read_xattrs(sub))
             if prev_tree is not None and dirty is not None:
                 return self._update_dir(sub, relpath, entry, prev_tree, dirty)
-            self.state.drop_under(relpath)
             return self.walk_full(sub, relpath, entry)
         finally:
             os.close(sub)
@@ -218,6 +218,9 @@ class _Walker:
             return done
         fd = os.open(name, _OPEN_FILE, dir_fd=dfd)
         self.counters.files_opened += 1
+        # Start the kernel reading now: by the time a pool worker reads this file, its
+        # pages are on their way, so cold reads of many small files overlap.
+        os.posix_fadvise(fd, 0, min(st.st_size, SMALL_FILE), os.POSIX_FADV_WILLNEED)
         self._slots.acquire()
         try:
             future = self.pool.submit(self._read_file, fd)
@@ -276,7 +279,7 @@ class _Walker:
     def _update_child(self, dfd: int, name: bytes, relpath: bytes,
                       prev: _Pending | None, node: "_Trie") -> _Pending | None:
         if node.full:
-            self.state.drop_under(relpath)
+            self._forget(relpath, prev)
             return self._capture_entry(dfd, name, relpath)
         if not node.marked and isinstance(prev, Entry) and prev.kind == DIR:
             # Only something below changed: keep this directory's own metadata.
@@ -285,8 +288,6 @@ class _Walker:
                 return self._directory(dfd, name, relpath, prev, prev.ref, node)
             except OSError:
                 pass  # it moved or changed type after all: look at it properly
-        if isinstance(prev, Entry) and prev.kind != DIR:
-            self.state.files.pop(relpath, None)
         st_kind = _lstat_kind(dfd, name)
         if st_kind == DIR and isinstance(prev, Entry) and prev.kind == DIR:
             assert prev.ref is not None
@@ -294,15 +295,23 @@ class _Walker:
                 st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                 self.counters.lstats += 1
                 if self.excludes and self.excludes.excluded(relpath, True):
-                    self.state.drop_under(relpath)
+                    self._forget(relpath, prev)
                     return None
                 base = _entry_from_stat(name, DIR, st)
                 return self._directory(dfd, name, relpath, base, prev.ref, node)
             except FileNotFoundError:
-                self.state.drop_under(relpath)
+                self._forget(relpath, prev)
                 return None
-        self.state.drop_under(relpath)
+        self._forget(relpath, prev)
         return self._capture_entry(dfd, name, relpath)
+
+    def _forget(self, relpath: bytes, prev: _Pending | None) -> None:
+        """Drop what the stat cache knew at `relpath` before it is captured afresh: a
+        whole subtree when it was a directory (a scan of the cache), else one key."""
+        if isinstance(prev, _DirJob) or (isinstance(prev, Entry) and prev.kind == DIR):
+            self.state.drop_under(relpath)
+        else:
+            self.state.files.pop(relpath, None)
 
     # -- finishing ----------------------------------------------------------------------
 
