@@ -213,7 +213,9 @@ class _Walker:
             self.state.files[relpath] = cached
             if self.on_file is not None:
                 self.on_file(cached.size)
-            done = replace(base, ref=cached.blob, xattrs=cached.xattrs)
+            # The hot path of an unchanged tree: build the entry once, no replace().
+            done = Entry(name, FILE, base.mode, base.uid, base.gid, base.mtime_ns,
+                         base.size, cached.blob, b"", 0, base.ino, cached.xattrs)
             self._remember_inode(st, done)
             return done
         fd = os.open(name, _OPEN_FILE, dir_fd=dfd)
