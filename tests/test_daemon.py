@@ -225,3 +225,45 @@ def test_sighup_with_a_broken_config_keeps_the_old_one(daemon: Daemon, tmp_path:
     daemon.config.write_text(good.replace("quiet: 1s", "quiet: 2s"))
     daemon.signal(signal.SIGHUP)
     daemon.wait_for_log("configuration reloaded from")
+
+
+def _raw_exchange(sock_path: Path, payload: bytes) -> bytes:
+    import socket
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(30)
+        s.connect(str(sock_path))
+        try:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon stopped reading (too large): its reply is still there
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_bad_clients_get_errors_and_50_listers_get_answers_during_a_snapshot(
+        tmp_path: Path, short_dir: Path) -> None:
+    require_fuse()
+    trees.make_many_files(tmp_path / "data", 5000, size=4096)
+    d = Daemon(write_config(tmp_path, short_dir, mount=False, changes=1_000_000)).start()
+    try:
+        d.wait_until(lambda: d.status()["reconciles"] >= 1, "the start-up reconcile")
+        sock = short_dir / "d.sock"
+        assert b'"code":"bad-request"' in _raw_exchange(sock, b"{not json\n")
+        assert b'"code":"unknown-op"' in _raw_exchange(
+            sock, b'{"v": 1, "id": 1, "op": "explode", "args": {}}\n')
+        assert b'"code":"too-large"' in _raw_exchange(sock, b"x" * (2 << 20) + b"\n")
+        argv = [str(BIN / "dwsctl"), "--socket", str(sock), "--json"]
+        snap = subprocess.Popen([*argv, "snapshot", "--full", "-t", "busy"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        listers = [subprocess.Popen([*argv, "list"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE) for _ in range(50)]
+        results = [p.communicate(timeout=120) for p in listers]
+        assert [p.returncode for p in listers] == [0] * 50, results[0][1]
+        snap.communicate(timeout=120)
+        assert snap.returncode == 0
+        assert d.ctl("show", "busy", json_out=True)["tags"] == ["busy"]
+    finally:
+        assert d.stop() == 0

@@ -44,12 +44,14 @@ _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 class Limits:
     """Caps per connection: one request line's size, the time to read one request line
     (from the moment the server waits for it), the time to send one message; and how
-    many connections are served at once (more get a "busy" error and are closed)."""
+    many connections are served at once (more get a "busy" error and are closed); and how
+    long a refused client's remaining input is drained before closing."""
 
     max_request_bytes: int = MAX_REQUEST_BYTES
     read_timeout: float = 10.0
     write_timeout: float = 10.0
     max_connections: int = 256
+    drain_time: float = 1.0
 
 
 def default_allowed_uids() -> frozenset[int]:
@@ -261,9 +263,18 @@ class _Connection:
         return False
 
     async def refuse(self, request_id: RequestId, exc: DwsdError) -> None:
-        """Send one error reply; the caller then closes the connection."""
+        """Send one error reply, half-close, and discard what the client still sends for
+        a moment; the caller then closes the connection. Closing with unread input makes
+        the kernel reset the connection, and the client could lose the reply."""
         log.info("control client closed: %s", exc)
         await self._send_error(request_id, exc)
+        with trio.move_on_after(self.server.limits.drain_time):
+            try:
+                await self.stream.send_eof()
+                while await self.stream.receive_some(1 << 16):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     async def _send_error(self, request_id: RequestId, exc: DwsdError) -> None:
         await self._send(error_line(request_id, exc.code, str(exc)))
