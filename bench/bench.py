@@ -438,6 +438,23 @@ def wait_quiet(limit_s: float, window_s: float = 3.0, max_busy: float = 0.1) -> 
     return time.perf_counter() - t0
 
 
+def code_version() -> dict[str, Any]:
+    """Which dwsd was measured: the commit, whether dwsd/ had local changes, and a hash of
+    the dwsd/ sources as they were when the run started."""
+    repo = HERE.parent
+
+    def git(*argv: str) -> str:
+        proc = subprocess.run(["git", "-C", str(repo), *argv], capture_output=True,
+                              text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+    h = blake3.blake3()
+    for path in sorted((repo / "dwsd").rglob("*.py")):
+        h.update(str(path.relative_to(repo)).encode() + b"\0" + path.read_bytes())
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "dwsd_modified": bool(git("status", "--porcelain", "--", "dwsd")),
+            "dwsd_sources": h.hexdigest()[:16]}
+
+
 def du(path: Path) -> tuple[int, int]:
     """(bytes on disk, apparent bytes) of a tree, like `du -s -B1` and `du -sb`."""
     disk = apparent = 0
@@ -742,17 +759,25 @@ def dwsd_1pct_dirty_warm(b: Bench) -> Result:
 
 # -- running and reporting ----------------------------------------------------------------
 
+def noisy(r: Result) -> bool:
+    """Did other processes use much CPU while this run was timed?"""
+    return bool(r.seconds) and r.extra.get("foreign_cpu_s", 0) > 0.25 * (r.seconds or 0) + 0.5
+
+
 def combine(runs: list[Result]) -> Result:
-    """One result from the repetitions of a step: the median time, the rest from the run
-    closest to it; every time is kept in `extra["runs_s"]`."""
+    """One result from the repetitions of a step: the median time of the quiet runs (of
+    all runs when none was quiet), the rest from the run closest to it; every time is
+    kept in `extra["runs_s"]`."""
     if len(runs) == 1 or any(r.error is not None or r.seconds is None for r in runs):
         return runs[-1]
-    times = sorted(r.seconds for r in runs if r.seconds is not None)
-    median = statistics.median(times)
-    closest = min(runs, key=lambda r: abs((r.seconds or 0) - median))
-    foreign = [r.extra.get("foreign_cpu_s") for r in runs]
-    return Result(median, closest.detail,
-                  {**closest.extra, "runs_s": times, "foreign_cpu_s": foreign}, closest.growth,
+    quiet = [r for r in runs if not noisy(r)]
+    pool = quiet or runs
+    median = statistics.median(r.seconds or 0.0 for r in pool)
+    closest = min(pool, key=lambda r: abs((r.seconds or 0) - median))
+    extra = {**closest.extra, "runs_s": [r.seconds for r in runs],
+             "foreign_cpu_s": [r.extra.get("foreign_cpu_s") for r in runs],
+             "quiet_runs": len(quiet)}
+    return Result(median, closest.detail, extra, closest.growth,
                   None if any(r.ok is None for r in runs) else all(r.ok for r in runs))
 
 
@@ -781,7 +806,11 @@ def rows(results: dict[str, Result]) -> list[dict[str, Any]]:
         s = STEPS[name]
         detail = r.detail
         if "runs_s" in r.extra:
-            detail = f"runs {min(r.extra['runs_s']):.2f}-{max(r.extra['runs_s']):.2f}; {detail}"
+            runs = r.extra["runs_s"]
+            quiet = r.extra.get("quiet_runs", len(runs))
+            detail = (f"runs {min(runs):.2f}-{max(runs):.2f}"
+                      + (f" ({quiet} of {len(runs)} quiet)" if quiet != len(runs) else "")
+                      + f"; {detail}")
         row: dict[str, Any] = {"step": name, "seconds": r.seconds, "vs": s.ref, "ratio": None,
                                "target": None, "result": "", "detail": detail}
         if r.error is not None:
@@ -867,6 +896,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(ds.changed)} files, {mb(ds.changed_bytes)} "
           f"({'generated' if generated else 'reused'} in {gen_s:.1f} s)", flush=True)
 
+    version = code_version()
+    print(f"dwsd at {version['commit']}{' + local changes' if version['dwsd_modified'] else ''}"
+          f" (sources {version['dwsd_sources']})", flush=True)
     b = Bench(args, ds)
     try:
         for name in names:
@@ -885,7 +917,7 @@ def main(argv: list[str] | None = None) -> int:
                     logging.exception("step %s failed", name)
                     r = Result(error=f"{type(exc).__name__}: {exc}")
                 r.extra["foreign_cpu_s"] = round(b.foreign_cpu, 2)
-                if r.seconds and r.extra["foreign_cpu_s"] > 0.25 * r.seconds + 0.5:
+                if noisy(r):
                     b.notes.append(f"{name}: other processes used {r.extra['foreign_cpu_s']} "
                                    f"CPU-s during the step (took {r.seconds:.2f} s): noisy")
                 runs.append(r)
@@ -907,7 +939,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = OUT_DIR / f"bench-{stamp}-{variant}.json"
     out.write_text(json.dumps({
-        "time": stamp, "argv": sys.argv, "dataset": ds.describe(),
+        "time": stamp, "argv": sys.argv, "dwsd": version, "dataset": ds.describe(),
         "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release,
                     "mem_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
         "notes": b.notes, "table": table,
