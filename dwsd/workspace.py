@@ -141,6 +141,7 @@ class Workspace:
         self.config = config
         self.store = store
         self.clock = clock
+        self._states: dict[str, CaptureState] = {}
 
     @classmethod
     def open(cls, config: Config | str | Path, clock: Clock = utc_now,
@@ -204,8 +205,7 @@ class Workspace:
         """A per-file callback feeding `progress` at most every PROGRESS_EVERY seconds."""
         if progress is None:
             return None
-        totals = [load_state(self.store.state_dir, r.name).totals()
-                  for r in self.config.resources]
+        totals = [self._state(r.name).totals() for r in self.config.resources]
         status = Progress(files_total=sum(t[0] for t in totals),
                           bytes_total=sum(t[1] for t in totals))
         last = [0.0]
@@ -219,10 +219,20 @@ class Workspace:
                 progress(status)
         return on_file
 
+    def _state(self, name: str) -> CaptureState:
+        """The capture state of a resource, kept in memory after the first load."""
+        if name not in self._states:
+            self._states[name] = load_state(self.store.state_dir, name)
+        return self._states[name]
+
     def _capture(self, resource: Resource, dirty: Mapping[str, Collection[bytes]] | None,
                  on_file: Callable[[int], None] | None = None) -> CaptureResult:
-        prev = load_state(self.store.state_dir, resource.name)
+        prev = self._state(resource.name)
         paths = None if dirty is None else dirty.get(resource.name, ())
+        if paths is not None and not self._state_is_current(resource.name, prev):
+            log.info("%s: capture state older than the latest snapshot; walking it all",
+                     resource.name)
+            paths = None
         result = capture_resource(self.store.objects, resource.path, prev,
                                   ExcludeMatcher(resource.exclude), paths, on_file=on_file)
         for path, error in result.unreadable:
@@ -260,10 +270,18 @@ class Workspace:
                  rec.id, kind, files, counts.changed_files, counts.added_bytes)
         return SnapshotResult(rec, True, captures)
 
+    def _state_is_current(self, name: str, state: CaptureState) -> bool:
+        """Dirty paths are changes since the last capture: they may be applied only on
+        top of it. Its root is normally the latest snapshot's; when not (a crash between
+        the catalog commit and the state save, a deleted snapshot), walk it all."""
+        latest = self.store.catalog.latest()
+        return latest is not None and latest.resources.get(name) == state.root
+
     def _save_states(self, captures: dict[str, CaptureResult]) -> None:
         if self.store.objects.log.objects_written:
             self.store.objects.make_durable()
         for name, capture in captures.items():
+            self._states[name] = capture.state
             save_state(self.store.state_dir, name, capture.state)
 
     # -- diff ---------------------------------------------------------------------------

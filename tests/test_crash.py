@@ -111,3 +111,17 @@ def test_crash_mid_gc(setup: tuple[Path, Path]) -> None:
         assert_consistent(ws)
         assert ws.gc().removed > 0
         assert ws.gc().removed == 0
+
+
+def test_dirty_snapshot_after_a_crash_before_the_state_save_walks_it_all(
+        setup: tuple[Path, Path]) -> None:
+    # The crash leaves the capture state one snapshot behind the catalog: dirty paths
+    # (changes since the *latest* snapshot) must not be applied on top of it.
+    config, data = setup
+    crash(config, "snapshot", "after-catalog-commit")
+    trees.write(data / "later.txt", b"after the crash")
+    with Workspace.open(config) as ws:
+        rec = ws.snapshot(tags=["dirty"], dirty={"data": [b"later.txt"]}).record
+        assert rec is not None
+        stored = trees.describe_snapshot(ws.store.objects, rec.resources["data"])
+    assert stored == trees.describe_source(data)

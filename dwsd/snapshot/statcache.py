@@ -84,7 +84,9 @@ def load_state(state_dir: Path, resource: str) -> CaptureState:
 
 
 def save_state(state_dir: Path, resource: str, state: CaptureState) -> None:
-    """Replace the saved state atomically (blocks)."""
+    """Replace the saved state atomically (blocks). Not fsynced: after a power cut it may
+    be the previous state or unreadable, and both only cost re-reading (the workspace
+    walks a resource whole when its state is not the latest snapshot's)."""
     raw = {"v": _VERSION, "root": state.root,
            "files": {k: tuple(v) for k, v in state.files.items()}}
-    atomic_write(state_path(state_dir, resource), marshal.dumps(raw))
+    atomic_write(state_path(state_dir, resource), marshal.dumps(raw), durable=False)

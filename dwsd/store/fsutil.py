@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import itertools
 import os
 import secrets
 
@@ -15,9 +16,14 @@ TEMP_PREFIX = ".tmp-"
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
+_counter = itertools.count()
+_process_tag = secrets.token_hex(4)  # names of two processes never collide either
+
+
 def temp_name() -> str:
-    """A fresh temporary file name; `clean_temps` recognises it by its prefix."""
-    return TEMP_PREFIX + secrets.token_hex(8)
+    """A fresh temporary file name; `clean_temps` recognises it by its prefix.
+    Cheap (a counter, not random bytes): it is called for every object written."""
+    return f"{TEMP_PREFIX}{_process_tag}-{next(_counter)}"
 
 
 def syncfs(fd: int) -> None:

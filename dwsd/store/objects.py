@@ -47,9 +47,9 @@ class ObjectStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._root = str(root)
         self.log = WriteLog()
-        # Capture workers publish concurrently; the lock keeps the log and the
-        # exists-then-rename step consistent between them.
+        # Capture workers publish concurrently; the lock keeps the write log whole.
         self._publish_lock = threading.Lock()
         # Objects read, by kind: work counters for tests and `status`.
         self.reads: dict[Kind, int] = {"blobs": 0, "trees": 0}
@@ -65,11 +65,15 @@ class ObjectStore:
 
     def path(self, kind: Kind, oid: str) -> Path:
         """The file of object `oid`; the id is validated first."""
+        return Path(self._path(kind, oid))
+
+    def _path(self, kind: Kind, oid: str) -> str:
+        # str, not Path: this runs for every file of every capture.
         oid = validate_object_id(oid)
-        return self.root / kind / oid[:2] / oid[2:]
+        return f"{self._root}/{kind}/{oid[:2]}/{oid[2:]}"
 
     def has(self, kind: Kind, oid: ObjectId) -> bool:
-        return os.path.exists(self.path(kind, oid))
+        return os.path.exists(self._path(kind, oid))
 
     # -- writing ------------------------------------------------------------------------
 
@@ -82,8 +86,7 @@ class ObjectStore:
         oid = hash_bytes(data)
         if self.has(kind, oid):
             return oid, False
-        target = self.path(kind, oid)
-        tmp = target.parent / temp_name()
+        tmp = Path(f"{self._root}/{kind}/{oid[:2]}/{temp_name()}")
         stored = _pack(kind, data)
         self._write_new(tmp, stored)
         return oid, self._publish(kind, oid, tmp, len(stored))
@@ -142,20 +145,24 @@ class ObjectStore:
         os.close(out)
 
     def _publish(self, kind: Kind, oid: ObjectId, tmp: Path, length: int) -> bool:
-        """Rename a finished temp file to its object name; True if it was new."""
-        target = self.path(kind, oid)
-        with self._publish_lock:
-            if os.path.exists(target):  # another worker stored the same content first
-                os.unlink(tmp)
-                return False
-            try:
-                os.rename(tmp, target)
-            except OSError as exc:
-                os.unlink(tmp)
-                raise self._translate(exc, "naming an object") from exc
+        """Give a finished temp file its object name; True if it was new.
+
+        link(2), unlike rename(2), refuses to replace an existing name, so a durable
+        object is never swapped for a not-yet-synced copy, and two workers storing the
+        same content need no lock: the second one's link fails with EEXIST."""
+        target = self._path(kind, oid)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise self._translate(exc, "naming an object") from exc
+        finally:
+            os.unlink(tmp)
+        with self._publish_lock:  # only the bookkeeping is shared between workers
             self.log.written.append((kind, oid))
             self.log.bytes_written += length
-            self._unsynced.append(target)
+            self._unsynced.append(Path(target))
         crash_point("objects-written")
         return True
 
