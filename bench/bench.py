@@ -48,6 +48,9 @@ from dataset import DEFAULT_SEED, Dataset
 from harness import OUT_DIR, STEPS, Bench, Result, Step, mb, wait_quiet
 # Importing a steps module registers its steps; this order is the run order.
 import steps_snapshot  # noqa: F401  (issue 2)
+import steps_restore  # noqa: F401  (issue 3)
+import steps_view  # noqa: F401  (issue 4)
+import steps_daemon  # noqa: F401  (issue 5)
 
 HERE = Path(__file__).resolve().parent
 
