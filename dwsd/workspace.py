@@ -180,9 +180,14 @@ class Workspace:
         """
         if kind not in KINDS:
             raise UsageError(f"unknown snapshot kind {kind!r} (one of {', '.join(KINDS)})")
+        tags = list(dict.fromkeys(tags))  # `-t a -t a` is one tag
+        latest = self.store.catalog.latest()
         for tag in tags:  # fail before any work is done
             check_tag(tag)
-            if (holder := self.store.catalog.by_tag(tag)) is not None:
+            holder = self.store.catalog.by_tag(tag)
+            # A tag already on the latest snapshot is fine if nothing changed since (the
+            # merge re-checks it once the content is known).
+            if holder is not None and (latest is None or holder.id != latest.id):
                 raise TagError(f"tag {tag!r} is already on snapshot {holder.id}")
         objects = self.store.objects
         write_log = objects.start_log()

@@ -44,6 +44,29 @@ def test_same_content_merges_into_the_existing_snapshot(ws: Workspace) -> None:
     assert len(ws.history()) == 1
 
 
+def test_retagging_unchanged_content_is_a_no_op(ws: Workspace) -> None:
+    first = ws.snapshot(tags=["v1", "v1"], message="m").record
+    assert first is not None and first.tags == ("v1",)
+    again = ws.snapshot(tags=["v1"], message="m")
+    assert not again.created and again.record == first
+    assert len(ws.history()) == 1
+
+
+def test_a_tag_on_the_latest_snapshot_is_refused_once_content_changed(
+        ws: Workspace, tmp_path: Path) -> None:
+    ws.snapshot(tags=["v1"])
+    (tmp_path / "data" / "a.txt").write_bytes(b"changed")
+    with pytest.raises(TagError, match="already on snapshot"):
+        ws.snapshot(tags=["v1"])
+    assert len(ws.history()) == 1
+    assert ws.store.objects.log.objects_written == 0  # the new blob was rolled back
+    assert ws.check().ok
+    # The rolled-back objects are forgotten: the next snapshot's durability sweep (a
+    # few objects: fsynced one by one) must not look for them.
+    (tmp_path / "data" / "a.txt").write_bytes(b"changed again")
+    assert ws.snapshot(tags=["v2"]).created
+
+
 def test_periodic_checkpoint_without_change_is_not_taken(ws: Workspace) -> None:
     ws.snapshot(kind="periodic")
     result = ws.snapshot(kind="periodic")
@@ -70,10 +93,14 @@ def test_dirty_mode_matches_a_full_walk(ws: Workspace, tmp_path: Path) -> None:
     assert dirty is not None and full is not None and dirty.hash == full.hash
 
 
-def test_tags_are_checked_before_any_work(ws: Workspace) -> None:
+def test_tags_are_checked_before_any_work(ws: Workspace, tmp_path: Path) -> None:
     ws.snapshot(tags=["v1"])
+    (tmp_path / "data" / "a.txt").write_bytes(b"changed")
+    ws.snapshot()
+    reads = dict(ws.store.objects.reads)
     with pytest.raises(TagError, match="already on snapshot"):
-        ws.snapshot(tags=["v1"])
+        ws.snapshot(tags=["v1"])  # on an older snapshot: refused before any capture
+    assert ws.store.objects.reads == reads
     with pytest.raises(TagError):
         ws.snapshot(tags=["a/b"])
     with pytest.raises(UsageError):

@@ -398,7 +398,7 @@ def _read_stable(objects: ObjectStore, fd: int) -> _ReadOutcome:
             trusted = after.st_ctime_ns < started - RACY_WINDOW_NS
             return _ReadOutcome(blob, length, after, xattrs, attempt, trusted)
         if new:  # a torn copy: never leave it where a later snapshot could reuse it
-            objects.remove("blobs", blob)
+            objects.discard_new("blobs", blob)
     return _ReadOutcome(None, length, None, (), READ_ATTEMPTS, False)
 
 

@@ -28,8 +28,9 @@ class StoreLock:
             pid = _read_pid(fd)
             os.close(fd)
             raise StoreLockedError(str(self.path.parent), pid) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # Overwrite in place, padded to a fixed width, rather than truncate first: a
+        # second writer reading between a truncate and the write would find no pid.
+        os.pwrite(fd, f"{os.getpid():<20}\n".encode(), 0)
         self._fd = fd
 
     def release(self) -> None:

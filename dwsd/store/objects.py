@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import re
 import threading
 import zlib
 from dataclasses import dataclass, field
@@ -20,13 +21,14 @@ from typing import Iterator, Literal
 
 from dwsd.crashpoints import crash_point
 from dwsd.errors import CorruptObjectError, ObjectMissingError, StoreError
-from dwsd.store.fsutil import TEMP_PREFIX, clean_temps, fsync_dir, syncfs, temp_name
+from dwsd.store.fsutil import clean_temps, fsync_dir, syncfs, temp_name
 from dwsd.store.ids import Hasher, ObjectId, hash_bytes, validate_object_id
 
 Kind = Literal["blobs", "trees"]
 KINDS: tuple[Kind, ...] = ("blobs", "trees")
 _FANOUT = [f"{i:02x}" for i in range(256)]
 READ_CHUNK = 1 << 20
+_OBJECT_NAME_RE = re.compile(r"[0-9a-f]{62}")
 SYNCFS_FROM = 256  # objects; below this, fsync each (see make_durable)
 
 
@@ -34,12 +36,20 @@ SYNCFS_FROM = 256  # objects; below this, fsync each (see make_durable)
 class WriteLog:
     """What one writer added: used for counting and to roll back a failed snapshot."""
 
-    written: list[tuple[Kind, ObjectId]] = field(default_factory=list)
+    # (kind, id) -> stored length, in the order written.
+    written: dict[tuple[Kind, ObjectId], int] = field(default_factory=dict)
     bytes_written: int = 0
 
     @property
     def objects_written(self) -> int:
         return len(self.written)
+
+    def add(self, kind: Kind, oid: ObjectId, length: int) -> None:
+        self.written[(kind, oid)] = length
+        self.bytes_written += length
+
+    def drop(self, kind: Kind, oid: ObjectId) -> None:
+        self.bytes_written -= self.written.pop((kind, oid), 0)
 
 
 class ObjectStore:
@@ -54,7 +64,7 @@ class ObjectStore:
         # Objects read, by kind: work counters for tests and `status`.
         self.reads: dict[Kind, int] = {"blobs": 0, "trees": 0}
         # Every object renamed in since the last make_durable, whichever log it was in.
-        self._unsynced: list[Path] = []
+        self._unsynced: set[str] = set()
 
     @classmethod
     def create(cls, root: Path) -> "ObjectStore":
@@ -160,9 +170,8 @@ class ObjectStore:
         finally:
             os.unlink(tmp)
         with self._publish_lock:  # only the bookkeeping is shared between workers
-            self.log.written.append((kind, oid))
-            self.log.bytes_written += length
-            self._unsynced.append(Path(target))
+            self.log.add(kind, oid, length)
+            self._unsynced.add(target)
         crash_point("objects-written")
         return True
 
@@ -177,7 +186,7 @@ class ObjectStore:
         on the same filesystem, which a small snapshot should not have to wait for.
         """
         with self._publish_lock:
-            pending, self._unsynced = self._unsynced, []
+            pending, self._unsynced = self._unsynced, set()
         if len(pending) > SYNCFS_FROM:
             fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
@@ -185,15 +194,25 @@ class ObjectStore:
             finally:
                 os.close(fd)
             return
-        dirs = {p.parent for p in pending}
+        dirs = {Path(os.path.dirname(p)) for p in pending}
         with cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync") as pool:
             list(pool.map(_fsync_path, pending))
             list(pool.map(fsync_dir, dirs))
 
     def roll_back(self, log: WriteLog) -> None:
         """Remove the objects in `log` (they were new, so nothing else refers to them)."""
-        for kind, oid in log.written:
-            self.remove(kind, oid)
+        for kind, oid in list(log.written):
+            self.discard_new(kind, oid)
+
+    def discard_new(self, kind: Kind, oid: ObjectId) -> None:
+        """Remove an object this writer published and never committed (a torn copy, a
+        failed snapshot's objects), and forget it in the write log and the durability
+        list: a later `make_durable` must not look for it, nor counts include it."""
+        path = self._path(kind, oid)
+        with self._publish_lock:
+            self._unsynced.discard(path)
+            self.log.drop(kind, oid)
+        self.remove(kind, oid)
 
     def start_log(self) -> WriteLog:
         """Begin a fresh write log for one snapshot and return it."""
@@ -240,7 +259,9 @@ class ObjectStore:
         """Every object id of a kind present on disk (temp files skipped)."""
         for fan in _FANOUT:
             for name in os.listdir(self.root / kind / fan):
-                if not name.startswith(TEMP_PREFIX):
+                # Temp files, and anything else that is not an object name (a stray file
+                # someone left), are not objects: gc and check pass over them.
+                if _OBJECT_NAME_RE.fullmatch(name):
                     yield ObjectId(fan + name)
 
     def remove(self, kind: Kind, oid: ObjectId) -> None:
@@ -269,7 +290,7 @@ def _unpack(kind: Kind, raw: bytes, oid: str) -> bytes:
         raise CorruptObjectError(f"tree {oid} is corrupt (does not decompress)") from None
 
 
-def _fsync_path(path: Path) -> None:
+def _fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)

@@ -56,11 +56,16 @@ class Store:
         if not readonly:
             lock = StoreLock(root / "lock")
             lock.acquire()
-        store = cls(root, lock)
-        if lock is not None:
-            store.objects.clean_temps()
-            clean_temps(root)
-            clean_temps(store.state_dir)
+        try:
+            store = cls(root, lock)
+            if lock is not None:
+                store.objects.clean_temps()
+                clean_temps(root)
+                clean_temps(store.state_dir)
+        except BaseException:
+            if lock is not None:  # an unreadable catalog must not leave the store locked
+                lock.release()
+            raise
         return store
 
     def close(self) -> None:
