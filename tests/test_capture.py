@@ -43,14 +43,22 @@ def test_odd_tree_has_what_it_promises(odd_tree: Path) -> None:
 
 def test_unchanged_tree_gives_same_root_and_writes_nothing(store: Store, data_dir: Path
                                                             ) -> None:
-    trees.make_many_files(data_dir, 500)
+    trees.make_many_files(data_dir, 20_000)
     trees.settle()
     first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    objects_before = _listing(store.objects.root)
     log = store.objects.start_log()
     second = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES)
     assert second.root == first.root
     assert log.objects_written == 0
     assert second.counters.files_opened == 0
+    assert _listing(store.objects.root) == objects_before
+
+
+def _listing(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file below `root` with its inode and mtime: any write shows."""
+    return {str(p): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in root.rglob("*") if p.is_file()}
 
 
 def test_incremental_full_walk_opens_only_changed_files(store: Store, data_dir: Path
@@ -90,7 +98,8 @@ def test_dirty_mode_stats_only_dirty_paths(store: Store, data_dir: Path) -> None
     full = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES)
     assert second.root == full.root
     assert second.counters.files_opened == len(changed) + 1
-    assert second.counters.lstats <= len(dirty) + 1
+    # Each dirty path once, plus the one file inside the new directory.
+    assert second.counters.lstats == len(dirty) + 1
     assert second.state.files.keys() == full.state.files.keys()
 
 
@@ -155,6 +164,60 @@ def test_file_changed_once_during_read_is_reread_and_flagged(store: Store, data_
     assert store.objects.get("blobs", blob) == b"2" * (32 << 20)
 
 
+def test_file_rewritten_mid_read_is_stored_whole_and_flagged(store: Store, data_dir: Path
+                                                             ) -> None:
+    size = 128 << 20
+    target = data_dir / "big.bin"
+    for _ in range(3):  # the rewrite must land while capture's read is under way
+        target.write_bytes(b"A" * size)
+        rewriter = _RewriteMidRead(target, size, b"B")
+        rewriter.start()
+        try:
+            result = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+        finally:
+            rewriter.stop.set()
+            rewriter.join()
+        if rewriter.landed:
+            break
+    assert rewriter.landed, "the rewrite never caught capture mid-read"
+    assert result.unstable == [b"big.bin"]
+    blob = trees.entries(store.objects, result.root)[0].ref
+    assert blob is not None and store.objects.get("blobs", blob) == b"B" * size
+    # The torn first read left nothing behind, and durability does not look for it.
+    assert set(store.objects.iter_ids("blobs")) == {blob}
+    store.objects.make_durable()
+
+
+class _RewriteMidRead(threading.Thread):
+    """Watches capture's open file (its offset in /proc/self/fdinfo) and rewrites the
+    whole file in place once, while that offset is strictly inside the file."""
+
+    def __init__(self, target: Path, size: int, fill: bytes) -> None:
+        super().__init__(daemon=True)
+        self.target, self.size, self.fill = str(target), size, fill
+        self.landed = False
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set() and not self.landed:
+            pos = self._reader_position()
+            if pos is not None and 0 < pos < self.size:
+                with open(self.target, "r+b") as f:
+                    f.write(self.fill * self.size)
+                self.landed = True
+
+    def _reader_position(self) -> int | None:
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}") != self.target:
+                    continue
+                with open(f"/proc/self/fdinfo/{fd}") as info:
+                    return int(info.readline().split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+        return None
+
+
 def test_unreadable_entries_are_reported_not_fatal() -> None:
     data_dir = trees.world_readable_dir("dwsd-unreadable-")
     trees.write(data_dir / "ok.txt", b"fine")
@@ -177,3 +240,40 @@ def test_dirty_path_with_slash_walks_a_moved_in_directory(store: Store, data_dir
     second = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES, dirty)
     full = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
     assert second.root == full.root
+
+
+def test_dirty_write_through_one_hard_link_updates_its_partners(store: Store, data_dir: Path
+                                                                ) -> None:
+    trees.write(data_dir / "a" / "x", b"old")
+    trees.write(data_dir / "b" / "unrelated", b"u")
+    os.link(data_dir / "a" / "x", data_dir / "b" / "y")
+    trees.settle()
+    first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    with open(data_dir / "a" / "x", "r+b") as f:  # in place: inotify names only a/x
+        f.write(b"new")
+    second = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES, [b"a/x"])
+    full = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    assert second.root == full.root
+    stored = {e.name: store.objects.get("blobs", e.ref) for e in
+              trees.entries(store.objects, second.root, b"b") if e.ref is not None}
+    assert stored[b"y"] == b"new"
+
+
+def test_hard_links_on_a_filesystem_mounted_inside_get_their_own_group(
+        store: Store, data_dir: Path) -> None:
+    inner = data_dir / "mnt"
+    inner.mkdir()
+    trees.mount_tmpfs(inner)
+    try:
+        trees.write(inner / "p", b"inner")
+        os.link(inner / "p", inner / "q")
+        trees.write(data_dir / "outer", b"outer")
+        os.link(data_dir / "outer", data_dir / "outer2")
+        result = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    finally:
+        trees.unmount(inner)
+    top = {e.name: e for e in trees.entries(store.objects, result.root)}
+    sub = {e.name: e for e in trees.entries(store.objects, result.root, b"mnt")}
+    assert top[b"outer"].ino == top[b"outer2"].ino == (data_dir / "outer").stat().st_ino
+    assert sub[b"p"].ino == sub[b"q"].ino != top[b"outer"].ino
+    assert sub[b"p"].ino >= 2**63  # never equal to an inode number of the resource's own

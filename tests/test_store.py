@@ -83,11 +83,11 @@ def test_readers_need_no_lock(tmp_path: Path, lock_holder: subprocess.Popen[str]
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     mnt = tmp_path / "tmpfs"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    trees.mount_tmpfs(mnt, "4m")
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
+        trees.unmount(mnt)
 
 
 def test_full_disk_gives_one_error_and_loses_nothing(tmp_path: Path, small_tmpfs: Path,

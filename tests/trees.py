@@ -7,6 +7,7 @@ import hashlib
 import os
 import socket
 import stat
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -206,8 +207,22 @@ def make_many_files(root: Path, count: int, per_dir: int = 100, size: int = 64) 
     return paths
 
 
-def entries(objects: ObjectStore, tree: ObjectId) -> list[Any]:
+def entries(objects: ObjectStore, tree: ObjectId, subdir: bytes = b"") -> list[Any]:
+    """The entries of `tree`, or of the directory `subdir` (a/b) below it."""
+    for name in [n for n in subdir.split(b"/") if n]:
+        tree = next(e.ref for e in decode_tree(objects.get("trees", tree), tree)
+                    if e.name == name)
     return decode_tree(objects.get("trees", tree), tree)
+
+
+def mount_tmpfs(where: Path, size: str = "16m") -> None:
+    """Mount a fresh tmpfs (needs root): a small disk, or another filesystem in a tree."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                   check=True)
+
+
+def unmount(where: Path) -> None:
+    subprocess.run(["umount", "-l", str(where)], check=True)
 
 
 class HookedStore(ObjectStore):

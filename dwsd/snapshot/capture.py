@@ -111,7 +111,7 @@ def capture_resource(objects: ObjectStore, root: Path, prev: CaptureState,
     except OSError as exc:
         raise CaptureError(f"cannot read resource directory {root}: {exc.strerror}") from exc
     with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="capture") as pool:
-        walker = _Walker(objects, prev, excludes, pool, on_file)
+        walker = _Walker(objects, prev, excludes, pool, on_file, os.fstat(root_fd).st_dev)
         try:
             if dirty is not None and prev.root is not None and objects.has("trees", prev.root):
                 job = walker.update(root_fd, prev.root, dirty)
@@ -131,7 +131,8 @@ def capture_resource(objects: ObjectStore, root: Path, prev: CaptureState,
 class _Walker:
     def __init__(self, objects: ObjectStore, prev: CaptureState,
                  excludes: ExcludeMatcher, pool: cf.ThreadPoolExecutor,
-                 on_file: Callable[[int], None] | None = None) -> None:
+                 on_file: Callable[[int], None] | None = None,
+                 root_dev: int | None = None) -> None:
         self.objects = objects
         self.on_file = on_file
         self.prev = prev
@@ -143,8 +144,12 @@ class _Walker:
         self.unreadable: list[tuple[bytes, str]] = []
         self.unstable: list[bytes] = []
         self._slots = threading.BoundedSemaphore(MAX_PENDING_READS)
-        self._inodes: dict[int, _FileJob | Entry] = {}
+        # Hard links met in this walk, by (device, inode): a resource may hold a mount.
+        self._inodes: dict[tuple[int, int], _FileJob | Entry] = {}
         self._jobs: list[_FileJob] = []
+        self.root_dev = root_dev
+        # Previous trees decoded during a dirty-path update, each read once.
+        self._trees: dict[ObjectId, dict[bytes, Entry]] = {}
 
     # -- full walk ----------------------------------------------------------------------
 
@@ -160,17 +165,12 @@ class _Walker:
                 children.append(child)
         return _DirJob(entry, children)
 
-    def _capture_entry(self, dfd: int, name: bytes, relpath: bytes) -> _Pending | None:
-        """lstat one name and capture it; None when it vanished, is excluded or unreadable."""
-        try:
-            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        except FileNotFoundError:
+    def _capture_entry(self, dfd: int, name: bytes, relpath: bytes,
+                       st: os.stat_result | None = None) -> _Pending | None:
+        """Capture one name (lstat'ed here unless `st` is given); None when it vanished,
+        is excluded or unreadable."""
+        if st is None and (st := self._lstat(dfd, name, relpath)) is None:
             return None
-        except OSError as exc:
-            self.unreadable.append((relpath, exc.strerror or str(exc)))
-            return None
-        finally:
-            self.counters.lstats += 1
         kind = kind_of_mode(st.st_mode)
         if self.excludes and self.excludes.excluded(relpath, kind == DIR):
             return None
@@ -190,6 +190,18 @@ class _Walker:
             self.unreadable.append((relpath, exc.strerror or str(exc)))
             return None
 
+    def _lstat(self, dfd: int, name: bytes, relpath: bytes) -> os.stat_result | None:
+        """lstat one name (counted); None when it vanished or cannot be stat'ed (then
+        reported as unreadable)."""
+        self.counters.lstats += 1
+        try:
+            return os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self.unreadable.append((relpath, exc.strerror or str(exc)))
+            return None
+
     def _directory(self, dfd: int, name: bytes, relpath: bytes, base: Entry,
                    prev_tree: ObjectId | None, dirty: "_Trie | None") -> _DirJob:
         sub = os.open(name, _OPEN_DIR, dir_fd=dfd)
@@ -204,8 +216,8 @@ class _Walker:
     def _file(self, dfd: int, name: bytes, relpath: bytes, base: Entry,
               st: os.stat_result) -> _Pending:
         if st.st_nlink > 1:
-            base = replace(base, ino=st.st_ino)
-            if (twin := self._inodes.get(st.st_ino)) is not None:
+            base = replace(base, ino=self._link_id(st))
+            if (twin := self._inodes.get((st.st_dev, st.st_ino))) is not None:
                 return _same_content(twin, base, relpath)
         cached = self.prev.files.get(relpath)
         if cached is not None and cached[:4] == (st.st_size, st.st_mtime_ns,
@@ -235,9 +247,17 @@ class _Walker:
         self._remember_inode(st, job)
         return job
 
+    def _link_id(self, st: os.stat_result) -> int:
+        """The tree's hard-link group id: the inode number, or, on another filesystem
+        mounted inside the resource, a number mixed from device and inode, so unrelated
+        files with equal inode numbers never look like one file."""
+        if self.root_dev is None or st.st_dev == self.root_dev:
+            return st.st_ino
+        return (hash((st.st_dev, st.st_ino)) & (2**63 - 1)) | 2**63
+
     def _remember_inode(self, st: os.stat_result, done: Entry | _FileJob) -> None:
         if st.st_nlink > 1:
-            self._inodes[st.st_ino] = done
+            self._inodes[(st.st_dev, st.st_ino)] = done
 
     def _read_file(self, fd: int) -> _ReadOutcome:
         """Read one open file into a blob (runs on the pool; closes `fd`)."""
@@ -254,13 +274,46 @@ class _Walker:
     def update(self, root_fd: int, prev_root: ObjectId, dirty: Collection[bytes]) -> _DirJob:
         """Capture only `dirty` paths on top of the previous root tree."""
         self.state.files = dict(self.prev.files)
-        trie = _Trie.build(dirty)
-        return self._update_dir(root_fd, b"", None, prev_root, trie)
+        paths = set(dirty) | self._link_partners(prev_root, dirty)
+        return self._update_dir(root_fd, b"", None, prev_root, _Trie.build(paths))
+
+    def _link_partners(self, prev_root: ObjectId, dirty: Collection[bytes]) -> set[bytes]:
+        """The other names of hard-linked files among `dirty`: a write through one name
+        changes them all, but inotify reports only the name written through. Costs the
+        trees on the dirty paths (read anyway) and, only when one of them was a hard
+        link, one scan of the stat cache."""
+        linked = set()
+        for path in dirty:
+            prev = self._prev_entry(prev_root, path)
+            if prev is not None and prev.kind == FILE and prev.ino:
+                linked.add(prev.ino)
+        if not linked:
+            return set()
+        return {p for p, f in self.prev.files.items() if f.ino in linked}
+
+    def _prev_entry(self, tree: ObjectId, path: bytes) -> Entry | None:
+        """The entry at relative `path` in the previous trees, if there was one."""
+        parts = [p for p in path.strip(b"/").split(b"/") if p not in (b"", b".")]
+        entry = None
+        for i, name in enumerate(parts):
+            entry = self._tree(tree).get(name)
+            if entry is None or (i < len(parts) - 1 and entry.kind != DIR):
+                return None
+            if entry.kind == DIR:
+                assert entry.ref is not None
+                tree = entry.ref
+        return entry
+
+    def _tree(self, tree: ObjectId) -> dict[bytes, Entry]:
+        """A previous tree's entries by name (read and decoded once per capture)."""
+        if tree not in self._trees:
+            entries = decode_tree(self.objects.get("trees", tree), tree)
+            self._trees[tree] = {e.name: e for e in entries}
+        return self._trees[tree]
 
     def _update_dir(self, dfd: int, rel: bytes, entry: Entry | None, prev_tree: ObjectId,
                     node: "_Trie") -> _DirJob:
-        by_name: dict[bytes, _Pending] = {
-            e.name: e for e in decode_tree(self.objects.get("trees", prev_tree), prev_tree)}
+        by_name: dict[bytes, _Pending] = dict(self._tree(prev_tree))
         children = dict(node.children)
         if node.marked:  # the listing itself may have changed: look for new/vanished names
             self.counters.dirs_listed += 1
@@ -290,22 +343,21 @@ class _Walker:
                 return self._directory(dfd, name, relpath, prev, prev.ref, node)
             except OSError:
                 pass  # it moved or changed type after all: look at it properly
-        st_kind = _lstat_kind(dfd, name)
-        if st_kind == DIR and isinstance(prev, Entry) and prev.kind == DIR:
+        st = self._lstat(dfd, name, relpath)
+        if st is None:
+            self._forget(relpath, prev)
+            return None
+        if (stat_mod.S_ISDIR(st.st_mode) and isinstance(prev, Entry) and prev.kind == DIR
+                and not (self.excludes and self.excludes.excluded(relpath, True))):
             assert prev.ref is not None
             try:
-                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                self.counters.lstats += 1
-                if self.excludes and self.excludes.excluded(relpath, True):
-                    self._forget(relpath, prev)
-                    return None
                 base = _entry_from_stat(name, DIR, st)
                 return self._directory(dfd, name, relpath, base, prev.ref, node)
             except FileNotFoundError:
                 self._forget(relpath, prev)
                 return None
         self._forget(relpath, prev)
-        return self._capture_entry(dfd, name, relpath)
+        return self._capture_entry(dfd, name, relpath, st)
 
     def _forget(self, relpath: bytes, prev: _Pending | None) -> None:
         """Drop what the stat cache knew at `relpath` before it is captured afresh: a
@@ -438,13 +490,6 @@ def _same_content(twin: Entry | _FileJob, base: Entry, relpath: bytes) -> _Pendi
     if isinstance(twin, Entry):
         return replace(base, ref=twin.ref, xattrs=twin.xattrs, size=twin.size)
     return _FileJob(relpath, base, twin.future)
-
-
-def _lstat_kind(dfd: int, name: bytes) -> bytes | None:
-    try:
-        return kind_of_mode(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode)
-    except OSError:
-        return None
 
 
 def _join(rel: bytes, name: bytes) -> bytes:
