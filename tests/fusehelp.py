@@ -80,6 +80,11 @@ def tag_snapshot(store: Path, ref: str, tag: str) -> SnapshotRecord:
         return cat.tag(ref, tag)
 
 
+def untag_snapshot(store: Path, tag: str) -> SnapshotRecord:
+    with Store.open(store) as s, s.changing_catalog() as cat:
+        return cat.untag(tag)
+
+
 def unmount(mountpoint: Path) -> None:
     """Lazy unmount; quiet when nothing is mounted there."""
     subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True,

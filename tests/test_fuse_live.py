@@ -18,10 +18,12 @@ from tests import trees
 from tests.conftest import WriteConfig
 from tests.fusehelp import REPO, STOP_TIMEOUT, ViewServer, delete_snapshot, \
     is_mounted, require_fuse, run, serving, tag_snapshot, take_snapshot, unmount, \
-    wait_until
+    untag_snapshot, wait_until
 
 NOBODY = 65534
-UPDATE_TIMEOUT = 5.0  # the standalone server polls catalog.json every second
+# The standalone server follows catalog.json through inotify; its fallback check runs
+# every 30 s, so passing within this proves the push.
+UPDATE_TIMEOUT = 5.0
 
 
 @pytest.fixture
@@ -81,6 +83,20 @@ def test_deleted_snapshots_and_moved_tags_update_the_root(
         assert root_names(mountpoint) == {second.id, "v2", "latest"}
         with pytest.raises(FileNotFoundError):
             os.stat(mountpoint / "v1" / "data" / "other.txt")
+
+
+def test_an_untagged_name_disappears_while_the_snapshot_stays(
+        store: Path, mountpoint: Path) -> None:
+    with serving(store, mountpoint):
+        snapshot_id = os.readlink(mountpoint / "latest")
+        os.stat(mountpoint / "v1" / "data" / "public.txt")  # cached by the kernel now
+        untag_snapshot(store, "v1")
+        wait_until(lambda: "v1" not in root_names(mountpoint), UPDATE_TIMEOUT,
+                   "the tag gone")
+        with pytest.raises(FileNotFoundError):
+            os.stat(mountpoint / "v1" / "data" / "public.txt")
+        assert (mountpoint / snapshot_id / "data" / "public.txt").read_bytes() == \
+            b"for everyone\n"
 
 
 def test_an_open_reader_survives_the_deletion_of_its_snapshot(

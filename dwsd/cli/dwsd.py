@@ -24,7 +24,7 @@ import trio
 from dwsd.config import default_config_path, load_config
 from dwsd.daemon import run_daemon
 from dwsd.errors import DwsdError, UsageError
-from dwsd.fuse.mount import POLL_INTERVAL, serve_view
+from dwsd.fuse.mount import serve_view
 
 log = logging.getLogger("dwsd.cli")
 
@@ -125,7 +125,7 @@ async def run_mount(request: MountRequest) -> None:
                     task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED
                     ) -> None:
         await serve_view(request.store, request.mount, allow_other=request.allow_other,
-                         poll_interval=POLL_INTERVAL, task_status=task_status)
+                         follow=True, task_status=task_status)
         scope.cancel()
 
     # The handlers are installed before mounting: a signal never finds the view mounted

@@ -1,4 +1,4 @@
-"""Mounting and serving the view: `serve_view`, dead-mount clean-up, the catalog poll.
+"""Mounting and serving the view: `serve_view` and dead-mount clean-up.
 
 pyfuse3 keeps its session in module globals: one view per process.
 """
@@ -15,15 +15,14 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from dwsd.errors import DwsdError, MountError
+from dwsd.errors import MountError
+from dwsd.fuse.follow import catalog_key, follow_catalog
 from dwsd.fuse.ops import ViewOps
 from dwsd.fuse.vfs import Inode
 from dwsd.store.store import Store
 
 log = logging.getLogger(__name__)
 
-POLL_INTERVAL = 1.0
-CatalogKey = tuple[int, int, int] | None
 
 
 def mount_options(allow_other: bool) -> set[str]:
@@ -37,15 +36,15 @@ def mount_options(allow_other: bool) -> set[str]:
 
 
 async def serve_view(store_path: Path | str, mountpoint: Path | str, *,
-                     allow_other: bool = False, poll_interval: float | None = None,
+                     allow_other: bool = False, follow: bool = False,
                      task_status: trio.TaskStatus[ViewOps] = trio.TASK_STATUS_IGNORED
                      ) -> None:
     """Mount the read-only view of the store at `mountpoint` and serve it.
 
     A dead mount left there by a crashed server is cleared first. Reports the `ViewOps`
     through `task_status` once mounted; the daemon calls its `reload_catalog()` after each
-    catalog change. With `poll_interval`, catalog.json is also watched (for `dwsd mount`,
-    which runs without the daemon). Returns when the view is unmounted from outside;
+    catalog change. With `follow`, the view follows catalog.json by itself (for `dwsd
+    mount`, which runs without the daemon). Returns when the view is unmounted from outside;
     on cancellation unmounts and re-raises. Raises StoreError, MountError.
     """
     store = await trio.to_thread.run_sync(
@@ -64,8 +63,8 @@ async def serve_view(store_path: Path | str, mountpoint: Path | str, *,
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_run_fuse, mountpoint, nursery.cancel_scope)
-            if poll_interval is not None:
-                nursery.start_soon(poll_catalog, ops, poll_interval, first_key)
+            if follow:
+                nursery.start_soon(follow_catalog, ops, first_key)
             task_status.started(ops)
     finally:
         ops.shutdown()
@@ -127,34 +126,3 @@ async def clear_dead_mount(path: Path) -> None:
         raise MountError(f"cannot clear the dead mount at {path}: "
                          f"{result.stderr.decode(errors='replace').strip()}")
     log.warning("cleared a dead mount at %s (left by a server that crashed)", path)
-
-
-# -- live updates -------------------------------------------------------------------------
-
-def catalog_key(path: Path) -> CatalogKey:
-    """What changes whenever the catalog is replaced: (inode, mtime, size); None when
-    absent. The catalog is replaced by rename, so the inode changes on every commit even
-    within one mtime tick. Blocks."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
-async def poll_catalog(ops: ViewOps, interval: float, last: CatalogKey) -> None:
-    """Reload the view's catalog whenever catalog.json changes (checked every `interval`
-    seconds; `last` is the key of the catalog shown now). A failed reload is logged and
-    the view keeps showing the previous catalog. Runs until cancelled."""
-    path = ops.store.catalog.path
-    while True:
-        await trio.sleep(interval)
-        key = await trio.to_thread.run_sync(catalog_key, path, limiter=ops.meta_limiter)
-        if key == last:
-            continue
-        try:
-            await ops.reload_catalog()
-        except DwsdError as exc:
-            log.warning("view: cannot reload the catalog: %s", exc)
-            continue
-        last = key
