@@ -2,8 +2,11 @@
 itself the n-th time (default 1st) it reaches `crash_point(<point>)`.
 
 Points: objects-written (after each new object), before-catalog-commit,
-after-catalog-commit, restore-file (before each restored file), after-delete-commit
-(deleted from the catalog, gc not run), gc-remove (before each object gc removes).
+after-catalog-commit, restore-file (before each restore action), restore-temp-written (a
+restored file written under its temp name, not yet renamed into place),
+delete-before-commit (a delete made in memory, the catalog not yet replaced),
+after-delete-commit (deleted from the catalog by prune or delete, gc not run), gc-remove
+(before each object gc removes).
 With the variable unset, a crash point costs one dict lookup.
 """
 from __future__ import annotations

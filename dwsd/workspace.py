@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Collection, Mapping, Sequence
 
 from dwsd.config import Config, Resource, load_config
-from dwsd.errors import TagError, UsageError
+from dwsd.errors import DwsdError, TagError, UsageError
 from dwsd.snapshot.capture import CaptureCounters, CaptureResult, capture_resource
 from dwsd.snapshot.exclude import ExcludeMatcher
 from dwsd.snapshot.statcache import CaptureState, load_state, save_state
@@ -34,8 +34,8 @@ from dwsd.store.store import Store
 from dwsd.crashpoints import crash_point
 from dwsd.snapshot.diff import Change, diff_trees
 from dwsd.snapshot.journal import RestoreJournal, clear_journal, read_journal, write_journal
-from dwsd.snapshot.restore import Plan, Progress, ProgressFn, apply_plan, plan_restore, \
-    set_root_metadata
+from dwsd.snapshot.restore import Plan, Progress, ProgressFn, SyncSweep, apply_plan, \
+    plan_restore, set_root_metadata
 from dwsd.snapshot.retention import plan_retention
 
 log = logging.getLogger(__name__)
@@ -142,18 +142,34 @@ class Workspace:
         self.store = store
         self.clock = clock
         self._states: dict[str, CaptureState] = {}
+        # Why the interrupted restore could not be completed when the workspace was
+        # opened (its journal is kept); None when there was nothing to complete or it was.
+        self.resume_error: str | None = None
 
     @classmethod
     def open(cls, config: Config | str | Path, clock: Clock = utc_now,
              resume: bool = True) -> "Workspace":
         """Open (creating the store if needed) as the store's writer, and complete a
-        restore a crash interrupted (unless `resume` is False). Raises DwsdError."""
+        restore a crash interrupted (unless `resume` is False). A restore that cannot be
+        completed does not stop the opening: see `resume_error`. Raises DwsdError."""
         if not isinstance(config, Config):
             config = load_config(config)
         ws = cls(config, Store.open(config.store, create=True), clock)
         if resume:
-            ws.resume_restore()
+            ws._resume_on_open()
         return ws
+
+    def _resume_on_open(self) -> None:
+        """Complete an interrupted restore; on failure log one error and keep it in
+        `resume_error` (and the journal), since a workspace that cannot open cannot be
+        repaired either: the daemon must start to report it and to restore again."""
+        try:
+            self.resume_restore()
+        except Exception as exc:  # whatever it is: reported, never raised from open
+            what = exc if isinstance(exc, DwsdError) else f"{type(exc).__name__}: {exc}"
+            self.resume_error = (f"the interrupted restore could not be completed: {what}"
+                                 " (restore again to finish it)")
+            log.error("%s", self.resume_error)
 
     def close(self) -> None:
         self.store.close()
@@ -176,6 +192,7 @@ class Workspace:
         the listed resources are examined (resources absent from it are unchanged),
         except resources named in `full`, which are walked whole.
         A periodic snapshot whose content equals an existing snapshot is not recorded;
+        a pre-restore one always is (the undo point must be kept by its own policy);
         any other kind adds its tags and message to that snapshot instead.
         """
         if kind not in KINDS:
@@ -249,7 +266,7 @@ class Workspace:
         h = manifest_hash(roots)
         catalog = self.store.catalog
         existing = catalog.by_hash(h)
-        if existing is not None:
+        if existing is not None and kind != "pre-restore":
             if kind == "periodic" or (not tags and not message):
                 return SnapshotResult(existing if kind != "periodic" else None, False,
                                       captures)
@@ -364,29 +381,45 @@ class Workspace:
     def _apply(self, rec: SnapshotRecord, pre: SnapshotRecord | None,
                plans: dict[str, Plan], progress: ProgressFn | None,
                roots: Mapping[str, Path] | None = None) -> RestoreResult:
+        """Apply `plans` (in place unless `roots` says where). In place, the written
+        files are made durable before the journal goes: after a power cut either the
+        restore is complete on disk or the journal is still there to complete it."""
         result = RestoreResult(rec, pre, plans)
         status = Progress(files_total=sum(p.files for p in plans.values()),
                           bytes_total=sum(p.bytes for p in plans.values()))
-        for name, plan in plans.items():
-            root = roots[name] if roots else self.config.resource(name).path
-            applied = apply_plan(self.store.objects, os.fsencode(root), plan, progress,
-                                 status, lambda: crash_point("restore-file"))
-            if name in rec.root_meta and (plan.actions or plan.dirs or roots):
-                set_root_metadata(os.fsencode(root), rec.root_meta[name])
-            result.files_written += applied.files_written
-            result.removed += applied.removed
-            result.errors += [(name, p, e) for p, e in applied.errors]
-            if plan.actions or plan.dirs:
-                result.resources_changed += 1
-        if roots is None:
-            clear_journal(self.store.journal_dir)
+        with SyncSweep() as sweep:
+            for name, plan in plans.items():
+                root = roots[name] if roots else self.config.resource(name).path
+                self._apply_one(result, name, plan, os.fsencode(root), roots is not None,
+                                status, progress, sweep)
+            if roots is None:
+                sweep.sync()
+                clear_journal(self.store.journal_dir)
+                self.resume_error = None  # whatever was left over is now done
         for name, path, error in result.errors:
             log.warning("restore of %s: %s/%r not restored: %s", rec.id, name, path, error)
         return result
 
+    def _apply_one(self, result: RestoreResult, name: str, plan: Plan, root: bytes,
+                   to_target: bool, status: Progress, progress: ProgressFn | None,
+                   sweep: SyncSweep) -> None:
+        """Apply one resource's plan under `root`, adding what it did to `result`."""
+        rec = result.snapshot
+        applied = apply_plan(self.store.objects, root, plan, progress, status,
+                             lambda: crash_point("restore-file"), sweep)
+        if name in rec.root_meta and (plan.actions or plan.dirs or to_target):
+            set_root_metadata(root, rec.root_meta[name])
+        result.files_written += applied.files_written
+        result.removed += applied.removed
+        result.errors += [(name, p, e) for p, e in applied.errors]
+        if plan.actions or plan.dirs:
+            result.resources_changed += 1
+
     def _restore_to(self, rec: SnapshotRecord, by_resource: dict[str, list[bytes] | None],
                     target: Path, dry_run: bool, progress: ProgressFn | None
                     ) -> RestoreResult:
+        if target.exists() and not target.is_dir():
+            raise UsageError(f"restore target {target} is not a directory")
         if target.exists() and any(target.iterdir()):
             raise UsageError(f"restore target {target} is not empty")
         plans = self._plans(rec, by_resource, {name: None for name in by_resource})
@@ -439,7 +472,10 @@ class Workspace:
     def delete(self, ref: str) -> SnapshotRecord:
         """Remove a snapshot from the catalog; its objects go at the next `gc`."""
         with self.store.changing_catalog() as cat:
-            return cat.remove(cat.resolve(ref).id)
+            removed = cat.remove(cat.resolve(ref).id)
+            crash_point("delete-before-commit")
+        crash_point("after-delete-commit")
+        return removed
 
     # -- maintenance --------------------------------------------------------------------
 

@@ -1,5 +1,7 @@
-"""Run one workspace operation in a child process: `python -m tests.crashdriver CONFIG OP`.
-The crash tests set DWSD_CRASH_AT so the process kills itself part-way through."""
+"""Run one workspace operation in a child process:
+`python -m tests.crashdriver CONFIG OP [ARG...]`, OP one of snapshot, restore [REF [PATH...]]
+(REF defaults to `base`), prune, gc, delete REF. The crash tests set DWSD_CRASH_AT so the
+process kills itself part-way through; others trace it."""
 from __future__ import annotations
 
 import sys
@@ -7,19 +9,22 @@ import sys
 from dwsd.workspace import Workspace
 
 
-def main(config: str, op: str) -> None:
+def main(config: str, op: str, *args: str) -> None:
     with Workspace.open(config, resume=False) as ws:
         if op == "snapshot":
             ws.snapshot(tags=["crashed"])
         elif op == "restore":
-            ws.restore("base")
+            ref, *paths = args or ("base",)
+            ws.restore(ref, paths=paths or None)
         elif op == "prune":
             ws.prune()
         elif op == "gc":
             ws.gc()
+        elif op == "delete":
+            ws.delete(args[0])
         else:
             raise SystemExit(f"unknown op {op}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

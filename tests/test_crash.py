@@ -1,7 +1,9 @@
 """Crash safety: the process is SIGKILLed at named points; reopening finds a consistent
-store, no temp files, the history that committed, and restores completed."""
+store, no temp files (in the store or the resources), the history that committed, and
+restores completed."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dwsd.snapshot.restore import RESTORE_TEMP_PREFIX
 from dwsd.store.fsutil import TEMP_PREFIX
 from dwsd.workspace import Workspace
 from tests import trees
@@ -34,16 +37,19 @@ def setup(tmp_path: Path, write_config: WriteConfig) -> tuple[Path, Path]:
     return config, data
 
 
-def crash(config: Path, op: str, point: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "tests.crashdriver", str(config), op],
+def crash(config: Path, op: str, point: str, *args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "tests.crashdriver", str(config), op,
+                           *args],
                           cwd=ROOT, env={**os.environ, "DWSD_CRASH_AT": point},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
 
 
-def assert_consistent(ws: Workspace) -> None:
+def assert_consistent(ws: Workspace, data: Path) -> None:
     assert ws.check(read_data=True).ok
-    assert [p for p in ws.store.root.rglob(TEMP_PREFIX + "*")] == []
+    assert ws.pending_restore() is None
+    temps = [TEMP_PREFIX + "*", os.fsdecode(RESTORE_TEMP_PREFIX) + "*"]
+    assert [p for top in (ws.store.root, data) for t in temps for p in top.rglob(t)] == []
 
 
 @pytest.mark.parametrize("point,committed", [
@@ -56,7 +62,7 @@ def test_crash_during_snapshot(setup: tuple[Path, Path], point: str, committed: 
     config, data = setup
     crash(config, "snapshot", point)
     with Workspace.open(config) as ws:
-        assert_consistent(ws)
+        assert_consistent(ws, data)
         tags = [r.tags for r in ws.history()]
         assert tags == ([("crashed",), ("base",)] if committed else [("base",)])
         again = ws.snapshot(tags=["after"]).record
@@ -65,12 +71,13 @@ def test_crash_during_snapshot(setup: tuple[Path, Path], point: str, committed: 
         assert trees.describe_snapshot(ws.store.objects, again.resources["data"]) == source
 
 
-def test_crash_mid_restore_is_completed_on_open(setup: tuple[Path, Path],
+@pytest.mark.parametrize("point", ["restore-file:7", "restore-temp-written:7"])
+def test_crash_mid_restore_is_completed_on_open(setup: tuple[Path, Path], point: str,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     config, data = setup
     with Workspace.open(config) as ws:
         wanted = trees.describe_snapshot(ws.store.objects, ws.get("base").resources["data"])
-    crash(config, "restore", "restore-file:7")
+    crash(config, "restore", point)
     with Workspace.open(config, resume=False) as ws:
         assert ws.pending_restore() is not None
         assert trees.describe_source(data) != wanted  # a mix, until resumed
@@ -78,7 +85,7 @@ def test_crash_mid_restore_is_completed_on_open(setup: tuple[Path, Path],
         assert ws.pending_restore() is None
         assert trees.describe_source(data) == wanted
         assert [r.kind for r in ws.history()] == ["pre-restore", "manual"]
-        assert_consistent(ws)
+        assert_consistent(ws, data)
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         f"completing the interrupted restore of snapshot {wanted_id(config)}"]
     caplog.clear()
@@ -90,25 +97,25 @@ def wanted_id(config: Path) -> str:
 
 
 def test_crash_between_prune_and_gc(setup: tuple[Path, Path]) -> None:
-    config, _ = setup
+    config, data = setup
     with Workspace.open(config) as ws:
         ws.snapshot(tags=["second"])
     crash(config, "prune", "after-delete-commit")
     with Workspace.open(config) as ws:
         assert [r.tags for r in ws.history()] == [("second",)]
-        assert_consistent(ws)
+        assert_consistent(ws, data)
         assert ws.gc().removed > 0  # the garbage the crash left is collected now
 
 
 def test_crash_mid_gc(setup: tuple[Path, Path]) -> None:
-    config, _ = setup
+    config, data = setup
     with Workspace.open(config) as ws:
         ws.snapshot(tags=["second"])
         ws.delete("base")
     crash(config, "gc", "gc-remove:3")
     with Workspace.open(config) as ws:
         assert [r.tags for r in ws.history()] == [("second",)]
-        assert_consistent(ws)
+        assert_consistent(ws, data)
         assert ws.gc().removed > 0
         assert ws.gc().removed == 0
 
@@ -125,3 +132,62 @@ def test_dirty_snapshot_after_a_crash_before_the_state_save_walks_it_all(
         assert rec is not None
         stored = trees.describe_snapshot(ws.store.objects, rec.resources["data"])
     assert stored == trees.describe_source(data)
+
+
+def test_a_path_restore_cut_between_temp_and_rename_leaves_no_temp_file(
+        setup: tuple[Path, Path], caplog: pytest.LogCaptureFixture) -> None:
+    # The temp file sits beside the one file asked for, outside the limit: the resumed
+    # restore must still remove it, and no later snapshot may capture it.
+    config, data = setup
+    target = data / "d0003" / "f000100.txt"
+    crash(config, "restore", "restore-temp-written", "base", "data/d0003/f000100.txt")
+    assert any(os.fsencode(p.name).startswith(RESTORE_TEMP_PREFIX)
+               for p in target.parent.iterdir())  # the crash left it there
+    with Workspace.open(config) as ws:  # resumes
+        assert_consistent(ws, data)
+        assert target.read_bytes().startswith(b"file 100")
+        assert (data / "d0000" / "f000000.txt").read_bytes() == b"edited 0"  # not asked
+        rec = ws.snapshot(tags=["after"]).record
+        assert rec is not None
+        stored = trees.describe_snapshot(ws.store.objects, rec.resources["data"])
+    assert stored == trees.describe_source(data)
+    assert [r.levelname for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "WARNING"]  # "completing the interrupted restore ..."
+    caplog.clear()
+
+
+def test_a_restore_that_cannot_be_completed_does_not_stop_the_opening(
+        setup: tuple[Path, Path], caplog: pytest.LogCaptureFixture) -> None:
+    config, data = setup
+    crash(config, "restore", "restore-file:7")
+    data.rename(data.with_name("unmounted"))  # its disk is not there at the next start
+    with Workspace.open(config) as ws:
+        assert ws.resume_error is not None and "cannot read resource" in ws.resume_error
+        assert ws.pending_restore() is not None  # kept, to finish later
+        assert [r.levelname for r in caplog.records if r.levelno >= logging.WARNING] == [
+            "WARNING", "ERROR"]
+    caplog.clear()
+    data.with_name("unmounted").rename(data)
+    with Workspace.open(config) as ws:
+        assert ws.resume_error is None
+        assert_consistent(ws, data)
+        wanted = trees.describe_snapshot(ws.store.objects, ws.get("base").resources["data"])
+    assert trees.describe_source(data) == wanted
+    caplog.clear()
+
+
+@pytest.mark.parametrize("point,deleted", [
+    ("delete-before-commit", False),
+    ("after-delete-commit", True),
+])
+def test_crash_mid_delete(setup: tuple[Path, Path], point: str, deleted: bool) -> None:
+    config, data = setup
+    with Workspace.open(config) as ws:
+        ws.snapshot(tags=["second"])
+    crash(config, "delete", point, "base")
+    with Workspace.open(config) as ws:
+        assert [r.tags for r in ws.history()] == (
+            [("second",)] if deleted else [("second",), ("base",)])
+        assert_consistent(ws, data)
+        ws.gc()
+        assert ws.check(read_data=True).ok

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ from dwsd.snapshot.restore import Progress
 from dwsd.workspace import Workspace
 from tests import trees
 from tests.conftest import WriteConfig
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def rsync_differences(reference: Path, other: Path) -> str:
@@ -112,6 +115,7 @@ def test_results_are_never_rolled_back(two_ws: Workspace, tmp_path: Path) -> Non
     ({"only": ["data"], "leave": ["results"]}, "cannot be used together"),
     ({"only": ["nope"]}, "unknown resource 'nope'"),
     ({"paths": ["elsewhere/x"]}, "not inside a resource"),
+    ({"leave": ["nope"]}, "unknown resource 'nope'"),
 ])
 def test_bad_restore_requests_fail_cleanly(two_ws: Workspace, kwargs: dict[str, Any],
                                            message: str) -> None:
@@ -133,6 +137,13 @@ def test_target_leaves_live_files_alone(two_ws: Workspace, tmp_path: Path) -> No
     assert (out / "results" / "r.txt").read_bytes() == b"r1"
     assert (tmp_path / "data" / "d.csv").read_bytes() == b"v2"
     with pytest.raises(UsageError, match="not empty"):
+        two_ws.restore("v1", target=out)
+
+
+def test_target_that_is_a_file_is_a_usage_error(two_ws: Workspace, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.write_bytes(b"a file")
+    with pytest.raises(UsageError, match="is not a directory"):
         two_ws.restore("v1", target=out)
 
 
@@ -219,3 +230,96 @@ def test_prune_keeps_by_policy_and_collects_garbage(tmp_path: Path,
         assert [r.kind for r in ws.history()] == ["periodic", "periodic", "manual"]
         assert result.gc is not None and result.gc.removed == 4  # 2 blobs, 2 root trees
         assert ws.check(read_data=True).ok
+
+
+def test_a_hard_link_group_stays_one_inode_when_one_member_only_needs_metadata(
+        tmp_path: Path, write_config: WriteConfig) -> None:
+    data = tmp_path / "data"
+    trees.write(data / "a", b"shared\n")
+    os.link(data / "a", data / "b")
+    with Workspace.open(write_config({"data": data})) as ws:
+        ws.snapshot(tags=["linked"])
+        os.chmod(data / "a", 0o600)  # a: metadata only (b follows: one inode)
+        (data / "b").unlink()
+        trees.write(data / "b", b"another file\n")  # b: other content
+        ws.restore("linked")
+    a, b = os.stat(data / "a"), os.stat(data / "b")
+    assert a.st_ino == b.st_ino and a.st_nlink == 2
+    assert (data / "b").read_bytes() == b"shared\n"
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A directory outside every resource, with content a restore could overwrite."""
+    trees.write(tmp_path / "outside" / "x.csv", b"not yours")
+    trees.write(tmp_path / "outside" / "other", b"keep")
+    return tmp_path / "outside"
+
+
+def sub_replaced_by(kind: str, sub: Path, outside: Path) -> None:
+    shutil.rmtree(sub)
+    if kind == "symlink":
+        os.symlink(outside, sub)
+    else:
+        sub.write_bytes(b"a file where a directory was")
+
+
+@pytest.mark.parametrize("kind", ["symlink", "file"])
+def test_path_restore_replaces_what_stands_in_the_way(two_ws: Workspace, tmp_path: Path,
+                                                      outside: Path, kind: str) -> None:
+    sub = tmp_path / "data" / "sub"
+    sub_replaced_by(kind, sub, outside)
+    before = trees.describe_source(outside)
+    two_ws.restore("v1", paths=["data/sub/x.csv"])
+    assert not sub.is_symlink() and sub.is_dir()
+    assert (sub / "x.csv").read_bytes() == b"x1"
+    assert (tmp_path / "data" / "d.csv").read_bytes() == b"v2"  # outside the limit
+    assert trees.describe_source(outside) == before
+    assert two_ws.pending_restore() is None
+
+
+def test_restore_never_writes_through_a_symlinked_directory(two_ws: Workspace,
+                                                            tmp_path: Path,
+                                                            outside: Path) -> None:
+    sub = tmp_path / "data" / "sub"
+    sub_replaced_by("symlink", sub, outside)
+    before = trees.describe_source(outside)
+    two_ws.restore("v1")
+    assert trees.describe_source(outside) == before
+    assert not sub.is_symlink() and sub.is_dir()
+    wanted = trees.describe_snapshot(two_ws.store.objects,
+                                     two_ws.get("v1").resources["data"])
+    assert trees.describe_source(tmp_path / "data") == wanted
+
+
+def test_the_undo_point_is_a_pre_restore_record_even_for_a_saved_state(
+        two_ws: Workspace, tmp_path: Path) -> None:
+    saved = two_ws.snapshot(kind="periodic", message="").record  # live state: saved
+    assert saved is not None
+    result = two_ws.restore("v1")
+    pre = result.pre_restore
+    assert pre is not None and pre.id != saved.id and pre.hash == saved.hash
+    assert (pre.kind, pre.message) == ("pre-restore", "before restoring " + result.snapshot.id)
+    assert two_ws.get(saved.id) == saved  # kind and message untouched
+    assert [r.kind for r in two_ws.history()] == ["pre-restore", "periodic", "manual"]
+    assert two_ws.get(saved.hash[:8]) == pre  # one content: the newest record
+    two_ws.restore(pre.hash[:8])
+    assert (tmp_path / "data" / "d.csv").read_bytes() == b"v2"
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_restored_files_are_durable_before_the_journal_goes(
+        two_ws: Workspace, tmp_path: Path) -> None:
+    two_ws.close()  # the child takes the store's lock
+    trace = tmp_path / "trace"
+    proc = subprocess.run(
+        ["strace", "-f", "-qq", "-e", "trace=syncfs,rename,renameat,renameat2,unlink",
+         "-o", str(trace), sys.executable, "-m", "tests.crashdriver",
+         str(tmp_path / "dwsd.yaml"), "restore", "v1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    calls = trace.read_text().splitlines()
+    journal_gone = next(i for i, c in enumerate(calls)
+                        if "unlink(" in c and "restore.json" in c)
+    last_file_renamed = max(i for i, c in enumerate(calls[:journal_gone]) if "rename" in c)
+    assert any(" syncfs(" in c for c in calls[last_file_renamed:journal_gone]), calls

@@ -8,6 +8,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dwsd.errors import StoreError
 from dwsd.store.fsutil import atomic_write, fsync_dir
 
 _NAME = "restore.json"
@@ -26,11 +27,15 @@ def write_journal(journal_dir: Path, entry: RestoreJournal) -> None:
 
 
 def read_journal(journal_dir: Path) -> RestoreJournal | None:
+    """The unfinished restore, or None. Raises StoreError when the journal is unreadable
+    (it is written atomically, so only outside damage does that)."""
+    path = journal_dir / _NAME
     try:
-        raw = json.loads((journal_dir / _NAME).read_bytes())
+        return RestoreJournal(**json.loads(path.read_bytes()))
     except FileNotFoundError:
         return None
-    return RestoreJournal(**raw)
+    except (OSError, ValueError, TypeError) as exc:
+        raise StoreError(f"restore journal {path} cannot be read: {exc}") from exc
 
 
 def clear_journal(journal_dir: Path) -> None:

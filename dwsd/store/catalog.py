@@ -4,8 +4,10 @@ The whole catalog is one file replaced atomically (temp + fsync + rename + dir f
 snapshot, a tag move or a delete is all-or-nothing without a multi-file protocol. Callers
 must have made every object a new record references durable *before* `commit`.
 
-References resolve as `latest`, a tag, an id, or a unique hash prefix of >= 4 hex digits;
-tags may look like none of the others, so a reference never has two readings.
+References resolve as `latest`, a tag, an id, or a hash prefix of >= 4 hex digits naming
+one content (several records of one hash, such as an undo point of an already saved state,
+resolve to the newest); tags may look like none of the others, so a reference never has
+two readings.
 """
 from __future__ import annotations
 
@@ -190,12 +192,22 @@ class Catalog:
         if ref in self.snapshots:
             return self.snapshots[ref]
         if _HASH_PREFIX_RE.match(ref):
-            found = {r.id: r for r in self.snapshots.values() if r.hash.startswith(ref)}
-            if len(found) == 1:
-                return next(iter(found.values()))
-            if len(found) > 1:
-                raise RefError(f"hash prefix {ref!r} is ambiguous: {len(found)} snapshots")
+            return self._by_hash_prefix(ref)
         raise RefError(f"no snapshot matches {ref!r} (a tag, id, hash prefix or 'latest')")
+
+    def _by_hash_prefix(self, prefix: str) -> SnapshotRecord:
+        """The newest snapshot whose hash starts with `prefix`. Several records of one
+        content (an undo point taken of a state already saved) are one answer; a
+        prefix of different hashes is ambiguous. Raises RefError."""
+        found = [r for r in self.history() if r.hash.startswith(prefix)]
+        hashes = {r.hash for r in found}
+        if len(hashes) > 1:
+            raise RefError(f"hash prefix {prefix!r} is ambiguous: {len(hashes)} "
+                           "different snapshot hashes")
+        if not found:
+            raise RefError(f"no snapshot matches {prefix!r} (a tag, id, hash prefix or "
+                           "'latest')")
+        return found[0]
 
     # -- changes (in memory until commit) ------------------------------------------------
 
