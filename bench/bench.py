@@ -81,9 +81,9 @@ def noisy(r: Result) -> bool:
 
 
 def combine(runs: list[Result]) -> Result:
-    """One result from the repetitions of a step: the median time of the quiet runs (of
-    all runs when none was quiet), the rest from the run closest to it; every time is
-    kept in `extra["runs_s"]`."""
+    """One result from the repetitions of a step: the median time (and value) of the
+    quiet runs (of all runs when none was quiet), the rest from the run closest to it;
+    every time is kept in `extra["runs_s"]`."""
     if len(runs) == 1 or any(r.error is not None or r.seconds is None for r in runs):
         return runs[-1]
     quiet = [r for r in runs if not noisy(r)]
@@ -93,8 +93,10 @@ def combine(runs: list[Result]) -> Result:
     extra = {**closest.extra, "runs_s": [r.seconds for r in runs],
              "foreign_cpu_s": [r.extra.get("foreign_cpu_s") for r in runs],
              "quiet_runs": len(quiet)}
+    values = [r.value for r in pool if r.value is not None]
     return Result(median, closest.detail, extra, closest.growth,
-                  None if any(r.ok is None for r in runs) else all(r.ok for r in runs))
+                  None if any(r.ok is None for r in runs) else all(r.ok for r in runs),
+                  value=statistics.median(values) if values else None)
 
 
 def plan(only: list[str] | None) -> list[str]:

@@ -1,4 +1,462 @@
-"""Issue 4's figures: the FUSE view (root listing, metadata walk, cold and warm reads, RSS) beside restic mount and borg mount."""
+"""Issue 4's figures: the FUSE view (root listing, metadata walk, cold and warm reads, RSS)
+beside restic mount and borg mount.
+
+Every view step mounts its own view and always unmounts it (`fusermount3 -u -z`; the
+serving process then ends, or is terminated), so each starts from a fresh server:
+
+    dwsd    `dwsd mount --config <dwsd>/view.yaml`   <mnt>/bench-first/data/...
+    restic  `restic mount <mnt>`                     <mnt>/ids/<first>/<data set path>/...
+    borg    `borg mount -f ::first <mnt>`            <mnt>/<data set path>/...
+
+(borg 1.2 needs llfuse for `mount`: Debian's python3-llfuse.) The same functions walk
+and read the source and every view: a single-threaded `scandir` + `lstat` walk, and
+sequential 1 MiB reads of the data set's files in path order. "Cold" means the page
+cache, dentries and inodes were dropped after the view was mounted (before the server
+started, for the root listing). The serving process's CPU time is not counted as foreign
+CPU (it is ours, but `ForeignCpu` only knows children that were waited for).
+"""
 from __future__ import annotations
 
-from harness import Bench, Result, step  # noqa: F401
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator
+
+from harness import Bench, Result, step
+from steps_snapshot import _borg_env, _restic_env
+
+READ_SIZE = 1 << 20
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+POLL_S = 0.002
+MB = 1e6  # as harness.mb()
+
+
+# -- walking and reading (the same for the source and every view) ------------------------
+
+def walk(top: Path) -> int:
+    """`scandir` every directory under `top` and `lstat` every entry; return the number
+    of entries (directories included, `top` not)."""
+    entries = 0
+    pending = [str(top)]
+    while pending:
+        with os.scandir(pending.pop()) as listing:
+            for entry in listing:
+                os.lstat(entry.path)
+                entries += 1
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+    return entries
+
+
+def read_file(path: Path, buf: bytearray) -> int:
+    """Read `path` to its end into `buf` (reused); return the bytes read."""
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            total += n
+    return total
+
+
+def read_all(top: Path, rels: list[str]) -> int:
+    """Read every file `rels` (relative to `top`) in order; return the bytes read."""
+    buf = bytearray(READ_SIZE)
+    return sum(read_file(top / rel, buf) for rel in rels)
+
+
+def expected_entries(b: Bench) -> int:
+    """What a walk of the data set (or of a snapshot of it) must count."""
+    dirs = {str(p) for f in b.ds.files for p in PurePosixPath(f.rel).parents}
+    dirs.discard(".")
+    return len(b.ds.files) + len(dirs)
+
+
+def file_order(b: Bench) -> list[str]:
+    """The data set's files in path order, as `cp -r` or `tar` would read them."""
+    return sorted(f.rel for f in b.ds.files)
+
+
+def big_file(b: Bench) -> tuple[str, int]:
+    """The data set's first largest file (256 MB; 25.6 MB with --small) and its size."""
+    spec = max(b.ds.files, key=lambda f: f.size)  # max() keeps the first of equals
+    return spec.rel, spec.size
+
+
+# -- serving processes --------------------------------------------------------------------
+
+@dataclass
+class Server:
+    """A mounted view: its serving process, mount point, and where the data set's root
+    is inside it. `mounted_s`/`listed_s`: from the process's start until the mount point
+    was a mount point / its root was listed."""
+
+    tool: str
+    proc: subprocess.Popen[bytes]
+    mountpoint: Path
+    data: Path
+    log: Path
+    mounted_s: float = 0.0
+    listed_s: float = 0.0
+    root_names: int = 0
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the serving process used so far (all threads)."""
+        try:
+            fields = (Path(f"/proc/{self.proc.pid}/stat").read_text()
+                      .rsplit(")", 1)[1].split())
+        except FileNotFoundError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def memory(self) -> dict[str, int]:
+        """VmHWM (peak) and VmRSS of the serving process, in bytes."""
+        out = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out[key] = int(value.split()[0]) * 1024
+        return out
+
+    def log_tail(self) -> str:
+        try:
+            return self.log.read_text(errors="replace").strip()[-2000:]
+        except FileNotFoundError:
+            return ""
+
+
+ServerSpec = tuple[list[str], dict[str, str], Path]  # argv, extra env, data root in view
+
+
+def dwsd_server(b: Bench, mnt: Path) -> ServerSpec:
+    """`dwsd mount` on the bench store, with a config that is the bench's plus a mount.
+    The view opens the store read-only: the bench's open Workspace (the writer) may stay."""
+    text = b.dwsd_config().read_text()
+    assert "mount: null\n" in text, "harness.dwsd_config() changed: update dwsd_server"
+    config = b.dwsd_dir / "view.yaml"
+    config.write_text(text.replace("mount: null\n", f"mount: {json.dumps(str(mnt))}\n"))
+    dwsd = Path(sys.executable).parent / "dwsd"
+    argv = [str(dwsd) if dwsd.exists() else "dwsd", "mount", "--config", str(config)]
+    return argv, {}, mnt / "bench-first" / "data"
+
+
+def restic_server(b: Bench, mnt: Path) -> ServerSpec:
+    """`restic mount`, the data set under the first snapshot's ids/ directory (later
+    steps add snapshots of other generations, so not `snapshots/latest`)."""
+    _, out = b.run(["restic", "snapshots", "--json"], _restic_env(b), setup=True)
+    first = min(json.loads(out), key=lambda snap: snap["time"])
+    data = mnt / "ids" / first["short_id"] / b.ds.root.relative_to("/")
+    return ["restic", "mount", str(mnt)], _restic_env(b), data
+
+
+def borg_server(b: Bench, mnt: Path) -> ServerSpec:
+    """`borg mount -f` (foreground: the process we started serves) of archive `first`."""
+    return (["borg", "mount", "-f", "::first", str(mnt)], _borg_env(b),
+            mnt / b.ds.root.relative_to("/"))
+
+
+SERVERS: dict[str, Callable[[Bench, Path], ServerSpec]] = {
+    "dwsd": dwsd_server, "restic": restic_server, "borg": borg_server}
+
+
+def unmount(mnt: Path) -> None:
+    """Lazily unmount `mnt` if something is mounted there."""
+    if os.path.ismount(mnt):
+        subprocess.run([shutil.which("fusermount3") or "fusermount3", "-u", "-z", str(mnt)],
+                       capture_output=True)
+
+
+@contextlib.contextmanager
+def serving(b: Bench, tool: str, timed_start: bool = False) -> Iterator[Server]:
+    """Start `tool`'s view server, wait until its root lists, yield it; always unmount
+    and stop it afterwards. With `timed_start`, the start counts as measured time (other
+    processes' CPU meanwhile is counted as foreign). Raises RuntimeError when the server
+    exits or does not mount within START_TIMEOUT_S."""
+    mnt = b.dir / "mnt" / tool
+    unmount(mnt)  # a mount a killed run left behind
+    mnt.mkdir(parents=True, exist_ok=True)
+    argv, env, data = SERVERS[tool](b, mnt)
+    log = b.dir / "mnt" / f"{tool}.log"
+    proc = None
+    try:
+        with open(log, "wb") as out, b.timing(count=timed_start):
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(argv, env={**os.environ, **env},
+                                    stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT)
+            server = Server(tool, proc, mnt, data, log)
+            wait_listed(server, t0)
+        if timed_start:
+            not_foreign(b, server.cpu_s())
+        yield server
+    finally:
+        unmount(mnt)
+        if proc is not None:
+            stop(proc)
+
+
+def wait_listed(server: Server, t0: float) -> None:
+    """Poll until the mount point is a mount point, then list its root; set the times
+    (from `t0`, the process start) on `server`."""
+    while not os.path.ismount(server.mountpoint):
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.tool} mount exited {server.proc.returncode}: "
+                               f"{server.log_tail()}")
+        if time.perf_counter() - t0 > START_TIMEOUT_S:
+            raise RuntimeError(f"{server.tool} mount not mounted after {START_TIMEOUT_S:g} s"
+                               f": {server.log_tail()}")
+        time.sleep(POLL_S)
+    server.mounted_s = time.perf_counter() - t0
+    server.root_names = len(os.listdir(server.mountpoint))
+    server.listed_s = time.perf_counter() - t0
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """After the unmount, let the serving process end by itself (all three do, and borg
+    interrupted there leaves a stale repository lock); terminate it if it has not in
+    STOP_TIMEOUT_S, kill it if that does not work either."""
+    for end in (None, proc.terminate, proc.kill):
+        if end is not None and proc.poll() is None:
+            end()
+        try:
+            proc.wait(timeout=STOP_TIMEOUT_S)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def not_foreign(b: Bench, cpu_s: float) -> None:
+    """Take the serving process's CPU seconds back out of the step's foreign CPU: it is
+    ours, but not a child that was waited for, so `ForeignCpu` counts it as foreign."""
+    b.foreign_cpu = max(0.0, b.foreign_cpu - cpu_s)
+
+
+@contextlib.contextmanager
+def timed(b: Bench, server: Server | None) -> Iterator[list[float]]:
+    """`b.timing()`, with the serving process's CPU meanwhile not counted as foreign."""
+    cpu0 = server.cpu_s() if server else 0.0
+    with b.timing() as took:
+        yield took
+    if server:
+        not_foreign(b, server.cpu_s() - cpu0)
+
+
+# -- what each step measures --------------------------------------------------------------
+
+def measure_root(b: Bench, tool: str) -> Result:
+    """Timed: from starting the server (cold cache) until its root is listed. A second,
+    untimed start right after (warm cache) is in the detail: the difference is the cost
+    of loading the program from disk."""
+    b.prepare("cold")
+    with serving(b, tool, timed_start=True) as cold:
+        pass
+    with serving(b, tool) as warm:
+        pass
+    return Result(cold.listed_s, f"{cold.root_names} names; mounted after "
+                  f"{cold.mounted_s:.3f} s; warm start listed after {warm.listed_s:.3f} s",
+                  {"mounted_s": cold.mounted_s, "root_names": cold.root_names,
+                   "warm_listed_s": warm.listed_s})
+
+
+def measure_walk(b: Bench, top: Path, server: Server | None) -> Result:
+    """Timed: a cold `scandir` + `lstat` walk of `top`; ok when it counts every entry."""
+    b.prepare("cold")
+    with timed(b, server) as took:
+        entries = walk(top)
+    want = expected_entries(b)
+    return Result(took[0], f"{entries} entries" + ("" if entries == want else
+                                                    f" (want {want})"),
+                  {"entries": entries}, ok=entries == want)
+
+
+def measure_read(b: Bench, top: Path, server: Server | None) -> Result:
+    """Timed: cold sequential reads of every file under `top` (1 MiB reads, path order);
+    ok when every byte came back."""
+    b.prepare("cold")
+    with timed(b, server) as took:
+        got = read_all(top, file_order(b))
+    want = b.ds.total_bytes
+    return Result(took[0], f"{got / MB / took[0]:.0f} MB/s, {len(b.ds.files)} files",
+                  {"bytes": got, "mb_s": got / MB / took[0]}, ok=got == want)
+
+
+def measure_big(b: Bench, top: Path, server: Server | None, warm: bool) -> Result:
+    """Timed: reading the largest file once, cold, or (`warm`) re-reading it after an
+    untimed read; value = MB/s. The open is timed apart too (dwsd hashes a blob on its
+    first open)."""
+    rel, size = big_file(b)
+    buf = bytearray(READ_SIZE)
+    b.prepare("cold")
+    if warm:
+        read_file(top / rel, buf)
+    with timed(b, server) as took:
+        t0 = time.perf_counter()
+        with open(top / rel, "rb", buffering=0) as f:
+            open_s = time.perf_counter() - t0
+            got = 0
+            while n := f.readinto(buf):
+                got += n
+    speed = got / MB / took[0]
+    return Result(took[0], f"{rel}, {got / MB:.1f} MB, open {open_s:.3f} s",
+                  {"bytes": got, "open_s": open_s}, ok=got == size, value=speed)
+
+
+def measure_rss(b: Bench, tool: str) -> Result:
+    """Untimed target: the serving process's peak RSS (VmHWM; value, MB) after a cold walk
+    and a cold read of all files; seconds = the walk and read."""
+    with serving(b, tool) as s:
+        walk_r = measure_walk(b, s.data, s)
+        read_r = measure_read(b, s.data, s)
+        mem = s.memory()
+    seconds = (walk_r.seconds or 0.0) + (read_r.seconds or 0.0)
+    return Result(seconds, f"VmHWM {mem['VmHWM'] / MB:.1f} MB, VmRSS "
+                  f"{mem['VmRSS'] / MB:.1f} MB after walk + read",
+                  {"vm_hwm": mem["VmHWM"], "vm_rss": mem["VmRSS"]},
+                  ok=bool(walk_r.ok and read_r.ok), value=mem["VmHWM"] / MB)
+
+
+def in_view(b: Bench, tool: str, measure: Callable[[Bench, Path, Server], Result]
+            ) -> Result:
+    """Run `measure` on the data set inside a freshly mounted view of `tool`."""
+    with serving(b, tool) as s:
+        return measure(b, s.data, s)
+
+
+# -- the source ---------------------------------------------------------------------------
+
+@step("view_walk_source")
+def view_walk_source(b: Bench) -> Result:
+    """scandir+lstat walk of the data set itself (cold cache)."""
+    return measure_walk(b, b.ds.root, None)
+
+
+@step("view_read_source")
+def view_read_source(b: Bench) -> Result:
+    """read of every file of the data set itself, 1 MiB reads (cold cache)."""
+    return measure_read(b, b.ds.root, None)
+
+
+@step("view_big_source", unit="MB/s", higher=True)
+def view_big_source(b: Bench) -> Result:
+    """read of the largest file of the data set itself (cold cache; MB/s)."""
+    return measure_big(b, b.ds.root, None, warm=False)
+
+
+# -- dwsd mount ---------------------------------------------------------------------------
+
+@step("view_root_dwsd", requires=("dwsd_first",), limit=0.5)
+def view_root_dwsd(b: Bench) -> Result:
+    """dwsd mount: start to root listed (cold cache)."""
+    return measure_root(b, "dwsd")
+
+
+@step("view_walk_dwsd", requires=("dwsd_first",), ref="view_walk_source", limit=1.5)
+def view_walk_dwsd(b: Bench) -> Result:
+    """dwsd view: scandir+lstat walk of the first snapshot (cold cache)."""
+    return in_view(b, "dwsd", measure_walk)
+
+
+@step("view_read_dwsd", requires=("dwsd_first",), ref="view_read_source", limit=0.5,
+      higher=True)
+def view_read_dwsd(b: Bench) -> Result:
+    """dwsd view: read of every file of the first snapshot (cold cache; speed vs source)."""
+    return in_view(b, "dwsd", measure_read)
+
+
+@step("view_big_dwsd", requires=("dwsd_first",), unit="MB/s", limit=700, higher=True)
+def view_big_dwsd(b: Bench) -> Result:
+    """dwsd view: read of the largest file (cold cache; MB/s)."""
+    return in_view(b, "dwsd", lambda b, top, s: measure_big(b, top, s, warm=False))
+
+
+@step("view_big_warm_dwsd", requires=("dwsd_first",), unit="MB/s", limit=4000, higher=True)
+def view_big_warm_dwsd(b: Bench) -> Result:
+    """dwsd view: re-read of the largest file (page cache; MB/s)."""
+    return in_view(b, "dwsd", lambda b, top, s: measure_big(b, top, s, warm=True))
+
+
+@step("view_rss_dwsd", requires=("dwsd_first",), unit="MB", limit=100)
+def view_rss_dwsd(b: Bench) -> Result:
+    """dwsd mount: peak RSS after a walk and a read of all (MB)."""
+    return measure_rss(b, "dwsd")
+
+
+# -- restic mount -------------------------------------------------------------------------
+
+@step("view_root_restic", requires=("restic_first",))
+def view_root_restic(b: Bench) -> Result:
+    """restic mount: start to root listed (cold cache)."""
+    return measure_root(b, "restic")
+
+
+@step("view_walk_restic", requires=("restic_first",), ref="view_walk_source")
+def view_walk_restic(b: Bench) -> Result:
+    """restic mount: scandir+lstat walk of the first snapshot (cold cache)."""
+    return in_view(b, "restic", measure_walk)
+
+
+@step("view_read_restic", requires=("restic_first",), ref="view_read_source", higher=True)
+def view_read_restic(b: Bench) -> Result:
+    """restic mount: read of every file of the first snapshot (cold cache)."""
+    return in_view(b, "restic", measure_read)
+
+
+@step("view_big_restic", requires=("restic_first",), unit="MB/s", higher=True)
+def view_big_restic(b: Bench) -> Result:
+    """restic mount: read of the largest file (cold cache; MB/s)."""
+    return in_view(b, "restic", lambda b, top, s: measure_big(b, top, s, warm=False))
+
+
+@step("view_big_warm_restic", requires=("restic_first",), unit="MB/s", higher=True)
+def view_big_warm_restic(b: Bench) -> Result:
+    """restic mount: re-read of the largest file (MB/s)."""
+    return in_view(b, "restic", lambda b, top, s: measure_big(b, top, s, warm=True))
+
+
+@step("view_rss_restic", requires=("restic_first",), unit="MB")
+def view_rss_restic(b: Bench) -> Result:
+    """restic mount: peak RSS after a walk and a read of all (MB)."""
+    return measure_rss(b, "restic")
+
+
+# -- borg mount ---------------------------------------------------------------------------
+
+@step("view_root_borg", requires=("borg_first",))
+def view_root_borg(b: Bench) -> Result:
+    """borg mount: start to root listed (cold cache)."""
+    return measure_root(b, "borg")
+
+
+@step("view_walk_borg", requires=("borg_first",), ref="view_walk_source")
+def view_walk_borg(b: Bench) -> Result:
+    """borg mount: scandir+lstat walk of archive first (cold cache)."""
+    return in_view(b, "borg", measure_walk)
+
+
+@step("view_read_borg", requires=("borg_first",), ref="view_read_source", higher=True)
+def view_read_borg(b: Bench) -> Result:
+    """borg mount: read of every file of archive first (cold cache)."""
+    return in_view(b, "borg", measure_read)
+
+
+@step("view_big_borg", requires=("borg_first",), unit="MB/s", higher=True)
+def view_big_borg(b: Bench) -> Result:
+    """borg mount: read of the largest file (cold cache; MB/s)."""
+    return in_view(b, "borg", lambda b, top, s: measure_big(b, top, s, warm=False))
+
+
+@step("view_big_warm_borg", requires=("borg_first",), unit="MB/s", higher=True)
+def view_big_warm_borg(b: Bench) -> Result:
+    """borg mount: re-read of the largest file (MB/s)."""
+    return in_view(b, "borg", lambda b, top, s: measure_big(b, top, s, warm=True))
+
+
+@step("view_rss_borg", requires=("borg_first",), unit="MB")
+def view_rss_borg(b: Bench) -> Result:
+    """borg mount: peak RSS after a walk and a read of all (MB)."""
+    return measure_rss(b, "borg")
