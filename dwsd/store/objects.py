@@ -225,7 +225,7 @@ class ObjectStore:
         """Read and verify a whole object. Raises ObjectMissingError, CorruptObjectError."""
         self.reads[kind] += 1
         try:
-            with open(self.path(kind, oid), "rb") as f:
+            with open(self._path(kind, oid), "rb") as f:
                 data = _unpack(kind, f.read(), oid)
         except FileNotFoundError:
             raise ObjectMissingError(f"{kind[:-1]} {oid} is missing from the store") from None
@@ -237,7 +237,7 @@ class ObjectStore:
         """Open a blob for reading; the caller closes the fd. Raises ObjectMissingError."""
         self.reads["blobs"] += 1
         try:
-            return os.open(self.path("blobs", oid), os.O_RDONLY | os.O_CLOEXEC)
+            return os.open(self._path("blobs", oid), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ObjectMissingError(f"blob {oid} is missing from the store") from None
 
@@ -266,7 +266,7 @@ class ObjectStore:
 
     def remove(self, kind: Kind, oid: ObjectId) -> None:
         try:
-            os.unlink(self.path(kind, oid))
+            os.unlink(self._path(kind, oid))
         except FileNotFoundError:
             pass
 
