@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from dwsd.errors import UsageError
-from dwsd.snapshot.restore import Progress
+from dwsd.snapshot.restore import Progress, plan_restore
 from dwsd.workspace import Workspace
 from tests import trees
 from tests.conftest import WriteConfig
@@ -138,6 +138,15 @@ def test_target_leaves_live_files_alone(two_ws: Workspace, tmp_path: Path) -> No
     assert (tmp_path / "data" / "d.csv").read_bytes() == b"v2"
     with pytest.raises(UsageError, match="not empty"):
         two_ws.restore("v1", target=out)
+
+
+def test_target_with_a_path_writes_that_file_and_the_directories_above_it(
+        two_ws: Workspace, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    two_ws.restore("v1", paths=["data/sub/x.csv"], target=out)
+    assert (out / "data" / "sub" / "x.csv").read_bytes() == b"x1"
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "data", "data/sub", "data/sub/x.csv"]
 
 
 def test_target_that_is_a_file_is_a_usage_error(two_ws: Workspace, tmp_path: Path) -> None:
@@ -323,3 +332,22 @@ def test_restored_files_are_durable_before_the_journal_goes(
                         if "unlink(" in c and "restore.json" in c)
     last_file_renamed = max(i for i, c in enumerate(calls[:journal_gone]) if "rename" in c)
     assert any(" syncfs(" in c for c in calls[last_file_renamed:journal_gone]), calls
+
+
+def test_planning_reads_each_snapshot_tree_once(tmp_path: Path,
+                                                write_config: WriteConfig) -> None:
+    data = tmp_path / "data"
+    paths = trees.make_many_files(data, 400, per_dir=200)
+    with Workspace.open(write_config({"data": data})) as ws:
+        base = ws.snapshot().record
+        for p in paths:
+            p.write_bytes(b"changed")
+        live = ws.snapshot().record
+        assert base is not None and live is not None
+        objects = ws.store.objects
+        objects.reads = {"blobs": 0, "trees": 0}
+        plan = plan_restore(objects, live.resources["data"], base.resources["data"])
+    assert len(plan.actions) == 400
+    # The diff reads old and new of the root and both directories; noting the
+    # directories to reset reads the snapshot's root once more, not once per file.
+    assert objects.reads == {"blobs": 0, "trees": 7}

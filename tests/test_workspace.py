@@ -165,3 +165,18 @@ def test_snapshot_progress_estimates_from_the_last_capture(ws: Workspace, tmp_pa
     assert [s[0] for s in seen] == [1, 2, 3, 4]
     assert {s[1] for s in seen} == {4} and {s[3] for s in seen} == {4 * 7}
     assert seen[-1][2] == 3 * 7 + len(b"longer content")
+
+
+def test_an_undo_point_of_a_saved_state_is_its_own_record_kept_by_its_policy(
+        ws: Workspace, tmp_path: Path) -> None:
+    v1 = ws.snapshot(tags=["v1"], message="mine").record
+    (tmp_path / "data" / "a.txt").write_bytes(b"changed")
+    first_undo = ws.restore("v1").pre_restore
+    assert first_undo is not None
+    undo = ws.restore(first_undo.id).pre_restore  # the live state is v1's again
+    assert v1 is not None and undo is not None
+    assert undo.hash == v1.hash and undo.id != v1.id and undo.kind == "pre-restore"
+    assert ws.get("v1") == v1  # its message is untouched
+    assert ws.get(v1.hash[:6]) == undo  # one content, several records: the newest
+    kept = ws.prune(dry_run=True).kept
+    assert kept[undo.id] == ("within 14d",)
