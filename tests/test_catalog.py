@@ -14,10 +14,11 @@ from dwsd.store.ids import hash_bytes
 T0 = dt.datetime(2026, 11, 22, 10, 30, 5, tzinfo=dt.timezone.utc)
 
 
-def record(cat: Catalog, n: int, tags: tuple[str, ...] = ()) -> SnapshotRecord:
+def record(cat: Catalog, n: int, tags: tuple[str, ...] = (), kind: str = "manual"
+           ) -> SnapshotRecord:
     roots = {"data": hash_bytes(str(n).encode())}
     t = T0 + dt.timedelta(minutes=n)
-    return cat.add(SnapshotRecord(cat.new_id(t), manifest_hash(roots), 0, "manual", tags,
+    return cat.add(SnapshotRecord(cat.new_id(t), manifest_hash(roots), 0, kind, tags,
                                   "", "host", t, roots))
 
 
@@ -92,3 +93,7 @@ def test_commit_and_load_round_trip(cat: Catalog) -> None:
 def test_history_filters_and_limits(cat: Catalog) -> None:
     assert len(cat.history(limit=2)) == 2
     assert cat.history(kind="periodic") == []
+    periodic = [record(cat, n, kind="periodic") for n in (3, 4, 5)]
+    assert cat.history(kind="periodic") == periodic[::-1]
+    assert cat.history(kind="periodic", limit=2) == periodic[:0:-1]
+    assert [r.number for r in cat.history(kind="manual")] == [3, 2, 1]
