@@ -1,6 +1,6 @@
 """Run one workspace operation in a child process:
-`python -m tests.crashdriver CONFIG OP [ARG...]`, OP one of snapshot, restore [REF [PATH...]]
-(REF defaults to `base`), prune, gc, delete REF. The crash tests set DWSD_CRASH_AT so the
+`python -m tests.crashdriver CONFIG OP [ARG...]`, OP one of snapshot,
+restore [REF [PATH...]] (REF defaults to `base`), prune, gc, delete REF. The crash tests set DWSD_CRASH_AT so the
 process kills itself part-way through; others trace it."""
 from __future__ import annotations
 

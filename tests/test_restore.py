@@ -308,7 +308,8 @@ def test_the_undo_point_is_a_pre_restore_record_even_for_a_saved_state(
     result = two_ws.restore("v1")
     pre = result.pre_restore
     assert pre is not None and pre.id != saved.id and pre.hash == saved.hash
-    assert (pre.kind, pre.message) == ("pre-restore", "before restoring " + result.snapshot.id)
+    assert pre.kind == "pre-restore"
+    assert pre.message == f"before restoring {result.snapshot.id}"
     assert two_ws.get(saved.id) == saved  # kind and message untouched
     assert [r.kind for r in two_ws.history()] == ["pre-restore", "periodic", "manual"]
     assert two_ws.get(saved.hash[:8]) == pre  # one content: the newest record

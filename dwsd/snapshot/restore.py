@@ -151,8 +151,11 @@ class _Trees:
         return self.entries(parent).get(path.rpartition(b"/")[2])
 
     def walk(self, tree: ObjectId | None, prefix: bytes) -> Iterator[tuple[bytes, Entry]]:
-        """Every (path, entry) below `tree`, whose path is `prefix`."""
-        for e in self.entries(tree).values():
+        """Every (path, entry) below `tree`, whose path is `prefix`. What it reads is
+        not kept: a whole snapshot's trees would not fit in memory."""
+        found = self._loaded.get(tree) if tree is not None else None
+        listing = found.values() if found is not None else load_entries(self.objects, tree)
+        for e in listing:
             path = prefix + b"/" + e.name if prefix else e.name
             yield path, e
             if e.kind == DIR:
@@ -167,13 +170,13 @@ class _Planner:
         self.plan = Plan()
         self.trees = _Trees(objects, wanted)
         self.limits = None if paths is None else [p.strip(b"/") for p in paths]
-        self.removed_dirs: list[bytes] = []
+        self.removed_dir: bytes | None = None  # the diff lists what it held right after
         # Directories the snapshot has on the way to a limited path: whatever stands
         # there in the live tree must become that directory.
         self.ways = {p for lim in self.limits or () for p, _ in self.trees.dirs_above(lim)}
 
     def add(self, change: Change) -> None:
-        if any(change.path.startswith(d + b"/") for d in self.removed_dirs):
+        if self.removed_dir is not None and change.path.startswith(self.removed_dir + b"/"):
             return  # removed with its directory
         if change.status == "removed" and is_restore_temp(change.path):
             self.plan.actions.append(Action("remove", change.path, None))
@@ -183,7 +186,7 @@ class _Planner:
         if change.status == "removed":
             self.plan.actions.append(Action("remove", change.path, None))
             if change.old is not None and change.old.kind == DIR:
-                self.removed_dirs.append(change.path)
+                self.removed_dir = change.path
         elif change.status == "metadata" and change.new is not None \
                 and change.new.kind == DIR:
             self.plan.dirs[change.path] = change.new
