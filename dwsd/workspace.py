@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Collection, Mapping, Sequence
 
 from dwsd.config import Config, Resource, load_config
-from dwsd.errors import DwsdError, TagError, UsageError
+from dwsd.errors import DwsdError, RestoreError, TagError, UsageError
 from dwsd.snapshot.capture import CaptureCounters, CaptureResult, capture_resource
 from dwsd.snapshot.exclude import ExcludeMatcher
 from dwsd.snapshot.statcache import CaptureState, load_state, save_state
@@ -435,6 +435,8 @@ class Workspace:
         Returns what is kept (with reasons) and what was (or would be) deleted."""
         history = self.store.catalog.history()
         kept = plan_retention(history, self.config.retention, now or self.clock())
+        for sid in self._needed_by_pending_restore():
+            kept[sid] = kept.get(sid, ()) + ("needed by the unfinished restore",)
         doomed = [r.id for r in history if r.id not in kept]
         result = PruneResult(kept=kept, deleted=sorted(doomed), dry_run=dry_run)
         if dry_run or not doomed:
@@ -472,10 +474,22 @@ class Workspace:
     def delete(self, ref: str) -> SnapshotRecord:
         """Remove a snapshot from the catalog; its objects go at the next `gc`."""
         with self.store.changing_catalog() as cat:
-            removed = cat.remove(cat.resolve(ref).id)
+            doomed = cat.resolve(ref).id
+            if doomed in self._needed_by_pending_restore():
+                raise RestoreError(f"snapshot {doomed} is needed by the unfinished restore; "
+                                   "restore again to finish it first")
+            removed = cat.remove(doomed)
             crash_point("delete-before-commit")
         crash_point("after-delete-commit")
         return removed
+
+    def _needed_by_pending_restore(self) -> set[str]:
+        """The snapshots an unfinished restore names (its target and its undo point):
+        deleting them would leave it unfinishable."""
+        journal = self.pending_restore()
+        if journal is None:
+            return set()
+        return {sid for sid in (journal.snapshot, journal.pre_restore) if sid is not None}
 
     # -- maintenance --------------------------------------------------------------------
 

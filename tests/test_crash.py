@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dwsd.errors import RestoreError
 from dwsd.snapshot.restore import RESTORE_TEMP_PREFIX
 from dwsd.store.fsutil import TEMP_PREFIX
 from dwsd.workspace import Workspace
@@ -153,6 +154,22 @@ def test_a_path_restore_cut_between_temp_and_rename_leaves_no_temp_file(
     assert stored == trees.describe_source(data)
     assert [r.levelname for r in caplog.records if r.levelno >= logging.WARNING] == [
         "WARNING"]  # "completing the interrupted restore ..."
+    caplog.clear()
+
+
+def test_snapshots_an_unfinished_restore_needs_are_not_deleted(
+        setup: tuple[Path, Path], caplog: pytest.LogCaptureFixture) -> None:
+    config, data = setup
+    crash(config, "restore", "restore-file:7")
+    data.rename(data.with_name("unmounted"))
+    with Workspace.open(config) as ws:
+        journal = ws.pending_restore()
+        assert journal is not None and journal.pre_restore is not None
+        with pytest.raises(RestoreError, match="needed by the unfinished restore"):
+            ws.delete(journal.snapshot)
+        result = ws.prune()
+        assert {journal.snapshot, journal.pre_restore} <= set(result.kept)
+        assert journal.snapshot in {r.id for r in ws.history()}
     caplog.clear()
 
 

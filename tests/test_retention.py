@@ -259,10 +259,12 @@ def test_result_does_not_depend_on_input_order() -> None:
 @pytest.mark.parametrize("bad", [
     lambda: plan_retention([snap("2026-11-22T10:00")], {}, dt.datetime(2026, 11, 22)),
     lambda: plan_retention([Snap("x", dt.datetime(2026, 11, 22))], {}, NOW),
+    lambda: plan_retention([Snap("x", NOW), Snap("y", dt.datetime(2026, 11, 22))], {}, NOW),
     lambda: plan_retention([Snap("x", NOW), Snap("x", NOW - HOUR)], {}, NOW),
     lambda: KeepPolicy(daily=-1),
     lambda: KeepPolicy(within=-DAY),
-], ids=["naive-now", "naive-time", "repeated-id", "negative-count", "negative-within"])
+], ids=["naive-now", "naive-time", "naive-among-aware", "repeated-id", "negative-count",
+        "negative-within"])
 def test_invalid_input_raises(bad: Callable[[], object]) -> None:
     with pytest.raises(ValueError):
         bad()

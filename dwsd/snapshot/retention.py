@@ -121,10 +121,12 @@ def plan_prune(snapshots: Iterable[C], policies: Mapping[str, KeepPolicy],
 def _sorted_candidates(snapshots: Iterable[C], now: dt.datetime) -> list[C]:
     """The snapshots oldest first by (time, id), after checking times and ids."""
     _require_aware(now, "now")
+    snapshots = list(snapshots)
+    for s in snapshots:  # before sorting: naive and aware times do not even compare
+        _require_aware(s.time, f"time of snapshot {s.id!r}")
     ordered = sorted(snapshots, key=lambda s: (s.time, s.id))
     seen: set[str] = set()
     for s in ordered:
-        _require_aware(s.time, f"time of snapshot {s.id!r}")
         if s.id in seen:
             raise ValueError(f"snapshot id {s.id!r} appears twice")
         seen.add(s.id)
