@@ -142,6 +142,8 @@ class Workspace:
         self.store = store
         self.clock = clock
         self._states: dict[str, CaptureState] = {}
+        # Resources whose state in memory is this process's own last capture.
+        self._captured_here: set[str] = set()
         # Why the interrupted restore could not be completed when the workspace was
         # opened (its journal is kept); None when there was nothing to complete or it was.
         self.resume_error: str | None = None
@@ -294,8 +296,12 @@ class Workspace:
 
     def _state_is_current(self, name: str, state: CaptureState) -> bool:
         """Dirty paths are changes since the last capture: they may be applied only on
-        top of it. Its root is normally the latest snapshot's; when not (a crash between
-        the catalog commit and the state save, a deleted snapshot), walk it all."""
+        top of it. A capture made by this process is that, recorded or not (a checkpoint
+        whose content equals an older snapshot is not recorded). A state loaded from
+        disk is trusted only when it is the latest snapshot's: a crash between the
+        catalog commit and the state save leaves an older one there."""
+        if name in self._captured_here:
+            return True
         latest = self.store.catalog.latest()
         return latest is not None and latest.resources.get(name) == state.root
 
@@ -304,6 +310,7 @@ class Workspace:
             self.store.objects.make_durable()
         for name, capture in captures.items():
             self._states[name] = capture.state
+            self._captured_here.add(name)
             save_state(self.store.state_dir, name, capture.state)
 
     # -- diff ---------------------------------------------------------------------------
@@ -497,7 +504,8 @@ class Workspace:
         """Remove objects no snapshot (and no capture state) refers to."""
         roots = [root for rec in self.store.catalog.history()
                  for root in rec.resources.values()]
-        roots += [s.root for s in self._all_states() if s.root is not None]
+        states = self._all_states() + list(self._states.values())
+        roots += [s.root for s in states if s.root is not None]
         return collect_garbage(self.store.objects, roots)
 
     def _all_states(self) -> list[CaptureState]:

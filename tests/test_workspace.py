@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,25 @@ def test_an_undo_point_of_a_saved_state_is_its_own_record_kept_by_its_policy(
     assert ws.get(v1.hash[:6]) == undo  # one content, several records: the newest
     kept = ws.prune(dry_run=True).kept
     assert kept[undo.id] == ("within 14d",)
+
+
+def test_dirty_paths_still_apply_after_a_checkpoint_that_reverted_content(
+        ws: Workspace, tmp_path: Path) -> None:
+    # A checkpoint equal to an older snapshot is not recorded, but it is the capture
+    # the next dirty paths follow: no full walk is needed.
+    a = tmp_path / "data" / "a.txt"
+    original, mtime = a.read_bytes(), a.stat().st_mtime_ns
+    ws.snapshot(kind="periodic")
+    a.write_bytes(b"edited")
+    assert ws.snapshot(kind="periodic", dirty={"data": [b"a.txt"]}).created
+    a.write_bytes(original)
+    os.utime(a, ns=(mtime, mtime))  # as `git checkout` of an old state may leave it
+    reverted = ws.snapshot(kind="periodic", dirty={"data": [b"a.txt"]})
+    assert reverted.record is None  # same content as the first snapshot
+    (tmp_path / "data" / "sub" / "b.txt").write_bytes(b"new b")
+    result = ws.snapshot(kind="periodic", dirty={"data": [b"sub/b.txt"]})
+    assert result.created and result.record is not None
+    data = result.captures["data"].counters
+    assert (data.files_opened, data.lstats) == (1, 1)
+    full = ws.snapshot(tags=["full"], full=["data", "code"])
+    assert full.record is not None and full.record.id == result.record.id
