@@ -1,4 +1,4 @@
-"""The inotify watcher on real directories: paths, overflow, watch limit."""
+"""The inotify watcher on real directories: paths, overflow, watch limit, the barrier."""
 from __future__ import annotations
 
 import os
@@ -9,8 +9,10 @@ from pathlib import Path
 
 import trio
 
+from dwsd.config import load_config
 from dwsd.snapshot.exclude import ExcludeMatcher
-from dwsd.watch.inotify import TreeWatcher
+from dwsd.watch.inotify import Batch, TreeWatcher
+from dwsd.watch.watcher import Watcher
 from tests import trees
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,12 +28,12 @@ class Collector:
         self.gate = threading.Event()
         self.gate.set()
 
-    def __call__(self, paths: list[bytes], problem: str | None) -> None:
+    def __call__(self, batch: Batch) -> None:
         self.gate.wait()
         with self._cond:
-            self.paths.update(paths)
-            if problem:
-                self.problems.append(problem)
+            self.paths.update(batch.changed)
+            self.paths.update(batch.parents)
+            self.problems.extend(batch.problems)
             self._cond.notify_all()
 
     def wait_for(self, predicate: object, timeout: float = 10) -> None:
@@ -86,24 +88,72 @@ def test_excluded_paths_raise_no_events(data_dir: Path) -> None:
         w.close()
 
 
-def test_queue_overflow_is_reported(data_dir: Path) -> None:
+def overflow_queue(c: Collector, directory: Path) -> None:
+    """Fill the kernel's queue past its limit while the reader is held in its callback."""
     limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    c.gate.clear()
+    trees.write(directory / "first", b"0")
+    f = directory / "churn"
+    f.write_bytes(b"")
+    with open(f, "r+b", buffering=0) as out:
+        # The kernel merges an event identical to the one before it; alternating
+        # IN_MODIFY and IN_ATTRIB keeps every one of them in the queue.
+        for i in range(limit + 100):
+            os.pwrite(out.fileno(), b"x", 0)
+            os.utime(out.fileno(), ns=(i, i))
+
+
+def test_queue_overflow_is_reported(data_dir: Path) -> None:
     w, c = watching(data_dir)
     try:
-        c.gate.clear()  # the reader blocks in its callback: the kernel queue fills up
-        trees.write(data_dir / "first", b"0")
-        f = data_dir / "churn"
-        f.write_bytes(b"")
-        with open(f, "r+b", buffering=0) as out:
-            # The kernel merges an event identical to the one before it; alternating
-            # IN_MODIFY and IN_ATTRIB keeps every one of them in the queue.
-            for i in range(limit + 100):
-                os.pwrite(out.fileno(), b"x", 0)
-                os.utime(out.fileno(), ns=(i, i))
+        overflow_queue(c, data_dir)
         c.gate.set()
         c.wait_for(lambda: "overflow" in c.problems)
     finally:
         w.close()
+
+
+def test_a_directory_created_during_an_overflow_is_watched_after_it(data_dir: Path
+                                                                    ) -> None:
+    w, c = watching(data_dir)
+    try:
+        overflow_queue(c, data_dir)
+        (data_dir / "born").mkdir()  # its IN_CREATE is lost: the queue is full
+        c.gate.set()
+        c.wait_for(lambda: "overflow" in c.problems)
+        assert w.watches == 2
+        trees.write(data_dir / "born" / "inside", b"1")
+        c.wait_for(lambda: b"born/inside" in c.paths)
+    finally:
+        w.close()
+
+
+def test_a_sync_hands_over_every_write_made_before_it(data_dir: Path) -> None:
+    w, c = watching(data_dir)
+    try:
+        for i in range(200):
+            name = b"f%03d" % i
+            trees.write(data_dir / os.fsdecode(name), b"x")
+            synced = threading.Event()
+            seen: list[bool] = []
+
+            def done(problem: str | None, name: bytes = name,
+                     synced: threading.Event = synced, seen: list[bool] = seen) -> None:
+                seen.append(name in c.paths)
+                synced.set()
+            w.request_sync(False, done)
+            assert synced.wait(10)
+            assert seen == [True], f"round {i}: {name!r} not handed over before the sync"
+    finally:
+        w.close()
+
+
+def test_a_sync_after_close_answers_at_once(data_dir: Path) -> None:
+    w, _ = watching(data_dir)
+    w.close()
+    answers: list[str | None] = []
+    w.request_sync(True, answers.append)
+    assert answers == [None]
 
 
 def test_watch_limit_is_reported_not_fatal(tmp_path: Path) -> None:
@@ -114,7 +164,7 @@ def test_watch_limit_is_reported_not_fatal(tmp_path: Path) -> None:
               "from dwsd.snapshot.exclude import ExcludeMatcher;"
               "open('/proc/sys/user/max_inotify_watches','w').write('5');"
               "got=[];w=TreeWatcher(os.fsencode(sys.argv[1]),ExcludeMatcher([]),"
-              "lambda p,e:got.append(e));w.start();w.close();print(got, w.watches)")
+              "lambda b:got.extend(b.problems));w.start();w.close();print(got, w.watches)")
     proc = subprocess.run(["unshare", "-U", "-r", sys.executable, "-c", script, str(tree)],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
@@ -122,10 +172,58 @@ def test_watch_limit_is_reported_not_fatal(tmp_path: Path) -> None:
                                    "reached)'] 5")
 
 
+def test_watches_missing_after_the_limit_are_added_by_a_rescan(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    for i in range(10):
+        (tree / f"d{i}").mkdir(parents=True)
+    script = ("import os,sys,threading;from dwsd.watch.inotify import TreeWatcher;"
+              "from dwsd.snapshot.exclude import ExcludeMatcher;"
+              "limit='/proc/sys/user/max_inotify_watches';open(limit,'w').write('5');"
+              "w=TreeWatcher(os.fsencode(sys.argv[1]),ExcludeMatcher([]),lambda b:None);"
+              "w.start();before=w.watches;open(limit,'w').write('100');"
+              "got=[];done=threading.Event();"
+              "w.request_sync(True,lambda p:(got.append(p),done.set()));"
+              "assert done.wait(10);w.close();print(before,got,w.watches)")
+    proc = subprocess.run(["unshare", "-U", "-r", sys.executable, "-c", script, str(tree)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "5 [None] 11"
+
+
+def test_a_rescan_drops_watches_of_newly_excluded_directories(data_dir: Path) -> None:
+    (data_dir / "keep").mkdir()
+    (data_dir / "cache").mkdir()
+    w, c = watching(data_dir)
+    try:
+        assert w.watches == 3
+        w.set_excludes(ExcludeMatcher(["cache/"]))
+        synced = threading.Event()
+        w.request_sync(True, lambda problem: synced.set())
+        assert synced.wait(10)
+        assert w.watches == 2
+    finally:
+        w.close()
+
+
+async def test_changes_count_distinct_paths_not_events(data_dir: Path,
+                                                       write_config: object) -> None:
+    (data_dir / "sub").mkdir()
+    config = load_config(write_config({"data": data_dir}))  # type: ignore[operator]
+    watcher = Watcher(config.resources, on_change=lambda: None)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watcher.run)
+            for i in range(10):  # create + modify + close, then again: 6 events a file
+                await trio.to_thread.run_sync(trees.write, data_dir / "sub" / f"{i}", b"1")
+                await trio.to_thread.run_sync(trees.write, data_dir / "sub" / f"{i}", b"2")
+            await watcher.sync()
+            nursery.cancel_scope.cancel()
+    assert watcher.pending_changes() == 10
+    assert watcher.state["data"].dirty == {b"sub/%d" % i for i in range(10)} | {b"sub"}
+
+
 async def test_watcher_merges_batches_on_the_trio_thread(data_dir: Path,
                                                          write_config: object) -> None:
-    from dwsd.config import load_config
-    from dwsd.watch.watcher import Watcher
     config = load_config(write_config({"data": data_dir}))  # type: ignore[operator]
     changed = trio.Event()
     watcher = Watcher(config.resources, on_change=changed.set)

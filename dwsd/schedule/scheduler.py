@@ -7,8 +7,14 @@ worker thread (its own CapacityLimiter), so the trio thread never blocks on the 
 Checkpoints: when something changed, a checkpoint is taken once writes have been quiet for
 `quiet`, if `changes` piled up or `interval` passed since the last one. It captures only
 the dirty paths the watcher collected, except for resources needing a full reconcile walk
-(at start, after an overflow or watch error, and every `reconcile`). No change, no
-snapshot. Retention runs after each checkpoint.
+(at start, after an overflow or watch error, and every `reconcile`). A resource whose
+events cannot be trusted (watch limit, watcher error) is walked whole at least every
+`interval`, changes seen or not. No change, no snapshot. Retention runs after each
+checkpoint. A failed checkpoint is retried after a backoff that doubles from
+FIRST_BACKOFF up to `interval`, so a broken resource cannot make the daemon spin.
+
+Before taking the dirty paths, every capture waits for the watcher's barrier (`sync`), so
+a snapshot asked for right after a write always sees it.
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ from dwsd.workspace import PruneResult, RestoreResult, SnapshotResult, Workspace
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+FIRST_BACKOFF = 5.0  # seconds before the first retry of a failed checkpoint
+
 
 class Scheduler:
     """Implements `dwsd.schedule.interface.SchedulerAPI`. Trio thread only."""
@@ -43,9 +51,10 @@ class Scheduler:
         self._wakeup = trio.Event()
         self._last_checkpoint = trio.current_time()
         self._last_reconcile = -math.inf
+        self._retry_at = -math.inf  # no checkpoint before this (after failures)
         self.queue_length = 0
         self.stats: dict[str, Any] = {"checkpoints": 0, "skipped": 0, "errors": 0,
-                                      "reconciles": 0,
+                                      "failures": 0, "reconciles": 0,
                                       "last_checkpoint": None, "last_error": None,
                                       "last_counters": None}
 
@@ -56,6 +65,11 @@ class Scheduler:
     def wake(self) -> None:
         """Called by the watcher (trio thread) whenever something changed."""
         self._wakeup.set()
+
+    def force_reconcile(self) -> None:
+        """Make the next checkpoint a reconcile walk, as soon as any backoff allows."""
+        self._last_reconcile = -math.inf
+        self.wake()
 
     # -- the checkpoint loop -------------------------------------------------------------
 
@@ -76,42 +90,51 @@ class Scheduler:
                 await self.checkpoint()
 
     def _next_delay(self) -> float:
-        now = trio.current_time()
+        """Seconds until a checkpoint or reconcile is due (at least 50 ms)."""
+        due = [self._reconcile_at()]
+        checkpoint_at = self._checkpoint_at()
+        if checkpoint_at is not None:
+            due.append(checkpoint_at)
+        return max(max(min(due), self._retry_at) - trio.current_time(), 0.05)
+
+    def _reconcile_at(self) -> float:
+        return self._last_reconcile + self.config.checkpoint.reconcile.total_seconds()
+
+    def _checkpoint_at(self) -> float | None:
+        """When a periodic checkpoint is due (trio clock); None while nothing calls for
+        one. Writes must have been quiet for `quiet`, and `changes` piled up or
+        `interval` passed; a resource the watcher cannot follow is due every interval."""
         cp = self.config.checkpoint
-        waits = [self._last_reconcile + cp.reconcile.total_seconds() - now]
+        interval_at = self._last_checkpoint + cp.interval.total_seconds()
+        blind_at = None if self.watcher.all_healthy() else interval_at
+        if not self.watcher.anything_to_capture():
+            return blind_at
         last = self.watcher.last_event()
-        if self.watcher.anything_to_capture() and last is not None:
-            quiet_at = last + cp.quiet.total_seconds()
-            interval_at = self._last_checkpoint + cp.interval.total_seconds()
-            waits.append(max(quiet_at, interval_at) - now
-                         if self.watcher.pending_changes() < cp.changes
-                         else quiet_at - now)
-        return max(min(waits), 0.05)
+        quiet_at = (-math.inf if last is None else last) + cp.quiet.total_seconds()
+        if self.watcher.pending_changes() >= cp.changes:
+            return quiet_at
+        due = max(quiet_at, interval_at)
+        return due if blind_at is None else min(due, blind_at)
 
     def _due_reconcile(self) -> bool:
-        reconcile = self.config.checkpoint.reconcile.total_seconds()
-        return trio.current_time() - self._last_reconcile >= reconcile
+        now = trio.current_time()
+        return now >= self._retry_at and now >= self._reconcile_at()
 
     def _due_checkpoint(self) -> bool:
-        if not self.watcher.anything_to_capture():
-            return False
         now = trio.current_time()
-        cp = self.config.checkpoint
-        last = self.watcher.last_event() or 0.0
-        if now - last < cp.quiet.total_seconds():
-            return False
-        return (self.watcher.pending_changes() >= cp.changes or
-                now - self._last_checkpoint >= cp.interval.total_seconds())
+        checkpoint_at = self._checkpoint_at()
+        return now >= self._retry_at and checkpoint_at is not None and now >= checkpoint_at
 
     async def checkpoint(self, reconcile: bool = False) -> SnapshotResult | None:
-        """One periodic checkpoint (a full walk when `reconcile`), then retention."""
+        """One periodic checkpoint (a full walk when `reconcile`), then retention.
+        Never raises: a failure is logged, counted and retried after a backoff."""
         try:
             result = await self._capture("periodic", (), "", full=reconcile)
         except Exception as exc:  # a bad checkpoint must not stop the daemon
-            self.stats["errors"] += 1
-            self.stats["last_error"] = str(exc)
-            log.error("checkpoint failed: %s", exc)
+            self._failed("checkpoint", exc)
             return None
+        self.stats["failures"] = 0
+        self._retry_at = -math.inf
         if reconcile:
             self._last_reconcile = trio.current_time()
             self.stats["reconciles"] += 1
@@ -119,14 +142,29 @@ class Scheduler:
             self.stats["skipped"] += 1
             return result
         self.stats["checkpoints"] += 1
-        await self.prune(dry_run=False)
+        try:
+            await self.prune(dry_run=False)
+        except Exception as exc:
+            self._failed("pruning after a checkpoint", exc)
         return result
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        """Count and log a failure; back off: FIRST_BACKOFF, doubling up to `interval`."""
+        self.stats["errors"] += 1
+        self.stats["failures"] += 1
+        self.stats["last_error"] = str(exc)
+        limit = max(self.config.checkpoint.interval.total_seconds(), FIRST_BACKOFF)
+        backoff = min(FIRST_BACKOFF * 2 ** (self.stats["failures"] - 1), limit)
+        self._retry_at = trio.current_time() + backoff
+        log.error("%s failed (retried in %.0f s): %s", what, backoff, exc)
 
     async def _capture(self, kind: str, tags: Sequence[str], message: str, full: bool,
                        progress: Callable[[Progress], None] | None = None
                        ) -> SnapshotResult:
         report = None if progress is None else self._to_trio(progress)
         async with self._writing():
+            # The barrier first: changes made before this request must be in `take`.
+            await self.watcher.sync(rescan=full)
             taken = self.watcher.take(force_full=full)
             try:
                 result = await self._thread(lambda: self.ws.snapshot(
@@ -231,8 +269,14 @@ class Scheduler:
         return result
 
     async def _catalog_changed(self) -> None:
-        if self.on_catalog_change is not None:
+        """Tell the view; its failure is logged, never raised: the write it follows is
+        done, and the view polls the catalog anyway."""
+        if self.on_catalog_change is None:
+            return
+        try:
             await self.on_catalog_change()
+        except Exception as exc:
+            log.error("the view could not show the new catalog: %s", exc)
 
 
 class _Writing:

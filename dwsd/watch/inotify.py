@@ -5,9 +5,18 @@ skips events with wd -1) and ignores watch-limit errors for directories created 
 so a lost event could never be noticed. Both must force a full reconcile walk here, so
 this module talks to inotify(7) directly, through ctypes.
 
-The thread hands batches of relative paths (bytes) to `on_batch(paths, problem)`, where
-`problem` is None, "overflow" or a watch error. A path ending in `/` is a directory that
-appeared (created or moved in): it is to be walked whole.
+The thread hands each `Batch` to `on_batch`: the paths events named (`changed`), the
+directories whose entries changed because of them (`parents`: their mtime moved) and the
+problems met ("overflow", a watch-limit or watcher error). A path ending in `/` is a
+directory that appeared (created or moved in): it is to be walked whole.
+
+`request_sync` is a barrier through the reader thread: the kernel queues an inotify event
+before the syscall that caused it returns, so once the thread has read the queue until
+EAGAIN, every change made before the request has been handed to `on_batch`.
+
+After an overflow the thread re-scans the tree before it reports the overflow: events of
+directories created meanwhile were lost with the rest, and without a watch the changes
+inside them would never be seen again. Only the reader thread touches the watches.
 """
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ import os
 import select
 import struct
 import threading
+from dataclasses import dataclass, field
 from typing import Callable
 
 from dwsd.snapshot.exclude import ExcludeMatcher
@@ -35,10 +45,26 @@ WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_
               IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR |
               IN_DONT_FOLLOW | IN_EXCL_UNLINK)
 _EVENT = struct.Struct("iIII")
+_READ_SIZE = 1 << 18
+_NAME_MAX = 255
+_STOP, _SYNC = b"k", b"s"
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
-BatchFn = Callable[[list[bytes], str | None], None]
+
+@dataclass
+class Batch:
+    """What one read of the inotify queue found (relative paths, bytes)."""
+
+    changed: list[bytes] = field(default_factory=list)
+    parents: list[bytes] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+BatchFn = Callable[[Batch], None]
+# Called on the reader thread once a sync request is served: the problem met re-scanning
+# the tree (None when it went fine or no re-scan was asked for).
+SyncDone = Callable[[str | None], None]
 
 
 class WatchLimitError(OSError):
@@ -50,12 +76,15 @@ class TreeWatcher:
 
     def __init__(self, root: bytes, excludes: ExcludeMatcher, on_batch: BatchFn) -> None:
         self.root = root
-        self.excludes = excludes
+        self.excludes = excludes  # replaced by `set_excludes`, read by the reader thread
         self.on_batch = on_batch
         self._fd = -1
-        self._kill_r, self._kill_w = -1, -1
+        self._wake_r, self._wake_w = -1, -1
         self._paths: dict[int, bytes] = {}   # wd -> directory, relative ("" = root)
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()        # guards _requests and _serving
+        self._requests: list[tuple[bool, SyncDone]] = []
+        self._serving = False
         self.errors: list[str] = []
 
     @property
@@ -69,50 +98,89 @@ class TreeWatcher:
         if self._fd < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"inotify_init1: {os.strerror(err)}")
-        self._kill_r, self._kill_w = os.pipe()
+        self._wake_r, self._wake_w = os.pipe()
         problem = self._watch_tree(b"")
         if problem:
-            self.on_batch([], problem)
+            self.on_batch(Batch(problems=[problem]))
+        self._serving = True
         self._thread = threading.Thread(target=self._run, name="inotify", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
         """Stop the thread and release the inotify instance (blocks briefly)."""
         if self._thread is not None:
-            os.write(self._kill_w, b"x")
+            os.write(self._wake_w, _STOP)
             self._thread.join()
             self._thread = None
-        for fd in (self._fd, self._kill_r, self._kill_w):
+        for fd in (self._fd, self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
-        self._fd = self._kill_r = self._kill_w = -1
+        self._fd = self._wake_r = self._wake_w = -1
+
+    def set_excludes(self, excludes: ExcludeMatcher) -> None:
+        """Use other excludes from now on. Watches follow at the next `request_sync`
+        with `rescan` (directories no longer excluded have none yet)."""
+        self.excludes = excludes
+
+    def request_sync(self, rescan: bool, done: SyncDone) -> None:
+        """Thread-safe and never blocks: ask the reader thread to re-scan the tree when
+        `rescan` (adding missing watches, dropping stale ones), then hand every event
+        queued so far to `on_batch`, then call `done` (on the reader thread). When the
+        thread is not running, `done` is called at once, here."""
+        with self._lock:
+            serving = self._serving
+            if serving:
+                self._requests.append((rescan, done))
+        if not serving:
+            done(None)
+            return
+        os.write(self._wake_w, _SYNC)
 
     # -- watches --------------------------------------------------------------------------
 
-    def _watch_tree(self, rel: bytes) -> str | None:
-        """Watch `rel` and its subdirectories; the first problem met, or None."""
+    def _watch_tree(self, rel: bytes, seen: set[int] | None = None) -> str | None:
+        """Watch `rel` and its subdirectories (adding each wd to `seen`); the first
+        problem met, or None."""
         for dirpath, dirnames, _ in os.walk(self._abs(rel)):
             sub = os.path.relpath(dirpath, self.root)
             sub = b"" if sub == b"." else sub
             dirnames[:] = [d for d in dirnames
                            if not self.excludes.excluded(_join(sub, d), True)]
             try:
-                self._add_watch(sub)
+                wd = self._add_watch(sub)
             except WatchLimitError as exc:
                 return f"watch limit reached ({exc.strerror})"
             except OSError as exc:
                 if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
                     self.errors.append(str(exc))
+                continue
+            if seen is not None:
+                seen.add(wd)
         return None
 
-    def _add_watch(self, rel: bytes) -> None:
-        wd = _libc.inotify_add_watch(self._fd, self._abs(rel), WATCH_MASK)
+    def _add_watch(self, rel: bytes) -> int:
+        # On a directory already watched this returns the same wd, so a re-scan also
+        # corrects the path of a directory that moved while events were lost.
+        wd: int = _libc.inotify_add_watch(self._fd, self._abs(rel), WATCH_MASK)
         if wd < 0:
             err = ctypes.get_errno()
             if err == errno.ENOSPC:
                 raise WatchLimitError(err, "the inotify watch limit is reached")
             raise OSError(err, os.strerror(err), self._abs(rel))
         self._paths[wd] = rel
+        return wd
+
+    def _rescan(self) -> str | None:
+        """Watch every directory of the tree that is not excluded; once all have their
+        watch, drop the others (moved away, deleted or now excluded). The first problem
+        met, or None."""
+        seen: set[int] = set()
+        problem = self._watch_tree(b"", seen)
+        if problem is None:
+            for wd in set(self._paths) - seen:
+                _libc.inotify_rm_watch(self._fd, wd)
+                self._paths.pop(wd, None)
+        return problem
 
     def _forget_under(self, rel: bytes) -> None:
         """Drop the watches of a directory that moved away (their paths are stale)."""
@@ -128,55 +196,109 @@ class TreeWatcher:
     # -- reading --------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # never let the thread die silently
+            log.exception("inotify reader failed")
+            self.on_batch(Batch(problems=[f"watcher error: {exc}"]))
+        finally:
+            with self._lock:
+                self._serving = False
+                pending, self._requests = self._requests, []
+            for _, done in pending:
+                done(None)
+
+    def _loop(self) -> None:
         poller = select.poll()
         poller.register(self._fd, select.POLLIN)
-        poller.register(self._kill_r, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         while True:
             ready = {fd for fd, _ in poller.poll()}
-            if self._kill_r in ready:
-                return
-            try:
-                data = os.read(self._fd, 1 << 18)
-            except BlockingIOError:
-                continue
-            try:
-                paths, problem = self._parse(data)
-            except Exception as exc:  # never let the thread die silently
-                log.exception("inotify reader failed")
-                paths, problem = [], f"watcher error: {exc}"
-            self.on_batch(paths, problem)
+            if self._wake_r in ready:
+                if _STOP in os.read(self._wake_r, 4096):
+                    return
+                self._serve_requests()
+            elif self._fd in ready:
+                self._read_once()
 
-    def _parse(self, data: bytes) -> tuple[list[bytes], str | None]:
-        paths: list[bytes] = []
-        problem: str | None = None
+    def _read_once(self) -> bool:
+        """Read and hand over one chunk of events; False when the queue was empty."""
+        try:
+            data = os.read(self._fd, _READ_SIZE)
+        except BlockingIOError:
+            return False
+        try:
+            batch = self._parse(data)
+        except Exception as exc:  # a bad event must not stop the reading
+            log.exception("inotify reader failed")
+            batch = Batch(problems=[f"watcher error: {exc}"])
+        self.on_batch(batch)
+        return True
+
+    def _serve_requests(self) -> None:
+        with self._lock:
+            requests, self._requests = self._requests, []
+        problem = None
+        if any(rescan for rescan, _ in requests):
+            problem = self._rescan()
+            if problem:
+                self.on_batch(Batch(problems=[problem]))
+        # A read that leaves events queued returns at least a buffer less one event, so
+        # this many reads take all the queue could hold when the requests came; the
+        # bound keeps a writer that never pauses from holding the barrier forever.
+        largest = _EVENT.size + _NAME_MAX + 1
+        reads = _queue_limit() * largest // (_READ_SIZE - largest) + 2
+        while reads > 0 and self._read_once():
+            reads -= 1
+        for rescan, done in requests:
+            done(problem if rescan else None)
+
+    def _parse(self, data: bytes) -> Batch:
+        batch = Batch()
+        overflow = False
         pos = 0
         while pos < len(data):
             wd, mask, _cookie, length = _EVENT.unpack_from(data, pos)
             name = data[pos + 16:pos + 16 + length].rstrip(b"\0")
             pos += 16 + length
             if mask & IN_Q_OVERFLOW:
-                problem = "overflow"
-                continue
-            if mask & IN_IGNORED:
+                overflow = True
+            elif mask & IN_IGNORED:
                 self._paths.pop(wd, None)
-                continue
-            parent = self._paths.get(wd)
-            if parent is None or not name:
-                continue  # events on a watched directory itself are seen from its parent
-            rel = _join(parent, name)
-            if self.excludes and self.excludes.excluded(rel, bool(mask & IN_ISDIR)):
-                continue
-            if mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
-                problem = self._watch_tree(rel) or problem
-                paths.append(rel + b"/")
-            elif mask & IN_ISDIR and mask & IN_MOVED_FROM:
-                self._forget_under(rel)
-                paths.append(rel)
             else:
-                paths.append(rel)
-            if parent and mask & (IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO):
-                paths.append(parent)  # its mtime moved
-        return paths, problem
+                self._note_event(batch, wd, mask, name)
+        if overflow:
+            problem = self._rescan()
+            batch.problems += ["overflow"] + ([problem] if problem else [])
+        return batch
+
+    def _note_event(self, batch: Batch, wd: int, mask: int, name: bytes) -> None:
+        parent = self._paths.get(wd)
+        if parent is None or not name:
+            return  # events on a watched directory itself are seen from its parent
+        rel = _join(parent, name)
+        if self.excludes and self.excludes.excluded(rel, bool(mask & IN_ISDIR)):
+            return
+        if mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
+            problem = self._watch_tree(rel)
+            if problem:
+                batch.problems.append(problem)
+            batch.changed.append(rel + b"/")
+        elif mask & IN_ISDIR and mask & IN_MOVED_FROM:
+            self._forget_under(rel)
+            batch.changed.append(rel)
+        else:
+            batch.changed.append(rel)
+        if parent and mask & (IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO):
+            batch.parents.append(parent)  # its mtime moved
+
+
+def _queue_limit() -> int:
+    try:
+        with open("/proc/sys/fs/inotify/max_queued_events", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 16384
 
 
 def _join(rel: bytes, name: bytes) -> bytes:

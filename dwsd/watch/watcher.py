@@ -4,7 +4,8 @@ Each resource has a `TreeWatcher` thread; its batches cross into trio with
 `TrioToken.run_sync_soon` (thread-safe, never blocks the reader) and are merged here on the
 trio thread, which owns all of this state. A resource whose events cannot be trusted (queue
 overflow, watch limit, watcher error) is marked `needs_full`: its next capture is a full
-reconcile walk, and `status` shows why.
+reconcile walk, and `status` shows why. An unhealthy resource (watch limit, error) gets
+its watches re-scanned at each `sync(rescan=True)` and is healthy again once all are in.
 """
 from __future__ import annotations
 
@@ -16,23 +17,33 @@ import trio
 
 from dwsd.config import Resource
 from dwsd.snapshot.exclude import ExcludeMatcher
-from dwsd.watch.inotify import TreeWatcher
+from dwsd.watch.inotify import Batch, TreeWatcher
 
 log = logging.getLogger(__name__)
+
+# How long `sync` waits for a reader thread (busy adding watches for a huge new tree, say)
+# before it falls back to a full walk of that resource.
+SYNC_TIMEOUT = 10.0
 
 
 @dataclass
 class ResourceWatch:
     """What the watcher knows of one resource (trio thread only)."""
 
-    dirty: set[bytes] = field(default_factory=set)
-    changes: int = 0
+    dirty: set[bytes] = field(default_factory=set)    # to look at: changed + parents
+    changed: set[bytes] = field(default_factory=set)  # paths events named: the changes
     needs_full: bool = True     # nothing is known before the first reconcile walk
     healthy: bool = True        # events can be trusted (no watch limit or error)
+    rescan: bool = False        # watches may be missing: re-scan at the next reconcile
     overflows: int = 0
     problems: list[str] = field(default_factory=list)
     last_event: float | None = None
     watches: int = 0
+
+    @property
+    def changes(self) -> int:
+        """Distinct paths changed since the last capture took them."""
+        return len(self.changed)
 
     def to_json(self) -> dict[str, object]:
         return {"dirty_paths": len(self.dirty), "changes": self.changes,
@@ -47,7 +58,7 @@ class Taken:
 
     dirty: dict[str, set[bytes]]
     full: set[str]
-    changes: int
+    changed: dict[str, set[bytes]]
 
 
 class Watcher:
@@ -72,9 +83,9 @@ class Watcher:
             self._threads.clear()
 
     async def _start(self, resource: Resource, token: trio.lowlevel.TrioToken) -> None:
-        def on_batch(paths: list[bytes], problem: str | None) -> None:
+        def on_batch(batch: Batch) -> None:
             try:
-                token.run_sync_soon(self._merge, resource.name, paths, problem)
+                token.run_sync_soon(self._merge, resource.name, batch)
             except trio.RunFinishedError:
                 pass  # shutting down
 
@@ -83,17 +94,18 @@ class Watcher:
         try:
             await trio.to_thread.run_sync(tw.start)
         except OSError as exc:
-            self._merge(resource.name, [], f"cannot watch: {exc}")
+            self._merge(resource.name, Batch(problems=[f"cannot watch: {exc}"]))
         self.state[resource.name].watches = tw.watches
 
-    def _merge(self, name: str, paths: list[bytes], problem: str | None) -> None:
+    def _merge(self, name: str, batch: Batch) -> None:
         state = self.state[name]
-        state.dirty.update(paths)
-        state.changes += len(paths)
+        state.dirty.update(batch.changed)
+        state.dirty.update(batch.parents)
+        state.changed.update(batch.changed)
         state.last_event = trio.current_time()
         if name in self._threads:
             state.watches = self._threads[name].watches
-        if problem is not None:
+        for problem in batch.problems:
             self._note_problem(name, state, problem)
         self._on_change()
 
@@ -106,9 +118,60 @@ class Watcher:
                         name)
         else:
             state.healthy = False
-            log.warning("%s: %s; checkpoints walk it all from now on", name, problem)
+            state.rescan = True
+            log.warning("%s: %s; checkpoints walk it all until a reconcile can watch "
+                        "it all again", name, problem)
 
-    # -- for the scheduler (trio thread) -------------------------------------------------
+    # -- for the scheduler and the daemon (trio thread) --------------------------------
+
+    async def sync(self, rescan: bool = False) -> None:
+        """A barrier: returns once every event the kernel queued before the call has been
+        merged. With `rescan`, resources whose watches may be incomplete are re-scanned
+        first (and healthy again when all watches are in). A reader thread that does not
+        answer within SYNC_TIMEOUT gets its resource walked whole instead."""
+        await trio.lowlevel.checkpoint()  # always a checkpoint, even with no thread
+        token = trio.lowlevel.current_trio_token()
+        waiting: dict[str, trio.Event] = {}
+        for name, tw in self._threads.items():
+            synced = waiting[name] = trio.Event()
+            redo = rescan and self.state[name].rescan
+
+            def done(problem: str | None, name: str = name, redo: bool = redo,
+                     synced: trio.Event = synced) -> None:
+                token.run_sync_soon(self._synced, name, redo, problem, synced)
+            tw.request_sync(redo, done)
+        with trio.move_on_after(SYNC_TIMEOUT):
+            for synced in waiting.values():
+                await synced.wait()
+        for name, synced in waiting.items():
+            if not synced.is_set():
+                log.warning("%s: the watcher did not answer; walking it all", name)
+                self.state[name].needs_full = True
+
+    def _synced(self, name: str, rescanned: bool, problem: str | None,
+                synced: trio.Event) -> None:
+        state = self.state[name]
+        if rescanned and problem is None:
+            state.healthy, state.rescan = True, False
+            state.watches = self._threads[name].watches if name in self._threads else 0
+            log.info("%s: every directory is watched again", name)
+        synced.set()
+
+    def reconfigure(self, resources: Sequence[Resource]) -> list[str]:
+        """Take changed excludes of the same resources (names and paths must not have
+        changed); returns the names whose excludes changed. Their watches are re-scanned
+        at the next `sync(rescan=True)`, and they need a full walk."""
+        changed = []
+        for old, new in zip(self.resources, resources):
+            assert (old.name, old.path) == (new.name, new.path)
+            if old.exclude != new.exclude:
+                changed.append(new.name)
+                if new.name in self._threads:
+                    self._threads[new.name].set_excludes(ExcludeMatcher(new.exclude))
+                state = self.state[new.name]
+                state.rescan = state.needs_full = True
+        self.resources = list(resources)
+        return changed
 
     def pending_changes(self) -> int:
         return sum(s.changes for s in self.state.values())
@@ -120,20 +183,26 @@ class Watcher:
     def anything_to_capture(self) -> bool:
         return any(s.dirty or s.needs_full for s in self.state.values())
 
+    def all_healthy(self) -> bool:
+        """False when some resource's events cannot be trusted: only full walks see
+        its changes."""
+        return all(s.healthy for s in self.state.values())
+
     def take(self, force_full: bool = False) -> Taken:
         """Hand the dirty paths to a capture and start afresh."""
         full = {n for n, s in self.state.items()
                 if force_full or s.needs_full or not s.healthy}
         taken = Taken({n: s.dirty for n, s in self.state.items() if n not in full},
-                      full, self.pending_changes())
+                      full, {n: s.changed for n, s in self.state.items()})
         for s in self.state.values():
-            s.dirty, s.changes, s.needs_full = set(), 0, False
+            s.dirty, s.changed, s.needs_full = set(), set(), False
         return taken
 
     def give_back(self, taken: Taken) -> None:
         """A capture failed: its paths are dirty again."""
         for name, paths in taken.dirty.items():
             self.state[name].dirty |= paths
+        for name, paths in taken.changed.items():
+            self.state[name].changed |= paths
         for name in taken.full:
             self.state[name].needs_full = True
-        self.state[next(iter(self.state))].changes += taken.changes
