@@ -5,6 +5,8 @@ server, which outlives the watcher and the scheduler (innermost). SIGTERM/SIGINT
 from the inside out; an operation already on a worker thread finishes first (worker
 threads are never abandoned), then the view is unmounted and the store lock released.
 SIGHUP reloads the configuration; a broken one is refused and the old one kept.
+systemd hears READY=1 once serving, a STATUS line after each change of the catalog,
+and STOPPING=1 on the way out.
 """
 from __future__ import annotations
 
@@ -86,8 +88,14 @@ class Daemon:
         scheduler stops first (finishing any operation on its thread), the control
         server after it, so a client waiting for that operation still gets its answer."""
         reload_view = getattr(view, "reload_catalog", None)
+
+        async def catalog_changed() -> None:
+            sd_notify(status_line(scheduler))
+            if reload_view is not None:
+                await reload_view()
+
         watcher = Watcher(ws.config.resources, on_change=lambda: scheduler.wake())
-        scheduler = Scheduler(ws, watcher, on_catalog_change=reload_view)
+        scheduler = Scheduler(ws, watcher, on_catalog_change=catalog_changed)
         self.scheduler = scheduler
         async with trio.open_nursery() as control:
             await control.start(serve_control, ws.config.socket, make_handlers(scheduler))
@@ -95,8 +103,7 @@ class Daemon:
                 async with trio.open_nursery() as inner:
                     await inner.start(watcher.run)
                     await inner.start(scheduler.run)
-                    sd_notify(f"READY=1\nSTATUS=watching {len(ws.config.resources)} "
-                              "resources")
+                    sd_notify("READY=1\n" + status_line(scheduler))
                     log.info("dwsd ready: workspace %s, socket %s, view %s",
                              ws.config.workspace, ws.config.socket,
                              ws.config.mount or "off")
@@ -133,9 +140,21 @@ async def reload_config(config_path: Path, scheduler: Scheduler) -> None:
         new = dataclasses.replace(new, store=old.store, mount=old.mount, socket=old.socket,
                                   resources=old.resources)
     scheduler.ws.config = new
+    # New excludes change what the watcher must watch and what the last capture left
+    # out: the watches are re-scanned and the resources walked whole.
+    if scheduler.watcher.reconfigure(new.resources):
+        scheduler.force_reconcile()
     log.info("configuration reloaded from %s", config_path)
     sd_notify("READY=1")
     scheduler.wake()
+
+
+def status_line(scheduler: Scheduler) -> str:
+    """A STATUS= line for systemd: what is watched, how many snapshots, the latest."""
+    status = scheduler.status()
+    latest = f", latest {status['latest']}" if status["latest"] else ""
+    return (f"STATUS=watching {len(status['resources'])} resources; "
+            f"{status['snapshots']} snapshots{latest}")
 
 
 def _needs_restart(old: Config, new: Config) -> list[str]:

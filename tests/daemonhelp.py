@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from dwsd.config import load_config
 
@@ -22,10 +22,12 @@ TIMEOUT = 60.0
 
 
 class Daemon:
-    def __init__(self, config: Path, wrapper: Sequence[str] = ()) -> None:
+    def __init__(self, config: Path, wrapper: Sequence[str] = (),
+                 env: Mapping[str, str] | None = None) -> None:
         self.config = config
         self.socket = load_config(config).socket  # the config may be broken later
         self.wrapper = list(wrapper)
+        self.env = dict(env or {})
         self.proc: subprocess.Popen[str] | None = None
         self.log: list[str] = []
         self._cond = threading.Condition()
@@ -36,7 +38,7 @@ class Daemon:
         self.proc = subprocess.Popen(
             [*self.wrapper, str(BIN / "dwsd"), "--config", str(self.config)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
         self.wait_for_log(READY_LINE)
