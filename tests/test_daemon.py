@@ -478,3 +478,20 @@ async def test_a_view_that_cannot_reload_does_not_stop_checkpoints(
     assert scheduler.stats["checkpoints"] == 2 and scheduler.stats["errors"] == 0
     assert "the view could not show the new catalog: catalog unreadable" in caplog.text
     caplog.clear()
+
+
+async def test_a_snapshot_asked_for_right_after_a_write_holds_it(
+        workspace: Workspace, data_dir: Path) -> None:
+    # In-process there is no client start-up between the write and the request to
+    # hide the reader thread's delay: only the barrier makes every round hold its file.
+    watcher = Watcher(workspace.config.resources, lambda: None)
+    scheduler = Scheduler(workspace, watcher)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watcher.run)
+            for i in range(50):
+                (data_dir / f"f{i:02d}").write_bytes(b"%d" % i)
+                result = await scheduler.snapshot((), f"round {i}", full=False)
+                assert result.record is not None
+                assert result.record.counts.files == i + 1, f"round {i}"
+            nursery.cancel_scope.cancel()
