@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], dt.datetime]
 PROGRESS_EVERY = 0.1  # seconds between snapshot progress reports
+STATE_SAVE_EVERY = 60.0  # seconds: capture states on disk lag at most this much
 
 
 def utc_now() -> dt.datetime:
@@ -144,6 +145,8 @@ class Workspace:
         self._states: dict[str, CaptureState] = {}
         # Resources whose state in memory is this process's own last capture.
         self._captured_here: set[str] = set()
+        self._unsaved: set[str] = set()  # ... and not yet written to disk
+        self._saved_at = time.monotonic()
         # Why the interrupted restore could not be completed when the workspace was
         # opened (its journal is kept); None when there was nothing to complete or it was.
         self.resume_error: str | None = None
@@ -174,7 +177,12 @@ class Workspace:
             log.error("%s", self.resume_error)
 
     def close(self) -> None:
-        self.store.close()
+        """Write what is kept in memory, then release the store."""
+        try:
+            if not self.store.readonly:
+                self.save_states()
+        finally:
+            self.store.close()
 
     def __enter__(self) -> "Workspace":
         return self
@@ -210,9 +218,11 @@ class Workspace:
                 raise TagError(f"tag {tag!r} is already on snapshot {holder.id}")
         objects = self.store.objects
         write_log = objects.start_log()
-        on_file = self._progress_counter(progress)
+        paths = {r.name: None if dirty is None or r.name in full else dirty.get(r.name, ())
+                 for r in self.config.resources}
+        on_file = self._progress_counter(progress, paths)
         try:
-            captures = {r.name: self._capture(r, None if r.name in full else dirty, on_file)
+            captures = {r.name: self._capture(r, paths[r.name], on_file)
                         for r in self.config.resources}
             roots = {name: c.root for name, c in captures.items()}
             result = self._record(roots, captures, tags, message, kind)
@@ -221,15 +231,18 @@ class Workspace:
             raise
         result.objects_written = write_log.objects_written
         result.bytes_written = write_log.bytes_written
-        self._save_states(captures)
+        self._keep_states(captures, walked=any(p is None for p in paths.values()))
         return result
 
-    def _progress_counter(self, progress: ProgressFn | None
+    def _progress_counter(self, progress: ProgressFn | None,
+                          paths: Mapping[str, Collection[bytes] | None]
                           ) -> Callable[[int], None] | None:
-        """A per-file callback feeding `progress` at most every PROGRESS_EVERY seconds."""
+        """A per-file callback feeding `progress` at most every PROGRESS_EVERY seconds.
+        Totals are estimated from the last capture: a whole resource when it is walked,
+        the dirty paths' last known sizes when only they are looked at."""
         if progress is None:
             return None
-        totals = [self._state(r.name).totals() for r in self.config.resources]
+        totals = [self._expected_work(name, some) for name, some in paths.items()]
         status = Progress(files_total=sum(t[0] for t in totals),
                           bytes_total=sum(t[1] for t in totals))
         last = [0.0]
@@ -243,16 +256,25 @@ class Workspace:
                 progress(status)
         return on_file
 
+    def _expected_work(self, name: str, paths: Collection[bytes] | None) -> tuple[int, int]:
+        """(files, bytes) a capture of resource `name` limited to `paths` will settle."""
+        state = self._state(name)
+        if paths is None:
+            return state.totals()
+        known = [state.files.get(p) for p in paths]
+        return len(paths), sum(f.size for f in known if f is not None)
+
     def _state(self, name: str) -> CaptureState:
         """The capture state of a resource, kept in memory after the first load."""
         if name not in self._states:
             self._states[name] = load_state(self.store.state_dir, name)
         return self._states[name]
 
-    def _capture(self, resource: Resource, dirty: Mapping[str, Collection[bytes]] | None,
+    def _capture(self, resource: Resource, paths: Collection[bytes] | None,
                  on_file: Callable[[int], None] | None = None) -> CaptureResult:
+        """Capture one resource: only `paths` (relative) when given and the capture
+        state allows it, else all of it."""
         prev = self._state(resource.name)
-        paths = None if dirty is None else dirty.get(resource.name, ())
         if paths is not None and not self._state_is_current(resource.name, prev):
             log.info("%s: capture state older than the latest snapshot; walking it all",
                      resource.name)
@@ -276,8 +298,8 @@ class Workspace:
                 merged = cat.merge(existing, tags, message)
             return SnapshotResult(merged, False, captures)
         self.store.objects.make_durable()
-        files = sum(c.state.totals()[0] for c in captures.values())
-        size = sum(c.state.totals()[1] for c in captures.values())
+        totals = [c.state.totals() for c in captures.values()]
+        files, size = sum(t[0] for t in totals), sum(t[1] for t in totals)
         counts = Counts(files=files, bytes=size,
                         changed_files=sum(c.changed_files for c in captures.values()),
                         added_bytes=self.store.objects.log.bytes_written)
@@ -305,13 +327,28 @@ class Workspace:
         latest = self.store.catalog.latest()
         return latest is not None and latest.resources.get(name) == state.root
 
-    def _save_states(self, captures: dict[str, CaptureResult]) -> None:
+    def _keep_states(self, captures: dict[str, CaptureResult], walked: bool) -> None:
+        """Keep the new capture states in memory; write them to disk after a full walk
+        (costly to redo), else at most every STATE_SAVE_EVERY seconds and on close.
+        Writing is O(tree), the rest of a dirty-path snapshot O(changes); a state on
+        disk that is not the latest only costs a full walk after a crash."""
         if self.store.objects.log.objects_written:
-            self.store.objects.make_durable()
+            self.store.objects.make_durable()  # the states name these objects
         for name, capture in captures.items():
+            before = self._states.get(name)
             self._states[name] = capture.state
             self._captured_here.add(name)
-            save_state(self.store.state_dir, name, capture.state)
+            if before is None or before != capture.state:  # an idle checkpoint writes nothing
+                self._unsaved.add(name)
+        if walked or time.monotonic() - self._saved_at >= STATE_SAVE_EVERY:
+            self.save_states()
+
+    def save_states(self) -> None:
+        """Write the capture states not yet on disk (blocks)."""
+        for name in sorted(self._unsaved):
+            save_state(self.store.state_dir, name, self._states[name])
+        self._unsaved.clear()
+        self._saved_at = time.monotonic()
 
     # -- diff ---------------------------------------------------------------------------
 
@@ -454,9 +491,6 @@ class Workspace:
         crash_point("after-delete-commit")
         result.gc = self.gc()
         return result
-
-    def capture_state(self, resource: str) -> CaptureState:
-        return load_state(self.store.state_dir, self.config.resource(resource).name)
 
     # -- catalog ------------------------------------------------------------------------
 

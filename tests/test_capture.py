@@ -103,13 +103,6 @@ def test_dirty_mode_stats_only_dirty_paths(store: Store, data_dir: Path) -> None
     assert second.state.files.keys() == full.state.files.keys()
 
 
-def test_restore_temp_files_are_never_captured(store: Store, data_dir: Path) -> None:
-    trees.write(data_dir / "kept.csv", b"1")
-    trees.write(data_dir / "sub" / ".dwsd-restore-ab12-7", b"half a file")
-    result = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
-    assert set(trees.describe_snapshot(store.objects, result.root)) == {b"kept.csv", b"sub"}
-
-
 def test_excluded_paths_are_not_captured(store: Store, data_dir: Path) -> None:
     for rel in ["keep.csv", "x.tmp", "sub/y.tmp", "__pycache__/m.pyc", "sub/__pycache__/n",
                 "build/out", "sub/build/kept"]:

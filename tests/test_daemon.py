@@ -187,11 +187,10 @@ def test_dirty_paths_keep_checkpoints_o_of_changes(tmp_path: Path, short_dir: Pa
 
 def assert_cost_of_edits(counters: dict[str, int], edited: int) -> None:
     """An edit of an existing file names no parent directory: each edited file is
-    opened once, no directory is listed. Each costs one counted lstat; capture's
-    `_lstat_kind` probe is not counted yet, so the bound allows for it being counted."""
+    opened once and lstat'ed once, no directory is listed."""
     assert counters["files_opened"] == edited
     assert counters["dirs_listed"] == 0
-    assert edited <= counters["lstats"] <= 2 * edited
+    assert counters["lstats"] == edited
 
 
 def test_changes_while_stopped_are_in_the_first_snapshot(daemon: Daemon, tmp_path: Path

@@ -35,7 +35,6 @@ from typing import Callable, Collection, Union
 
 from dwsd.errors import CaptureError
 from dwsd.snapshot.exclude import ExcludeMatcher
-from dwsd.snapshot.restore import RESTORE_TEMP_PREFIX
 from dwsd.snapshot.statcache import RACY_WINDOW_NS, UNTRUSTED, CachedFile, CaptureState
 from dwsd.store.catalog import RootMeta
 from dwsd.store.ids import ObjectId
@@ -170,8 +169,6 @@ class _Walker:
                        st: os.stat_result | None = None) -> _Pending | None:
         """Capture one name (lstat'ed here unless `st` is given); None when it vanished,
         is excluded or unreadable."""
-        if name.startswith(RESTORE_TEMP_PREFIX):
-            return None  # a temp file of a restore that did not finish: never content
         if st is None and (st := self._lstat(dfd, name, relpath)) is None:
             return None
         kind = kind_of_mode(st.st_mode)
