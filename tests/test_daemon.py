@@ -494,3 +494,26 @@ async def test_a_snapshot_asked_for_right_after_a_write_holds_it(
                 assert result.record is not None
                 assert result.record.counts.files == i + 1, f"round {i}"
             nursery.cancel_scope.cancel()
+
+
+def test_status_reports_a_restore_that_could_not_be_completed(tmp_path: Path,
+                                                              short_dir: Path) -> None:
+    config = write_config(tmp_path, short_dir, mount=False)
+    data = tmp_path / "data"
+    trees.make_many_files(data, 40, per_dir=10)
+    with Workspace.open(config) as ws:
+        ws.snapshot(tags=["base"])
+    for p in sorted(data.rglob("*.txt"))[:10]:
+        p.write_bytes(b"edited")
+    crashed = subprocess.run(
+        [BIN / "python", "-m", "tests.crashdriver", str(config), "restore"],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, timeout=TIMEOUT,
+        env={**os.environ, "DWSD_CRASH_AT": "restore-file:3"})
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    data.rename(tmp_path / "away")  # the resource's disk is missing at the next start
+    d = Daemon(config).start()
+    try:
+        unfinished = d.status()["unfinished_restore"]
+        assert "could not be completed" in unfinished and "cannot read resource" in unfinished
+    finally:
+        assert d.stop() == 0

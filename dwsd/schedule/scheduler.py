@@ -237,6 +237,8 @@ class Scheduler:
             "snapshots": len(self.ws.store.catalog.snapshots),
             "latest": latest.id if latest else None,
             "queue": self.queue_length, **self.stats,
+            # Why the restore a crash interrupted could not be completed at start, if so.
+            "unfinished_restore": self.ws.resume_error,
             "resources": {n: s.to_json() for n, s in self.watcher.state.items()},
         }
 
