@@ -23,7 +23,7 @@ from typing import Callable, Collection, Mapping, Sequence
 
 from dwsd.config import Config, Resource, load_config
 from dwsd.errors import DwsdError, RestoreError, TagError, UsageError
-from dwsd.snapshot.capture import CaptureCounters, CaptureResult, capture_resource
+from dwsd.snapshot.capture import CaptureCounters, CaptureResult, TreeCache, capture_resource
 from dwsd.snapshot.exclude import ExcludeMatcher
 from dwsd.snapshot.statcache import CaptureState, load_state, save_state
 from dwsd.store.catalog import KINDS, Counts, SnapshotRecord, check_tag, hostname, \
@@ -146,6 +146,7 @@ class Workspace:
         # Resources whose state in memory is this process's own last capture.
         self._captured_here: set[str] = set()
         self._unsaved: set[str] = set()  # ... and not yet written to disk
+        self._trees = TreeCache()  # decoded trees, from one capture to the next
         self._saved_at = time.monotonic()
         # Why the interrupted restore could not be completed when the workspace was
         # opened (its journal is kept); None when there was nothing to complete or it was.
@@ -280,7 +281,8 @@ class Workspace:
                      resource.name)
             paths = None
         result = capture_resource(self.store.objects, resource.path, prev,
-                                  ExcludeMatcher(resource.exclude), paths, on_file=on_file)
+                                  ExcludeMatcher(resource.exclude), paths, on_file=on_file,
+                                  trees=self._trees)
         for path, error in result.unreadable:
             log.warning("%s: cannot read %r: %s", resource.name, path, error)
         return result

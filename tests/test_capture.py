@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from dwsd.snapshot.capture import capture_resource
+from dwsd.snapshot.capture import TreeCache, capture_resource
 from dwsd.snapshot.exclude import ExcludeMatcher
 from dwsd.snapshot.statcache import CaptureState
+from dwsd.store.ids import ObjectId
 from dwsd.store.store import Store
 from tests import trees
 
@@ -277,3 +278,29 @@ def test_hard_links_on_a_filesystem_mounted_inside_get_their_own_group(
     assert top[b"outer"].ino == top[b"outer2"].ino == (data_dir / "outer").stat().st_ino
     assert sub[b"p"].ino == sub[b"q"].ino != top[b"outer"].ino
     assert sub[b"p"].ino >= 2**63  # never equal to an inode number of the resource's own
+
+
+def test_the_next_dirty_capture_reads_no_tree_back(store: Store, data_dir: Path) -> None:
+    paths = trees.make_many_files(data_dir, 2_000)
+    trees.settle()
+    cache = TreeCache()
+    state = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
+                             trees=cache).state
+    for round_ in range(3):
+        paths[round_].write_bytes(b"round %d" % round_)
+        reads = store.objects.reads["trees"]
+        dirty = [os.fsencode(paths[round_].relative_to(data_dir))]
+        state = capture_resource(store.objects, data_dir, state, NO_EXCLUDES, dirty,
+                                 trees=cache).state
+        assert store.objects.reads["trees"] == reads  # the trees it needs are cached
+    full = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    assert state.root == full.root
+
+
+def test_the_tree_cache_is_bounded_by_entries() -> None:
+    cache = TreeCache(limit=10)
+    ids = [ObjectId(f"{i:064x}") for i in range(4)]
+    for oid in ids:
+        cache.put(oid, {b"%d" % n: None for n in range(4)})  # four entries each
+    assert cache.get(ids[0]) is None and cache.get(ids[1]) is None
+    assert cache.get(ids[2]) is not None and cache.get(ids[3]) is not None

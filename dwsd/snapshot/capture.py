@@ -29,6 +29,7 @@ import os
 import stat as stat_mod
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Collection, Union
@@ -45,6 +46,7 @@ from dwsd.store.tree import DIR, FILE, SYMLINK, Entry, Xattrs, decode_tree, enco
 READ_ATTEMPTS = 3
 SMALL_FILE = 1 << 20
 MAX_PENDING_READS = 64
+TREE_CACHE_ENTRIES = 50_000  # about 15 MB
 READ_WORKERS = 8  # reads and hashing release the GIL; more threads keep the disk busy
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -100,18 +102,21 @@ _Pending = Union[Entry, _FileJob, _DirJob]
 
 def capture_resource(objects: ObjectStore, root: Path, prev: CaptureState,
                      excludes: ExcludeMatcher, dirty: Collection[bytes] | None = None,
-                     workers: int = READ_WORKERS, on_file: Callable[[int], None] | None = None
-                     ) -> CaptureResult:
+                     workers: int = READ_WORKERS, on_file: Callable[[int], None] | None = None,
+                     trees: "TreeCache | None" = None) -> CaptureResult:
     """Capture the directory `root`. `dirty=None` walks everything; otherwise only the
     given relative paths are examined (falling back to a full walk when there is no
     previous tree). `on_file(size)` is called on this thread as each file is settled.
-    Raises CaptureError when the root itself cannot be read."""
+    `trees` carries decoded trees from one capture to the next (the trees a dirty-path
+    capture writes are the ones the next one reads). Raises CaptureError when the root
+    itself cannot be read."""
     try:
         root_fd = os.open(root, _OPEN_DIR)
     except OSError as exc:
         raise CaptureError(f"cannot read resource directory {root}: {exc.strerror}") from exc
     with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="capture") as pool:
-        walker = _Walker(objects, prev, excludes, pool, on_file, os.fstat(root_fd).st_dev)
+        walker = _Walker(objects, prev, excludes, pool, on_file, os.fstat(root_fd).st_dev,
+                         trees if trees is not None else TreeCache())
         try:
             if dirty is not None and prev.root is not None and objects.has("trees", prev.root):
                 job = walker.update(root_fd, prev.root, dirty)
@@ -132,7 +137,7 @@ class _Walker:
     def __init__(self, objects: ObjectStore, prev: CaptureState,
                  excludes: ExcludeMatcher, pool: cf.ThreadPoolExecutor,
                  on_file: Callable[[int], None] | None = None,
-                 root_dev: int | None = None) -> None:
+                 root_dev: int | None = None, trees: "TreeCache | None" = None) -> None:
         self.objects = objects
         self.on_file = on_file
         self.prev = prev
@@ -149,7 +154,7 @@ class _Walker:
         self._jobs: list[_FileJob] = []
         self.root_dev = root_dev
         # Previous trees decoded during a dirty-path update, each read once.
-        self._trees: dict[ObjectId, dict[bytes, Entry]] = {}
+        self._trees = trees if trees is not None else TreeCache()
 
     # -- full walk ----------------------------------------------------------------------
 
@@ -305,11 +310,12 @@ class _Walker:
         return entry
 
     def _tree(self, tree: ObjectId) -> dict[bytes, Entry]:
-        """A previous tree's entries by name (read and decoded once per capture)."""
-        if tree not in self._trees:
-            entries = decode_tree(self.objects.get("trees", tree), tree)
-            self._trees[tree] = {e.name: e for e in entries}
-        return self._trees[tree]
+        """A previous tree's entries by name (read and decoded at most once)."""
+        entries = self._trees.get(tree)
+        if entries is None:
+            decoded = decode_tree(self.objects.get("trees", tree), tree)
+            entries = self._trees.put(tree, {e.name: e for e in decoded})
+        return entries
 
     def _update_dir(self, dfd: int, rel: bytes, entry: Entry | None, prev_tree: ObjectId,
                     node: "_Trie") -> _DirJob:
@@ -372,7 +378,9 @@ class _Walker:
     def finish(self, job: _DirJob) -> ObjectId:
         """Wait for the reads, then write trees bottom-up; return the root tree id."""
         entries = [e for e in (self._resolve(c) for c in job.children) if e is not None]
-        return self.objects.put("trees", encode_tree(entries))
+        tree = self.objects.put("trees", encode_tree(entries))
+        self._trees.put(tree, {e.name: e for e in entries})
+        return tree
 
     def _resolve(self, item: _Pending) -> Entry | None:
         if isinstance(item, Entry):
@@ -490,6 +498,34 @@ def _same_content(twin: Entry | _FileJob, base: Entry, relpath: bytes) -> _Pendi
     if isinstance(twin, Entry):
         return replace(base, ref=twin.ref, xattrs=twin.xattrs, size=twin.size)
     return _FileJob(relpath, base, twin.future)
+
+
+class TreeCache:
+    """Decoded trees by id, the most recently used kept. Trees are immutable, so an
+    entry never goes stale; the bound, on entries rather than trees (a directory may
+    hold 100,000 files), keeps memory flat. One capture at a time uses it (not
+    thread-safe)."""
+
+    def __init__(self, limit: int = TREE_CACHE_ENTRIES) -> None:
+        self.limit = limit
+        self._trees: OrderedDict[ObjectId, dict[bytes, Entry]] = OrderedDict()
+        self._entries = 0
+
+    def get(self, tree: ObjectId) -> dict[bytes, Entry] | None:
+        entries = self._trees.get(tree)
+        if entries is not None:
+            self._trees.move_to_end(tree)
+        return entries
+
+    def put(self, tree: ObjectId, entries: dict[bytes, Entry]) -> dict[bytes, Entry]:
+        """Remember `entries` (by name) as tree `tree`'s; returns them."""
+        if tree not in self._trees:
+            self._entries += len(entries)
+        self._trees[tree] = entries
+        self._trees.move_to_end(tree)
+        while self._entries > self.limit and len(self._trees) > 1:
+            self._entries -= len(self._trees.popitem(last=False)[1])
+        return entries
 
 
 def _join(rel: bytes, name: bytes) -> bytes:
