@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from harness import Bench, Result, step
 from steps_snapshot import _borg_env, _restic_env
@@ -347,116 +347,39 @@ def view_big_source(b: Bench) -> Result:
     return measure_big(b, b.ds.root, None, warm=False)
 
 
-# -- dwsd mount ---------------------------------------------------------------------------
+# -- the views: the same six steps for each tool ----------------------------------------
 
-@step("view_root_dwsd", requires=("dwsd_first",), limit=0.5)
-def view_root_dwsd(b: Bench) -> Result:
-    """dwsd mount: start to root listed (cold cache)."""
-    return measure_root(b, "dwsd")
-
-
-@step("view_walk_dwsd", requires=("dwsd_first",), ref="view_walk_source", limit=1.5)
-def view_walk_dwsd(b: Bench) -> Result:
-    """dwsd view: scandir+lstat walk of the first snapshot (cold cache)."""
-    return in_view(b, "dwsd", measure_walk)
+# tool -> (what it needs, how its snapshot is named, targets by metric: only dwsd has them)
+VIEWS = {
+    "dwsd": ("dwsd_first", "the first snapshot",
+             {"root": 0.5, "walk": 1.5, "read": 0.5, "big": 700, "big_warm": 4000,
+              "rss": 100}),
+    "restic": ("restic_first", "the first snapshot", {}),
+    "borg": ("borg_first", "archive first", {}),
+}
 
 
-@step("view_read_dwsd", requires=("dwsd_first",), ref="view_read_source", limit=0.5,
-      higher=True)
-def view_read_dwsd(b: Bench) -> Result:
-    """dwsd view: read of every file of the first snapshot (cold cache; speed vs source)."""
-    return in_view(b, "dwsd", measure_read)
+def _register_views(tool: str, needs: str, snapshot: str, limits: dict[str, float]
+                    ) -> None:
+    """Register view_{root,walk,read,big,big_warm,rss}_<tool>."""
+    def add(metric: str, doc: str, fn: Callable[[Bench], Result], **kw: Any) -> None:
+        fn.__doc__ = f"{tool} view: {doc}"
+        step(f"view_{metric}_{tool}", requires=(needs,), limit=limits.get(metric), **kw)(fn)
+
+    def big(warm: bool) -> Callable[[Bench], Result]:
+        return lambda b: in_view(b, tool, lambda b, top, s: measure_big(b, top, s, warm))
+    add("root", "start to root listed (cold cache).", lambda b: measure_root(b, tool))
+    add("walk", f"scandir+lstat walk of {snapshot} (cold cache).",
+        lambda b: in_view(b, tool, measure_walk), ref="view_walk_source")
+    add("read", f"read of every file of {snapshot} (cold cache; speed vs source).",
+        lambda b: in_view(b, tool, measure_read), ref="view_read_source", higher=True)
+    add("big", "read of the largest file (cold cache; MB/s).", big(False),
+        unit="MB/s", higher=True)
+    add("big_warm", "re-read of the largest file (page cache; MB/s).", big(True),
+        unit="MB/s", higher=True)
+    add("rss", "peak RSS after a walk and a read of all (MB).",
+        lambda b: measure_rss(b, tool), unit="MB")
 
 
-@step("view_big_dwsd", requires=("dwsd_first",), unit="MB/s", limit=700, higher=True)
-def view_big_dwsd(b: Bench) -> Result:
-    """dwsd view: read of the largest file (cold cache; MB/s)."""
-    return in_view(b, "dwsd", lambda b, top, s: measure_big(b, top, s, warm=False))
-
-
-@step("view_big_warm_dwsd", requires=("dwsd_first",), unit="MB/s", limit=4000, higher=True)
-def view_big_warm_dwsd(b: Bench) -> Result:
-    """dwsd view: re-read of the largest file (page cache; MB/s)."""
-    return in_view(b, "dwsd", lambda b, top, s: measure_big(b, top, s, warm=True))
-
-
-@step("view_rss_dwsd", requires=("dwsd_first",), unit="MB", limit=100)
-def view_rss_dwsd(b: Bench) -> Result:
-    """dwsd mount: peak RSS after a walk and a read of all (MB)."""
-    return measure_rss(b, "dwsd")
-
-
-# -- restic mount -------------------------------------------------------------------------
-
-@step("view_root_restic", requires=("restic_first",))
-def view_root_restic(b: Bench) -> Result:
-    """restic mount: start to root listed (cold cache)."""
-    return measure_root(b, "restic")
-
-
-@step("view_walk_restic", requires=("restic_first",), ref="view_walk_source")
-def view_walk_restic(b: Bench) -> Result:
-    """restic mount: scandir+lstat walk of the first snapshot (cold cache)."""
-    return in_view(b, "restic", measure_walk)
-
-
-@step("view_read_restic", requires=("restic_first",), ref="view_read_source", higher=True)
-def view_read_restic(b: Bench) -> Result:
-    """restic mount: read of every file of the first snapshot (cold cache)."""
-    return in_view(b, "restic", measure_read)
-
-
-@step("view_big_restic", requires=("restic_first",), unit="MB/s", higher=True)
-def view_big_restic(b: Bench) -> Result:
-    """restic mount: read of the largest file (cold cache; MB/s)."""
-    return in_view(b, "restic", lambda b, top, s: measure_big(b, top, s, warm=False))
-
-
-@step("view_big_warm_restic", requires=("restic_first",), unit="MB/s", higher=True)
-def view_big_warm_restic(b: Bench) -> Result:
-    """restic mount: re-read of the largest file (MB/s)."""
-    return in_view(b, "restic", lambda b, top, s: measure_big(b, top, s, warm=True))
-
-
-@step("view_rss_restic", requires=("restic_first",), unit="MB")
-def view_rss_restic(b: Bench) -> Result:
-    """restic mount: peak RSS after a walk and a read of all (MB)."""
-    return measure_rss(b, "restic")
-
-
-# -- borg mount ---------------------------------------------------------------------------
-
-@step("view_root_borg", requires=("borg_first",))
-def view_root_borg(b: Bench) -> Result:
-    """borg mount: start to root listed (cold cache)."""
-    return measure_root(b, "borg")
-
-
-@step("view_walk_borg", requires=("borg_first",), ref="view_walk_source")
-def view_walk_borg(b: Bench) -> Result:
-    """borg mount: scandir+lstat walk of archive first (cold cache)."""
-    return in_view(b, "borg", measure_walk)
-
-
-@step("view_read_borg", requires=("borg_first",), ref="view_read_source", higher=True)
-def view_read_borg(b: Bench) -> Result:
-    """borg mount: read of every file of archive first (cold cache)."""
-    return in_view(b, "borg", measure_read)
-
-
-@step("view_big_borg", requires=("borg_first",), unit="MB/s", higher=True)
-def view_big_borg(b: Bench) -> Result:
-    """borg mount: read of the largest file (cold cache; MB/s)."""
-    return in_view(b, "borg", lambda b, top, s: measure_big(b, top, s, warm=False))
-
-
-@step("view_big_warm_borg", requires=("borg_first",), unit="MB/s", higher=True)
-def view_big_warm_borg(b: Bench) -> Result:
-    """borg mount: re-read of the largest file (MB/s)."""
-    return in_view(b, "borg", lambda b, top, s: measure_big(b, top, s, warm=True))
-
-
-@step("view_rss_borg", requires=("borg_first",), unit="MB")
-def view_rss_borg(b: Bench) -> Result:
-    """borg mount: peak RSS after a walk and a read of all (MB)."""
-    return measure_rss(b, "borg")
+for _tool, (_needs, _snapshot, _limits) in VIEWS.items():
+    _register_views(_tool, _needs, _snapshot, _limits)
