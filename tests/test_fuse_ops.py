@@ -312,6 +312,65 @@ async def test_a_catalog_change_invalidates_the_changed_root_names(
         assert await ops.readlink(await resolve(ops, LATEST)) == second.id.encode()
 
 
+async def read_in_order(ops: ViewOps, *names: bytes) -> None:
+    """Open and read files of v1/data/sub one after the other, as `cp -r` would."""
+    for name in names:
+        await read_file(ops, await resolve(ops, b"v1", b"data", b"sub", name))
+
+
+async def test_a_sequential_reader_gets_the_next_files_verified_and_opened_ahead(
+        ops: ViewOps) -> None:
+    with trio.fail_after(TIMEOUT):
+        c_txt = await resolve(ops, b"v1", b"data", b"sub", b"c.txt")
+        blob = ops.vfs.blob(c_txt)
+        await read_in_order(ops, b"a-link", b"b.txt")
+        await ops._verifying[blob].wait()
+        assert blob in ops._ready
+        assert await read_file(ops, c_txt) == b"gamma\n"
+        assert blob not in ops._ready
+
+
+async def test_a_corrupt_blob_found_ahead_is_eio_when_opened_with_one_log_line(
+        own_ops: ViewOps, caplog: pytest.LogCaptureFixture) -> None:
+    ops = own_ops
+    with trio.fail_after(TIMEOUT):
+        c_txt = await resolve(ops, b"v1", b"data", b"sub", b"c.txt")
+        blob = ops.vfs.blob(c_txt)
+        flip_byte(ops.store.objects.path("blobs", blob))
+        await read_in_order(ops, b"a-link", b"b.txt")
+        await ops._verifying[blob].wait()
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.open(c_txt, os.O_RDONLY)
+        assert exc.value.errno == errno.EIO
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1 and blob in errors[0] and "corrupt" in errors[0]
+    caplog.clear()
+
+
+async def test_shutdown_closes_the_blobs_opened_ahead(ops: ViewOps) -> None:
+    with trio.fail_after(TIMEOUT):
+        blob = ops.vfs.blob(await resolve(ops, b"v1", b"data", b"sub", b"c.txt"))
+        await read_in_order(ops, b"a-link", b"b.txt")
+        await ops._verifying[blob].wait()
+        fd = ops._ready[blob]
+        ops.shutdown()
+        assert not ops._ready
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+async def test_opening_a_directory_loads_its_subdirectories_trees_ahead(
+        ops: ViewOps) -> None:
+    with trio.fail_after(TIMEOUT):
+        data = await resolve(ops, b"v1", b"data")
+        sub_tree = ops.vfs.node(await resolve(ops, b"v1", b"data", b"sub")).tree
+        assert sub_tree is not None and sub_tree not in ops.vfs.trees
+        fh = await ops.opendir(data)
+        await ops._loading[sub_tree].wait()
+        assert sub_tree in ops.vfs.trees
+        await ops.releasedir(fh)
+
+
 async def test_statfs_reports_a_full_read_only_filesystem(ops: ViewOps) -> None:
     with trio.fail_after(TIMEOUT):
         st = await ops.statfs()

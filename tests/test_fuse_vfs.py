@@ -238,3 +238,25 @@ def test_describe_names_the_path_for_log_lines(view: View) -> None:
 def test_the_model_does_not_import_pyfuse3() -> None:
     code = "import sys, dwsd.fuse.vfs; sys.exit('pyfuse3' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=30).returncode == 0
+
+
+def test_subtrees_needed_names_the_uncached_child_trees(view: View) -> None:
+    data = walk(view, b"v1", b"data")
+    assert view.subtrees_needed(data, 10) == []  # its own tree is not loaded yet
+    walk(view, b"v1", b"data", b"link")
+    assert view.subtrees_needed(data, 10) == [SUB_TREE]
+    assert view.subtrees_needed(data, 0) == []
+    walk(view, b"v1", b"data", b"sub", b"b.txt")
+    assert view.subtrees_needed(data, 10) == []
+
+
+def test_neighbour_files_skip_other_kinds_and_stop_at_ahead(view: View) -> None:
+    blobs = [ObjectId(c * 64) for c in "56789"]
+    entries = [Entry(b"f%d" % i, FILE, 0o644, 0, 0, 1, size=i, ref=blob)
+               for i, blob in enumerate(blobs)]
+    entries.insert(2, Entry(b"f1-dir", DIR, 0o755, 0, 0, 1, ref=SUB_TREE))
+    view.add_tree(ROOT_TREE, entries)
+    first = walk(view, b"v1", b"data", b"f0")
+    assert view.neighbour_files(first, 2) == (None, [(blobs[1], 1), (blobs[2], 2)])
+    middle = walk(view, b"v1", b"data", b"f2")
+    assert view.neighbour_files(middle, 5) == (blobs[1], [(blobs[3], 3), (blobs[4], 4)])

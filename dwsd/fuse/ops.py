@@ -47,9 +47,14 @@ BLOCK_SIZE = 128 * 1024     # st_blksize: the largest read FUSE sends by default
 READ_THREADS = 16
 VERIFY_THREADS = 2
 META_THREADS = 4
+PREFETCH_THREADS = 2        # speculative loads in flight; more are skipped, not queued
 VERIFIED_IDS_KEPT = 65536
 SMALL_BLOB = 1 << 20        # verified with one pread and one hash
 REPORTED_KEPT = 1024
+SUBTREES_AHEAD = 64         # child trees loaded when a directory is opened
+FILES_AHEAD = 16            # small files verified ahead of a sequential reader...
+FILES_BATCH = 8             # ...this many per thread hop
+READY_KEPT = 64             # blobs verified and opened ahead, waiting for their open
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -128,12 +133,17 @@ class ViewOps(pyfuse3.Operations):
         self._dirs: dict[int, _OpenDir] = {}
         self._verified: OrderedDict[ObjectId, None] = OrderedDict()
         self._verifying: dict[ObjectId, trio.Event] = {}
+        self._loading: dict[ObjectId, trio.Event] = {}
+        self._ready: OrderedDict[ObjectId, int] = OrderedDict()
+        self._prefetches = 0
+        self._closed = False
         self._corrupt: set[ObjectId] = set()
         self._reported: set[str] = set()
         self._reload_lock = trio.Lock()
         self.read_limiter = trio.CapacityLimiter(READ_THREADS)
         self.verify_limiter = trio.CapacityLimiter(VERIFY_THREADS)
         self.meta_limiter = trio.CapacityLimiter(META_THREADS)
+        self.prefetch_limiter = trio.CapacityLimiter(PREFETCH_THREADS)
 
     def init(self) -> None:
         """pyfuse3 calls this once the kernel's INIT is answered; invalidations sent
@@ -205,13 +215,21 @@ class ViewOps(pyfuse3.Operations):
         return out
 
     async def _ensure_tree(self, inode: int) -> None:
-        """Load the tree of directory `inode` into the cache if it is not there. After
-        this returns, the caller must use the tree before its next await (a later load
-        may evict it)."""
-        oid = self.vfs.tree_needed(inode)
-        if oid is not None:
-            entries = await trio.to_thread.run_sync(self._load_tree, oid,
-                                                    limiter=self.meta_limiter)
+        """Load the tree of directory `inode` into the cache if it is not there, or wait
+        for the load already under way. After this returns, the caller must use the tree
+        before its next await (a later load may evict it)."""
+        while (oid := self.vfs.tree_needed(inode)) is not None:
+            pending = self._loading.get(oid)
+            if pending is not None:
+                await pending.wait()  # then look again: that load may have failed
+                continue
+            done = self._loading[oid] = trio.Event()
+            try:
+                entries = await trio.to_thread.run_sync(self._load_tree, oid,
+                                                        limiter=self.meta_limiter)
+            finally:
+                del self._loading[oid]
+                done.set()
             self.vfs.add_tree(oid, entries)
 
     def _load_tree(self, oid: ObjectId) -> list[Entry]:
@@ -249,6 +267,7 @@ class ViewOps(pyfuse3.Operations):
         names = self.vfs.listdir(inode)
         fh = next(self._handles)
         self._dirs[fh] = _OpenDir(Inode(inode), names)
+        self._prefetch_subtrees(inode)
         return fh
 
     @_fuse_errors
@@ -289,6 +308,7 @@ class ViewOps(pyfuse3.Operations):
         fd = await self._open_blob(blob, size)
         fh = next(self._handles)  # no await since the fd was opened: nothing leaks it
         self._files[fh] = _OpenFile(fd, blob, size)
+        self._read_ahead(inode)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
     async def _open_blob(self, blob: ObjectId, size: int) -> int:
@@ -296,6 +316,9 @@ class ViewOps(pyfuse3.Operations):
         hop either way. Concurrent first opens of one blob wait for one verification.
         Raises ObjectMissingError, CorruptObjectError."""
         while True:
+            fd = self._ready.pop(blob, None)
+            if fd is not None:
+                return fd  # verified and opened by the read-ahead
             if blob in self._verified:
                 self._verified.move_to_end(blob)
                 return await trio.to_thread.run_sync(self.store.objects.open_blob, blob,
@@ -316,10 +339,14 @@ class ViewOps(pyfuse3.Operations):
         if fd is None:
             self._corrupt.add(blob)
             raise CorruptObjectError(f"blob {blob} is corrupt (content hash differs)")
+        self._remember_verified(blob)
+        return fd
+
+    def _remember_verified(self, blob: ObjectId) -> None:
         self._verified[blob] = None
+        self._verified.move_to_end(blob)
         if len(self._verified) > VERIFIED_IDS_KEPT:
             self._verified.popitem(last=False)
-        return fd
 
     def _open_verified(self, blob: ObjectId, size: int) -> int | None:
         """Open a blob and check its hash (blocks); None (fd closed) when corrupt. A
@@ -367,12 +394,133 @@ class ViewOps(pyfuse3.Operations):
 
     def shutdown(self) -> None:
         """Stop invalidating (the session is going) and close every open blob (after
-        an unmount the kernel sends no release). Handlers must not run after this."""
+        an unmount the kernel sends no release) and every blob opened ahead. Handlers
+        must not run after this."""
         self._invalidate = None
+        self._closed = True
         for handle in self._files.values():
             handle.released = True
             handle.close_if_idle()
         self._files.clear()
+        while self._ready:
+            os.close(self._ready.popitem()[1])
+
+    # -- prefetch -----------------------------------------------------------------------
+    #
+    # A walk enters the subdirectories of what it just listed, and a reader of a
+    # directory's files (cp, tar, rsync) opens them in name order: both would wait for
+    # one cold load per step. Loading the next ones ahead, several per thread hop,
+    # takes the disk wait and the hop off the path of the request. Speculative work is
+    # bounded (PREFETCH_THREADS batches in flight; more are skipped, not queued, so a
+    # request never waits behind a long queue) and is only started from plain code
+    # after a request got what it needed.
+
+    def _prefetch_subtrees(self, inode: int) -> None:
+        """Start loading the uncached trees of `inode`'s subdirectories. Never blocks."""
+        if self._prefetches >= PREFETCH_THREADS or self._closed:
+            return
+        oids = [oid for oid in self.vfs.subtrees_needed(inode, SUBTREES_AHEAD)
+                if oid not in self._loading]
+        if oids:
+            self._start_prefetch(self._loading, oids, self._load_trees, oids)
+
+    def _read_ahead(self, file_inode: int) -> None:
+        """After the open of `file_inode`: if the file before it was opened too (a
+        sequential reader), start verifying and opening the small files after it, a
+        batch at a time. Never blocks."""
+        if self._prefetches >= PREFETCH_THREADS or self._closed:
+            return
+        previous, following = self.vfs.neighbour_files(file_inode, FILES_AHEAD)
+        if previous is None or previous not in self._verified:
+            return
+        wanted = [(blob, size) for blob, size in following if size <= SMALL_BLOB
+                  and blob not in self._verified and blob not in self._verifying
+                  and blob not in self._corrupt and blob not in self._ready]
+        if len(wanted) < FILES_BATCH and len(following) == FILES_AHEAD:
+            return  # wait for a full batch: one thread hop per file would cost more
+        if wanted:
+            self._start_prefetch(self._verifying, [blob for blob, _ in wanted],
+                                 self._open_ahead, wanted)
+
+    def _start_prefetch(self, pending: dict[ObjectId, trio.Event], oids: list[ObjectId],
+                        work: Callable[[Any, Callable[..., None]], None],
+                        items: Any) -> None:
+        """Mark `oids` as pending in `pending` (requests for them wait there instead of
+        loading them again) and run `work(items, deliver)` in a thread. No nursery
+        reaches the handlers (pyfuse3's is private), so this is a trio system task: it
+        lets no exception out and is cancelled, thread awaited, when the run ends."""
+        for oid in oids:
+            pending[oid] = trio.Event()
+        self._prefetches += 1
+        trio.lowlevel.spawn_system_task(self._prefetch, pending, oids, work, items,
+                                        name="dwsd.fuse.prefetch")
+
+    async def _prefetch(self, pending: dict[ObjectId, trio.Event], oids: list[ObjectId],
+                        work: Callable[[Any, Callable[..., None]], None],
+                        items: Any) -> None:
+        token = trio.lowlevel.current_trio_token()
+
+        def deliver(callback: Callable[..., None], *args: Any) -> None:
+            # Each result reaches the trio thread as soon as it is ready (a request
+            # may be waiting for it), queued before the thread's return.
+            token.run_sync_soon(_call_safely, callback, *args)
+
+        try:
+            await trio.to_thread.run_sync(work, items, deliver,
+                                          limiter=self.prefetch_limiter)
+        except Exception:
+            log.exception("view: prefetch failed")
+        finally:
+            self._prefetches -= 1
+            for oid in oids:  # whatever was not delivered: requests load it themselves
+                event = pending.pop(oid, None)
+                if event is not None:
+                    event.set()
+
+    def _load_trees(self, oids: list[ObjectId], deliver: Callable[..., None]) -> None:
+        """Load trees for the cache (blocks); errors are left to the requests."""
+        for oid in oids:
+            try:
+                entries: list[Entry] | None = self._load_tree(oid)
+            except Exception as exc:
+                log.debug("view: prefetch of tree %s: %s", oid, exc)
+                entries = None
+            deliver(self._tree_loaded, oid, entries)
+
+    def _tree_loaded(self, oid: ObjectId, entries: list[Entry] | None) -> None:
+        if entries is not None:
+            self.vfs.add_tree(oid, entries)
+        event = self._loading.pop(oid, None)
+        if event is not None:
+            event.set()
+
+    def _open_ahead(self, blobs: list[tuple[ObjectId, int]],
+                    deliver: Callable[..., None]) -> None:
+        """Verify and open blobs for opens to come (blocks); errors other than a wrong
+        hash are left to the requests."""
+        for blob, size in blobs:
+            fd: int | None = None
+            try:
+                fd = self._open_verified(blob, size)
+                corrupt = fd is None
+            except Exception as exc:
+                log.debug("view: read-ahead of blob %s: %s", blob, exc)
+                corrupt = False
+            deliver(self._blob_opened, blob, fd, corrupt)
+
+    def _blob_opened(self, blob: ObjectId, fd: int | None, corrupt: bool) -> None:
+        if fd is not None and self._closed:
+            os.close(fd)
+        elif fd is not None:
+            self._remember_verified(blob)
+            self._ready[blob] = fd
+            if len(self._ready) > READY_KEPT:
+                os.close(self._ready.popitem(last=False)[1])
+        elif corrupt:
+            self._corrupt.add(blob)
+        event = self._verifying.pop(blob, None)
+        if event is not None:
+            event.set()
 
     # -- xattrs and statfs --------------------------------------------------------------
 
@@ -425,6 +573,15 @@ def read_if_cached(fd: int, offset: int, length: int) -> bytes | None:
             return None  # not cached (or RWF_NOWAIT unsupported here): use a thread
         raise
     return bytes(buf) if got == length else None
+
+
+def _call_safely(callback: Callable[..., None], *args: Any) -> None:
+    """Run a prefetch result's callback on the trio thread: an exception escaping a
+    `run_sync_soon` callback would end the run, and with it the daemon."""
+    try:
+        callback(*args)
+    except Exception:
+        log.exception("view: prefetch result %s failed", callback.__name__)
 
 
 def _hash_fd(fd: int) -> ObjectId:

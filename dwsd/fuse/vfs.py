@@ -30,6 +30,7 @@ import bisect
 import datetime as dt
 import enum
 import errno
+import itertools
 import os
 import stat
 from collections import OrderedDict
@@ -133,6 +134,14 @@ class RootChange:
 
     def __bool__(self) -> bool:
         return bool(self.names)
+
+
+class Neighbours(NamedTuple):
+    """A file's neighbours in its directory, for read-ahead: the blob of the regular
+    file just before it (None if none) and (blob, size) of those after it."""
+
+    previous: ObjectId | None
+    following: list[tuple[ObjectId, int]]
 
 
 NodeKey = Hashable
@@ -363,6 +372,41 @@ class View:
     def add_tree(self, oid: ObjectId, entries: Sequence[Entry]) -> None:
         """Cache a decoded tree (from a worker thread's `decode_tree`)."""
         self.trees.put(oid, entries)
+
+    def subtrees_needed(self, inode: int, limit: int) -> list[ObjectId]:
+        """Up to `limit` trees of subdirectories of `inode` that are not cached, in name
+        order: what a walk entering them would load next. Empty when `inode`'s own tree
+        is not cached."""
+        node = self.node(inode)
+        if node.tree is None or node.tree not in self.trees:
+            return []
+        needed: list[ObjectId] = []
+        for entry in self.trees.get(node.tree):
+            if len(needed) == limit:
+                break
+            if entry.kind == DIR and entry.ref is not None and entry.ref not in self.trees:
+                needed.append(entry.ref)
+        return needed
+
+    def neighbour_files(self, inode: int, ahead: int) -> Neighbours:
+        """The regular files next to file `inode` in its directory: the blob of the one
+        before it and (blob, size) of up to `ahead` after it. Nothing when the
+        directory's tree is not cached."""
+        node = self.node(inode)
+        parent = self._nodes.get(node.parent)
+        if parent is None or parent.tree is None or parent.tree not in self.trees:
+            return Neighbours(None, [])
+        entries = self.trees.get(parent.tree)
+        i = bisect.bisect_left(entries, node.name, key=lambda e: e.name)
+        previous = next((e.ref for e in reversed(entries[max(0, i - 8):i])
+                         if e.kind == FILE and e.ref is not None), None)
+        following: list[tuple[ObjectId, int]] = []
+        for entry in itertools.islice(entries, i + 1, None):
+            if len(following) == ahead:
+                break
+            if entry.kind == FILE and entry.ref is not None:
+                following.append((entry.ref, entry.size))
+        return Neighbours(previous, following)
 
     def listdir(self, inode: int) -> list[bytes]:
         """The names in directory `inode`, sorted (a new list: callers may keep it)."""
