@@ -81,6 +81,8 @@ def test_deleted_snapshots_and_moved_tags_update_the_root(
         wait_until(lambda: first not in root_names(mountpoint), UPDATE_TIMEOUT,
                    "the deleted snapshot gone")
         assert root_names(mountpoint) == {second.id, "v2", "latest"}
+        wait_until(lambda: not (mountpoint / "v1").exists(), UPDATE_TIMEOUT,
+                   "the cached entry of the deleted tag gone")
         with pytest.raises(FileNotFoundError):
             os.stat(mountpoint / "v1" / "data" / "other.txt")
 
@@ -93,6 +95,9 @@ def test_an_untagged_name_disappears_while_the_snapshot_stays(
         untag_snapshot(store, "v1")
         wait_until(lambda: "v1" not in root_names(mountpoint), UPDATE_TIMEOUT,
                    "the tag gone")
+        # The kernel's cached entry goes once the queued invalidation is delivered.
+        wait_until(lambda: not (mountpoint / "v1").exists(), UPDATE_TIMEOUT,
+                   "the cached entry of the tag gone")
         with pytest.raises(FileNotFoundError):
             os.stat(mountpoint / "v1" / "data" / "public.txt")
         assert (mountpoint / snapshot_id / "data" / "public.txt").read_bytes() == \
