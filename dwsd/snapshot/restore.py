@@ -4,10 +4,13 @@ The plan is the diff from the live tree (captured just before) to the snapshot's
 only what differs is touched. Applying never follows a symlink: every path is reached
 component by component with `O_NOFOLLOW` directory fds, files are written to a temp name
 in their directory (named with RESTORE_TEMP_PREFIX) and renamed over the old entry, and
-metadata is set through the new file's fd. Directory mtimes are reset bottom-up at the
-end, since creating entries in a directory moves them. Blob content is verified while it
-is copied; a corrupt blob skips that one file and is reported. Nothing is fsynced here:
-the caller makes everything durable at once through a SyncSweep.
+metadata is set through the new file's fd (the primitives are in restore_fs.py).
+Regular files are written by a small thread pool while the calling thread walks the plan
+in order, making directories before anything goes in them; directory mtimes are reset
+bottom-up at the end, once every file is in place, since creating entries in a directory
+moves them. Blob content is verified while it is copied; a corrupt blob skips that one
+file and is reported. Nothing is fsynced here: the caller makes everything durable at
+once through a SyncSweep.
 
 Restoring is idempotent: applying the plan again after an interruption converges on the
 same state, which is what makes the journal (see workspace.py) sufficient. A temp file
@@ -17,36 +20,36 @@ Everything here blocks.
 """
 from __future__ import annotations
 
-import errno
-import itertools
 import os
-import secrets
-import stat as stat_mod
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Literal
 
-from dwsd.crashpoints import crash_point
-from dwsd.errors import CorruptObjectError, ObjectMissingError, RestoreError
+from dwsd.errors import CorruptObjectError, ObjectMissingError
+from dwsd.snapshot import restore_fs
 from dwsd.snapshot.diff import Change, diff_trees, load_entries
-from dwsd.store.fsutil import syncfs
-from dwsd.store.ids import Hasher, ObjectId
+from dwsd.snapshot.restore_fs import DIR_FLAGS, IS_ROOT, RESTORE_TEMP_PREFIX, SyncSweep, \
+    is_restore_temp, restore_temp_name
+from dwsd.store.ids import ObjectId
 from dwsd.store.objects import READ_CHUNK, ObjectStore
 from dwsd.store.catalog import RootMeta
-from dwsd.store.tree import BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, Entry
+from dwsd.store.tree import DIR, FILE, Entry
+
+__all__ = ["RESTORE_TEMP_PREFIX", "Action", "ApplyResult", "Plan", "Progress", "ProgressFn",
+           "SyncSweep", "apply_plan", "is_restore_temp", "plan_restore", "restore_temp_name",
+           "set_root_metadata"]
 
 Op = Literal["create", "meta", "remove"]
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-IS_ROOT = os.geteuid() == 0
-# Restore's temp files get their own prefix, unlike the store's: one a crash leaves in a
-# resource is recognised and removed by the next restore (and never taken for data).
-RESTORE_TEMP_PREFIX = b".dwsd-restore-"
-_temp_tag = secrets.token_hex(4).encode()  # a reused pid cannot reuse a leftover's name
-_temp_counter = itertools.count()
-
-
-def restore_temp_name() -> bytes:
-    """A fresh name for a restore temp file (unique in this process and across runs)."""
-    return b"%s%s-%d" % (RESTORE_TEMP_PREFIX, _temp_tag, next(_temp_counter))
+# Files written at once. Restoring waits mostly on the disk (cold blob reads, their
+# lookups in the store's directories) and on page-cache copies, which release the GIL:
+# a few writers keep several requests in flight, as restic does. More than a handful
+# only adds contention on a small machine.
+_WRITERS = 4
+# Files handed to the writers ahead of the oldest unreported one: bounds the directory
+# fds held open and how far progress lags behind the disk.
+_QUEUED = 4 * _WRITERS
 
 
 @dataclass(frozen=True)
@@ -106,11 +109,6 @@ def plan_restore(objects: ObjectStore, live: ObjectId | None, wanted: ObjectId,
 
 def _under(path: bytes, top: bytes) -> bool:
     return not top or path == top or path.startswith(top + b"/")
-
-
-def is_restore_temp(name: bytes) -> bool:
-    """True for a name restore gives its temp files (the last component of a path)."""
-    return name.rpartition(b"/")[2].startswith(RESTORE_TEMP_PREFIX)
 
 
 class _Trees:
@@ -254,42 +252,44 @@ class ApplyResult:
     errors: list[tuple[bytes, str]] = field(default_factory=list)
 
 
-class SyncSweep:
-    """The filesystems a restore wrote to, made durable together at the end: restored
-    files are not fsynced one by one (as in the store, durability is batched)."""
+class _DirRef:
+    """A directory fd shared by the applying thread and the writes queued in it; closed
+    when the last holder lets go. Counted on the applying thread only."""
 
-    def __init__(self) -> None:
-        self._fds: dict[int, int] = {}  # st_dev -> an fd on that filesystem
+    def __init__(self, head: bytes, fd: int) -> None:
+        self.head = head
+        self.fd = fd
+        self.holders = 1
 
-    def add(self, fd: int) -> None:
-        """Remember the filesystem of directory `fd` (an fstat; a dup the first time)."""
-        dev = os.fstat(fd).st_dev
-        if dev not in self._fds:
-            self._fds[dev] = os.dup(fd)
-
-    def sync(self) -> None:
-        """syncfs each filesystem added (blocks). syncfs writes back every dirty inode,
-        directories included, so the renames and unlinks are durable too; ext4 and xfs
-        commit their journal with it."""
-        for fd in self._fds.values():
-            syncfs(fd)
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def __enter__(self) -> "SyncSweep":
+    def hold(self) -> "_DirRef":
+        self.holders += 1
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def release(self) -> None:
+        self.holders -= 1
+        if self.holders == 0:
+            os.close(self.fd)
+
+
+@dataclass
+class _Queued:
+    """A file being written by the pool, reported when it is reaped."""
+    path: bytes
+    entry: Entry
+    parent: _DirRef
+    future: Future[None]
 
 
 class _Applier:
+    """Applies a plan's actions in order on the calling thread, except regular files,
+    which a small pool writes (up to _QUEUED ahead) and which are reaped, and reported,
+    in plan order. What one action relies on is done before it: its directory exists
+    (made on this thread), the first member of its hard-link group is in place."""
+
     def __init__(self, objects: ObjectStore, root_fd: int, progress: ProgressFn | None,
                  status: Progress, result: ApplyResult,
-                 before_each: Callable[[], None] | None, sweep: SyncSweep | None) -> None:
+                 before_each: Callable[[], None] | None, sweep: SyncSweep | None,
+                 pool: ThreadPoolExecutor) -> None:
         self.objects = objects
         self.root_fd = root_fd
         self.progress = progress
@@ -297,128 +297,179 @@ class _Applier:
         self.result = result
         self.before_each = before_each
         self.sweep = sweep
-        self.links: dict[int, bytes] = {}
-        self._parent: tuple[bytes, int] | None = None
-
-    def close(self) -> None:
-        if self._parent is not None:
-            os.close(self._parent[1])
-            self._parent = None
-
-    def parent(self, path: bytes) -> tuple[int, bytes]:
-        """(fd of the parent directory, last name) of `path`, reached without symlinks."""
-        head, _, name = path.rpartition(b"/")
-        if self._parent is not None and self._parent[0] == head:
-            return self._parent[1], name
-        self.close()
-        fd = _open_dir_path(self.root_fd, head)
-        self._parent = (head, fd)
-        if self.sweep is not None and head:
-            self.sweep.add(fd)  # another filesystem may be mounted below the root
-        return fd, name
+        self.pool = pool
+        self.links: dict[int, bytes] = {}  # hard-link group -> path of its first member
+        self.queue: deque[_Queued] = deque()
+        self._parent: _DirRef | None = None
+        self._buffers = threading.local()
 
     def apply(self, action: Action) -> None:
         if self.before_each is not None:
             self.before_each()
-        pfd, name = self.parent(action.path)
-        if action.op == "remove":
-            _remove(pfd, name)
-            self.result.removed += 1
-            return
+        parent = self.parent(action.path)
+        name = action.path.rpartition(b"/")[2]
         entry = action.entry
-        assert entry is not None
-        if action.op == "meta":
-            _set_metadata_at(pfd, name, entry)
-            return
-        if entry.kind == DIR:
-            _replace_with_dir(pfd, name)
-            return
-        try:
-            self._create(pfd, name, action.path, entry)
-        except (CorruptObjectError, ObjectMissingError) as exc:
-            self.result.errors.append((action.path, str(exc)))
+        if action.op == "remove":
+            restore_fs.remove(parent.fd, name)
+            self.result.removed += 1
+        elif entry is None:
+            raise AssertionError(f"{action.op} without an entry")
+        elif action.op == "meta":
+            restore_fs.set_metadata_at(parent.fd, name, entry)
+        elif entry.kind == DIR:
+            restore_fs.replace_with_dir(parent.fd, name)
+        elif entry.kind == FILE and self._first_of_group(entry) is not None:
+            self._link(parent.fd, action.path, entry)
+        elif entry.kind == FILE:
+            self._queue(action.path, entry, parent)
+        else:
+            _make_special(parent.fd, name, entry)
 
-    def _create(self, pfd: int, name: bytes, path: bytes, entry: Entry) -> None:
+    def parent(self, path: bytes) -> _DirRef:
+        """The parent directory of `path`, reached without symlinks (kept while the next
+        actions are in the same directory, as they are in plan order)."""
+        head = path.rpartition(b"/")[0]
+        if self._parent is not None and self._parent.head == head:
+            return self._parent
+        self.release_parent()
+        fd = restore_fs.open_dir_path(self.root_fd, head)
+        self._parent = _DirRef(head, fd)
+        if self.sweep is not None and head:
+            self.sweep.add(fd)  # another filesystem may be mounted below the root
+        return self._parent
+
+    def release_parent(self) -> None:
+        if self._parent is not None:
+            self._parent.release()
+            self._parent = None
+
+    def _queue(self, path: bytes, entry: Entry, parent: _DirRef) -> None:
+        """Hand regular file `entry` to the pool; reap the oldest when too many wait."""
+        if entry.ino:
+            self.links[entry.ino] = path  # later members wait for it, then link to it
+        future = self.pool.submit(self._write, parent.fd, path.rpartition(b"/")[2], entry)
+        self.queue.append(_Queued(path, entry, parent.hold(), future))
+        if len(self.queue) > _QUEUED:
+            self.reap_one()
+
+    def _write(self, pfd: int, name: bytes, entry: Entry) -> None:
+        """On a pool thread: write one file, with that thread's buffer."""
+        buf: memoryview | None = getattr(self._buffers, "buf", None)
+        if buf is None:
+            buf = self._buffers.buf = memoryview(bytearray(READ_CHUNK))
+        restore_fs.write_file(self.objects, pfd, name, entry, buf)
+
+    def reap_one(self) -> None:
+        """Wait for the oldest queued file and report it. A file whose blob is corrupt or
+        missing becomes an error of the result; any other failure is raised."""
+        queued = self.queue.popleft()
+        try:
+            queued.future.result()
+        except (CorruptObjectError, ObjectMissingError) as exc:
+            self.result.errors.append((queued.path, str(exc)))
+            if queued.entry.ino and self.links.get(queued.entry.ino) == queued.path:
+                del self.links[queued.entry.ino]  # the next member writes its own copy
+            return
+        finally:
+            queued.parent.release()
+        self._file_done(queued.path, queued.entry)
+
+    def reap_all(self) -> None:
+        while self.queue:
+            self.reap_one()
+
+    def _first_of_group(self, entry: Entry) -> bytes | None:
+        """The path of the hard-link group member already written (waited for if still
+        queued), or None when `entry` is the first or alone."""
+        if not entry.ino or entry.ino not in self.links:
+            return None
+        first = self.links[entry.ino]
+        while any(q.path == first for q in self.queue):
+            self.reap_one()
+        return self.links.get(entry.ino)
+
+    def _link(self, pfd: int, path: bytes, entry: Entry) -> None:
+        """Another name for the group's first member, made as a temp link and renamed."""
+        first_head, _, first_name = self.links[entry.ino].rpartition(b"/")
+        first_fd = restore_fs.open_dir_path(self.root_fd, first_head)
         tmp = restore_temp_name()
         try:
-            if entry.kind == FILE and entry.ino and entry.ino in self.links:
-                first_head, _, first_name = self.links[entry.ino].rpartition(b"/")
-                first_fd = _open_dir_path(self.root_fd, first_head)
-                try:
-                    os.link(first_name, tmp, src_dir_fd=first_fd, dst_dir_fd=pfd,
-                            follow_symlinks=False)
-                finally:
-                    os.close(first_fd)
-            elif entry.kind == FILE:
-                self._write_file(pfd, tmp, entry)
-            else:
-                _make_special(pfd, tmp, entry)
-            crash_point("restore-temp-written")
-            _clear_dir(pfd, name)
-            os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+            os.link(first_name, tmp, src_dir_fd=first_fd, dst_dir_fd=pfd,
+                    follow_symlinks=False)
+            restore_fs.rename_into_place(pfd, tmp, path.rpartition(b"/")[2])
         except BaseException:
-            _unlink_quietly(pfd, tmp)
+            restore_fs.unlink_quietly(pfd, tmp)
             raise
-        if entry.kind == FILE:
-            if entry.ino:
-                self.links.setdefault(entry.ino, path)
-            self.result.files_written += 1
-            self.status.files_done += 1
-            self.status.bytes_done += entry.size
-            self.status.path = path
-            if self.progress is not None:
-                self.progress(self.status)
-
-    def _write_file(self, pfd: int, tmp: bytes, entry: Entry) -> None:
-        assert entry.ref is not None
-        src = self.objects.open_blob(entry.ref)
-        try:
-            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
-                          os.O_CLOEXEC, 0o600, dir_fd=pfd)
-            try:
-                _copy_verified(src, out, entry.ref)
-                _set_metadata_fd(out, entry)
-            finally:
-                os.close(out)
         finally:
-            os.close(src)
+            os.close(first_fd)
+        self._file_done(path, entry)
+
+    def _file_done(self, path: bytes, entry: Entry) -> None:
+        """Count a regular file now in place and report progress (on this thread)."""
+        self.result.files_written += 1
+        self.status.files_done += 1
+        self.status.bytes_done += entry.size
+        self.status.path = path
+        if self.progress is not None:
+            self.progress(self.status)
 
     def reset_dir(self, path: bytes, entry: Entry) -> None:
-        pfd, name = self.parent(path)
-        _set_metadata_at(pfd, name, entry)
+        parent = self.parent(path)
+        restore_fs.set_metadata_at(parent.fd, path.rpartition(b"/")[2], entry)
 
 
 def apply_plan(objects: ObjectStore, root: bytes, plan: Plan,
                progress: ProgressFn | None = None, status: Progress | None = None,
                before_each: Callable[[], None] | None = None,
                sweep: SyncSweep | None = None) -> ApplyResult:
-    """Carry out `plan` under directory `root` (created when missing). `status` is
-    updated and passed to `progress` after each file; `before_each` runs before each
-    action (crash points hook in there); the filesystems written to are added to
-    `sweep`, whose `sync` the caller runs when it needs them durable."""
+    """Carry out `plan` under directory `root` (created when missing); blocks until every
+    file is in place. Regular files are written by a pool of _WRITERS threads, the rest
+    on the calling thread. `status` is updated and passed to `progress` after each file,
+    always on the calling thread, in plan order; `before_each` runs on the calling thread
+    before each action (crash points hook in there); the filesystems written to are added
+    to `sweep`, whose `sync` the caller runs when it needs them durable. A corrupt or
+    missing blob skips that file (listed in the result's errors); any other error is
+    raised once the files already handed to the pool are finished."""
     os.makedirs(root, exist_ok=True)
-    root_fd = os.open(root, _DIR_FLAGS)
+    root_fd = os.open(root, DIR_FLAGS)
     result = ApplyResult()
     if status is None:
         status = Progress(files_total=plan.files, bytes_total=plan.bytes)
-    applier = _Applier(objects, root_fd, progress, status, result, before_each, sweep)
+    pool = ThreadPoolExecutor(_WRITERS, thread_name_prefix="dwsd-restore")
+    applier = _Applier(objects, root_fd, progress, status, result, before_each, sweep, pool)
     try:
         if sweep is not None:
             sweep.add(root_fd)
         for action in plan.actions:
             applier.apply(action)
+        applier.reap_all()
         for path in sorted(plan.dirs, key=lambda p: -p.count(b"/")):
             applier.reset_dir(path, plan.dirs[path])
     finally:
-        applier.close()
+        # Queued writes use their directory fds: they finish before any fd is closed.
+        pool.shutdown(wait=True, cancel_futures=True)
+        for queued in applier.queue:
+            queued.parent.release()
+        applier.release_parent()
         os.close(root_fd)
     return result
+
+
+def _make_special(pfd: int, name: bytes, entry: Entry) -> None:
+    """A symlink, FIFO, socket or device made under a temp name, then renamed."""
+    tmp = restore_temp_name()
+    try:
+        restore_fs.make_special(pfd, tmp, entry)
+        restore_fs.rename_into_place(pfd, tmp, name)
+    except BaseException:
+        restore_fs.unlink_quietly(pfd, tmp)
+        raise
 
 
 def set_root_metadata(root: bytes, meta: RootMeta) -> None:
     """Give a resource's top directory back its mode, owner and mtime."""
     mode, uid, gid, mtime_ns = meta
-    fd = os.open(root, _DIR_FLAGS)
+    fd = os.open(root, DIR_FLAGS)
     try:
         if IS_ROOT:
             os.fchown(fd, uid, gid)
@@ -426,138 +477,3 @@ def set_root_metadata(root: bytes, meta: RootMeta) -> None:
         os.utime(fd, ns=(mtime_ns, mtime_ns))
     finally:
         os.close(fd)
-
-
-def _open_dir_path(root_fd: int, head: bytes) -> int:
-    """A new fd for directory `head` below `root_fd`, never following a symlink."""
-    fd = os.dup(root_fd)
-    try:
-        for part in head.split(b"/") if head else []:
-            nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _copy_verified(src: int, out: int, oid: ObjectId) -> None:
-    hasher = Hasher()
-    buf = bytearray(READ_CHUNK)
-    view = memoryview(buf)
-    while n := os.readv(src, [view]):
-        hasher.update(view[:n])
-        chunk = view[:n]
-        while chunk:
-            chunk = chunk[os.write(out, chunk):]
-    if hasher.object_id() != oid:
-        raise CorruptObjectError(f"blob {oid} is corrupt (content hash differs)")
-
-
-def _set_metadata_fd(fd: int, entry: Entry) -> None:
-    """Owner, mode, xattrs and mtime of an open regular file (chown first: it clears
-    set-uid bits)."""
-    _set_xattrs(fd, entry)
-    if IS_ROOT:
-        os.fchown(fd, entry.uid, entry.gid)
-    os.fchmod(fd, entry.mode)
-    os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
-
-
-def _set_metadata_at(pfd: int, name: bytes, entry: Entry) -> None:
-    """Metadata of an existing entry, through an O_PATH fd so nothing is followed and
-    even a mode-000 file works."""
-    if entry.kind == SYMLINK:
-        if IS_ROOT:
-            os.chown(name, entry.uid, entry.gid, dir_fd=pfd, follow_symlinks=False)
-        os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=pfd,
-                 follow_symlinks=False)
-        return
-    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-    try:
-        proc = f"/proc/self/fd/{fd}"
-        if entry.kind in (FILE, DIR):
-            _set_xattrs(proc, entry)
-        if IS_ROOT:
-            os.chown(proc, entry.uid, entry.gid)
-        os.chmod(proc, entry.mode)
-        os.utime(proc, ns=(entry.mtime_ns, entry.mtime_ns))
-    finally:
-        os.close(fd)
-
-
-def _set_xattrs(target: int | str, entry: Entry) -> None:
-    wanted = {os.fsdecode(k): v for k, v in entry.xattrs}
-    try:
-        present = [n for n in os.listxattr(target) if n.startswith("user.")]
-    except OSError as exc:
-        if exc.errno == errno.ENOTSUP and not wanted:
-            return
-        raise
-    for stale in set(present) - set(wanted):
-        os.removexattr(target, stale)
-    for key, value in wanted.items():
-        os.setxattr(target, key, value)
-
-
-def _make_special(pfd: int, tmp: bytes, entry: Entry) -> None:
-    if entry.kind == SYMLINK:
-        os.symlink(entry.target, tmp, dir_fd=pfd)
-        if IS_ROOT:
-            os.chown(tmp, entry.uid, entry.gid, dir_fd=pfd, follow_symlinks=False)
-        os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=pfd, follow_symlinks=False)
-        return
-    kind_bits = {FIFO: stat_mod.S_IFIFO, SOCKET: stat_mod.S_IFSOCK, CHAR: stat_mod.S_IFCHR,
-                 BLOCK: stat_mod.S_IFBLK}[entry.kind]
-    try:
-        os.mknod(tmp, kind_bits | 0o600, entry.rdev, dir_fd=pfd)
-    except PermissionError as exc:
-        raise RestoreError(f"cannot create device {tmp!r}: {exc.strerror}") from exc
-    _set_metadata_at(pfd, tmp, entry)
-
-
-def _replace_with_dir(pfd: int, name: bytes) -> None:
-    try:
-        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-        if stat_mod.S_ISDIR(st.st_mode):
-            return
-        os.unlink(name, dir_fd=pfd)
-    except FileNotFoundError:
-        pass
-    os.mkdir(name, 0o700, dir_fd=pfd)
-
-
-def _clear_dir(pfd: int, name: bytes) -> None:
-    """rename() cannot replace a directory with a file: remove one standing in the way."""
-    try:
-        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if stat_mod.S_ISDIR(st.st_mode):
-        _remove(pfd, name)
-
-
-def _remove(pfd: int, name: bytes) -> None:
-    """Remove a file, symlink or whole directory tree, never following symlinks."""
-    try:
-        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if not stat_mod.S_ISDIR(st.st_mode):
-        os.unlink(name, dir_fd=pfd)
-        return
-    fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
-    try:
-        for child in os.listdir(fd):
-            _remove(fd, os.fsencode(child))
-    finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=pfd)
-
-
-def _unlink_quietly(pfd: int, name: bytes) -> None:
-    try:
-        os.unlink(name, dir_fd=pfd)
-    except FileNotFoundError:
-        pass
