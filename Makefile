@@ -4,15 +4,23 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PKGS := fuse3 libfuse3-dev pkg-config rsync attr git sqlite3 systemd
+# The peers `make bench` measures against (borg mount needs llfuse).
+BENCH_PKGS := restic borgbackup python3-llfuse
 CONFIG  ?= config/dwsd.yaml
 
-.PHONY: setup system-packages run test lint clean bench
+.PHONY: setup system-packages bench-packages apt-install run test lint clean bench
 
 setup: system-packages $(BIN)/.installed
 
 # Install only what is missing, so a set-up machine does not need apt or the network.
 system-packages:
-	@missing=""; for p in $(APT_PKGS); do \
+	@$(MAKE) --no-print-directory apt-install PKGS="$(APT_PKGS)"
+
+bench-packages:
+	@$(MAKE) --no-print-directory apt-install PKGS="$(BENCH_PKGS)"
+
+apt-install:
+	@missing=""; for p in $(PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -37,7 +45,7 @@ test: setup
 lint: setup
 	$(BIN)/mypy
 
-bench: setup
+bench: setup bench-packages
 	$(BIN)/python bench/bench.py
 
 clean:
