@@ -1,17 +1,20 @@
 """Restore on real trees: fidelity, minimal writes, safety, options."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
 from dwsd.errors import UsageError
-from dwsd.snapshot.restore import Progress, plan_restore
+from dwsd.snapshot.restore import RESTORE_TEMP_PREFIX, Progress, plan_restore
+from dwsd.store.ids import hash_bytes
 from dwsd.workspace import Workspace
 from tests import trees
 from tests.conftest import WriteConfig
@@ -352,3 +355,71 @@ def test_planning_reads_each_snapshot_tree_once(tmp_path: Path,
     # The diff reads old and new of the root and both directories; noting the
     # directories to reset reads the snapshot's root once more, not once per file.
     assert objects.reads == {"blobs": 0, "trees": 7}
+
+
+@pytest.fixture
+def many_ws(tmp_path: Path, write_config: WriteConfig) -> Iterator[tuple[Workspace, Path]]:
+    """300 small files in 3 directories, two hard-link groups and a file of several
+    read buffers, snapshotted as `many`: enough for the writers to run side by side."""
+    data = tmp_path / "data"
+    trees.make_many_files(data, 300)
+    trees.write(data / "big.bin", bytes(range(256)) * (9 << 12))  # 2.25 MiB
+    for group in ("a", "b"):
+        trees.write(data / f"{group}0", f"group {group}\n".encode())
+        for i in (1, 2, 3):
+            os.link(data / f"{group}0", data / "d0001" / f"{group}{i}")
+    ws = Workspace.open(write_config({"data": data}))
+    ws.snapshot(tags=["many"])
+    yield ws, data
+    ws.close()
+
+
+def temp_files(root: Path) -> list[str]:
+    return [name for _, _, names in os.walk(root) for name in names
+            if os.fsencode(name).startswith(RESTORE_TEMP_PREFIX)]
+
+
+def test_a_many_file_restore_is_identical_and_keeps_link_groups(
+        many_ws: tuple[Workspace, Path], tmp_path: Path) -> None:
+    ws, data = many_ws
+    out = tmp_path / "out"
+    result = ws.restore("many", target=out)
+    assert result.files_written == 309 and not result.errors
+    assert rsync_differences(data, out / "data") == ""
+    for group in ("a", "b"):
+        inodes = {os.stat(p).st_ino for p in [out / "data" / f"{group}0",
+                                               *(out / "data" / "d0001").glob(f"{group}?")]}
+        assert len(inodes) == 1
+
+
+def test_progress_comes_in_plan_order_on_the_calling_thread(
+        many_ws: tuple[Workspace, Path], tmp_path: Path) -> None:
+    ws, _ = many_ws
+    seen: list[tuple[bytes, int, threading.Thread]] = []
+
+    def progress(p: Progress) -> None:
+        seen.append((p.path, p.files_done, threading.current_thread()))
+
+    ws.restore("many", target=tmp_path / "out", progress=progress)
+    assert [done for _, done, _ in seen] == list(range(1, 310))
+    assert [path for path, _, _ in seen] == sorted((path for path, _, _ in seen),
+                                                   key=lambda p: p.split(b"/"))
+    assert {thread for _, _, thread in seen} == {threading.current_thread()}
+
+
+def test_a_corrupt_blob_skips_that_file_only(many_ws: tuple[Workspace, Path],
+                                             tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    ws, data = many_ws
+    blob = ws.store.objects.path("blobs", hash_bytes((data / "d0002" / "f000250.txt").read_bytes()))
+    os.chmod(blob, 0o644)
+    blob.write_bytes(b"not what was stored".ljust(64, b"."))  # same size, other bytes
+    out = tmp_path / "out"
+    result = ws.restore("many", target=out)
+    assert [(name, path) for name, path, _ in result.errors] == [
+        ("data", b"d0002/f000250.txt")]
+    assert not (out / "data" / "d0002" / "f000250.txt").exists()
+    assert result.files_written == 308 and temp_files(out) == []
+    assert [r.levelno for r in caplog.records if r.levelno >= logging.WARNING] == [
+        logging.WARNING]
+    caplog.clear()

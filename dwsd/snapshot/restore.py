@@ -319,7 +319,7 @@ class _Applier:
         elif entry.kind == DIR:
             restore_fs.replace_with_dir(parent.fd, name)
         elif entry.kind == FILE and self._first_of_group(entry) is not None:
-            self._link(parent.fd, action.path, entry)
+            self._link(parent, action.path, entry)
         elif entry.kind == FILE:
             self._queue(action.path, entry, parent)
         else:
@@ -388,21 +388,24 @@ class _Applier:
             self.reap_one()
         return self.links.get(entry.ino)
 
-    def _link(self, pfd: int, path: bytes, entry: Entry) -> None:
-        """Another name for the group's first member, made as a temp link and renamed."""
+    def _link(self, parent: _DirRef, path: bytes, entry: Entry) -> None:
+        """Another name for the group's first member, made as a temp link and renamed;
+        reported after the files queued before it."""
         first_head, _, first_name = self.links[entry.ino].rpartition(b"/")
         first_fd = restore_fs.open_dir_path(self.root_fd, first_head)
         tmp = restore_temp_name()
         try:
-            os.link(first_name, tmp, src_dir_fd=first_fd, dst_dir_fd=pfd,
+            os.link(first_name, tmp, src_dir_fd=first_fd, dst_dir_fd=parent.fd,
                     follow_symlinks=False)
-            restore_fs.rename_into_place(pfd, tmp, path.rpartition(b"/")[2])
+            restore_fs.rename_into_place(parent.fd, tmp, path.rpartition(b"/")[2])
         except BaseException:
-            restore_fs.unlink_quietly(pfd, tmp)
+            restore_fs.unlink_quietly(parent.fd, tmp)
             raise
         finally:
             os.close(first_fd)
-        self._file_done(path, entry)
+        done: Future[None] = Future()
+        done.set_result(None)
+        self.queue.append(_Queued(path, entry, parent.hold(), done))
 
     def _file_done(self, path: bytes, entry: Entry) -> None:
         """Count a regular file now in place and report progress (on this thread)."""
