@@ -423,3 +423,16 @@ def test_a_corrupt_blob_skips_that_file_only(many_ws: tuple[Workspace, Path],
     assert [r.levelno for r in caplog.records if r.levelno >= logging.WARNING] == [
         logging.WARNING]
     caplog.clear()
+
+
+def test_a_path_restore_into_a_directory_reads_only_the_trees_on_its_way(
+        tmp_path: Path, write_config: WriteConfig) -> None:
+    data = tmp_path / "data"
+    trees.make_many_files(data, 2000, per_dir=100)  # 20 directories
+    with Workspace.open(write_config({"data": data})) as ws:
+        ws.snapshot(tags=["many"])
+        ws.store.objects.reads = {"blobs": 0, "trees": 0}
+        result = ws.restore("many", paths=["data/d0007"], target=tmp_path / "out",
+                            dry_run=True)
+        assert result.plans["data"].files == 100
+        assert ws.store.objects.reads["trees"] <= 3  # root (twice at most) and d0007

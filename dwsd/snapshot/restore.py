@@ -99,12 +99,48 @@ def plan_restore(objects: ObjectStore, live: ObjectId | None, wanted: ObjectId,
     a non-directory standing on the way to one of them (a symlink, a file) is still
     replaced by the snapshot's directory, or the path could not be restored. Restore
     temp files a crash left anywhere in `live` are removed whatever the limits.
+    Into an empty directory (`live` None) with limits, only the trees on the way to and
+    below the limits are read.
     """
     planner = _Planner(objects, wanted, paths)
-    for change in diff_trees(objects, live, wanted):
+    if live is None and planner.limits is not None:
+        changes = _limited_additions(planner.trees, planner.limits)
+    else:
+        # In place, the whole diff: a temp file may be anywhere, and a diff costs what
+        # differs between the live files and the snapshot, not the tree's size.
+        changes = diff_trees(objects, live, wanted)
+    for change in changes:
         planner.add(change)
     planner.add_link_partners()
     return planner.plan
+
+
+def _limited_additions(trees: "_Trees", limits: list[bytes]) -> Iterator[Change]:
+    """What writing the snapshot's `limits` into an empty directory adds, in path order:
+    the directories on the way to each limit, then everything below it."""
+    seen: set[bytes] = set()
+    for top in _outermost(limits):
+        for path, entry in trees.dirs_above(top):
+            if path not in seen:
+                seen.add(path)
+                yield Change(path, "added", None, entry)
+        found = trees.lookup(top) if top else None
+        if top and found is None:
+            continue  # not in the snapshot: nothing to restore there
+        if found is not None:
+            yield Change(top, "added", None, found)
+        if found is None or found.kind == DIR:
+            tree = found.ref if found is not None else trees.root
+            yield from diff_trees(trees.objects, None, tree, top)
+
+
+def _outermost(limits: list[bytes]) -> list[bytes]:
+    """The limits in path order, without those inside another."""
+    kept: list[bytes] = []
+    for lim in sorted(set(limits), key=lambda p: p.split(b"/")):
+        if not any(_under(lim, k) for k in kept):
+            kept.append(lim)
+    return kept
 
 
 def _under(path: bytes, top: bytes) -> bool:
