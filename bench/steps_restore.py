@@ -34,7 +34,7 @@ from steps_snapshot import _borg_env, _changed, _phase_text, _restic_env
 SUBDIR = "small/d00"  # the subdirectory restored on its own: 1/10 of the small files
 # The in-place restore's change: a generation no other step writes, so the pre-restore
 # snapshot has new bytes to store (as it would after real work).
-GEN_RESTORE = 5
+GEN_RESTORE, GEN_RESTORE_WALK = 5, 6  # (+10 per repetition: see Bench.gen)
 DWSD_REF = "bench-first"  # dwsd_first's snapshot of version A
 
 
@@ -258,17 +258,19 @@ def _changed_files_at(b: Bench, gen: int) -> bool:
                for spec in b.ds.changed)
 
 
-@step("dwsd_restore_1pct", requires=("dwsd_first",), ref="dwsd_restore", limit=0.1)
-def dwsd_restore_1pct(b: Bench) -> Result:
-    """dwsd restore in place after a 1% change (pre-restore snapshot included; cold)."""
+def _restore_in_place(b: Bench, name: str, gen: int, dirty: bool) -> Result:
+    """Apply generation `gen` to the change set, then restore snapshot A in place; with
+    `dirty`, the pre-restore snapshot looks only at the changed files (as in the daemon,
+    whose watcher names them), else it walks the whole data set."""
     out: list[Any] = []
+    kwargs = {"dirty": {"data": b.ds.dirty_paths()}} if dirty else {}
 
     def run() -> tuple[float, str]:
-        seconds, res, phases = _dwsd_restore(b, "dwsd_restore_1pct")
+        seconds, res, phases = _dwsd_restore(b, name, **kwargs)
         out.extend([res, phases, _sync_seconds(), _changed_files_at(b, GEN_A)])
         return seconds, ""
     b.workspace()
-    seconds, _ = _changed(b, GEN_RESTORE, "cold", run)
+    seconds, _ = _changed(b, gen, "cold", run)
     res, phases, sync_s, restored = out
     facts = _dwsd_facts(res, phases)
     want = len(b.ds.changed)
@@ -280,3 +282,17 @@ def dwsd_restore_1pct(b: Bench) -> Result:
     ok = (res.files_written == want and res.removed == 0 and restored
           and res.pre_restore is not None and not res.errors)
     return Result(seconds, detail, facts, ok=ok)
+
+
+@step("dwsd_restore_1pct", requires=("dwsd_first",), ref="dwsd_restore", limit=0.1)
+def dwsd_restore_1pct(b: Bench) -> Result:
+    """dwsd restore in place after a 1% change, as the daemon runs it (pre-restore
+    snapshot of the dirty paths included; cold cache)."""
+    return _restore_in_place(b, "dwsd_restore_1pct", GEN_RESTORE, dirty=True)
+
+
+@step("dwsd_restore_1pct_walk", requires=("dwsd_first",), ref="dwsd_restore")
+def dwsd_restore_1pct_walk(b: Bench) -> Result:
+    """dwsd restore in place after a 1% change, without a watcher (pre-restore snapshot
+    walks everything; cold cache)."""
+    return _restore_in_place(b, "dwsd_restore_1pct_walk", GEN_RESTORE_WALK, dirty=False)

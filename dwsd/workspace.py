@@ -373,11 +373,15 @@ class Workspace:
     def restore(self, ref: str, only: Sequence[str] | None = None,
                 leave: Sequence[str] | None = None, paths: Sequence[str] | None = None,
                 target: str | Path | None = None, dry_run: bool = False,
-                progress: ProgressFn | None = None) -> RestoreResult:
+                progress: ProgressFn | None = None,
+                dirty: Mapping[str, Collection[bytes]] | None = None,
+                full: Collection[str] = ()) -> RestoreResult:
         """Bring resources back to snapshot `ref`.
 
-        In place (no `target`): a `pre-restore` snapshot of the live state is taken first,
-        then only what differs is written; resources with role `results` are left alone.
+        In place (no `target`): a `pre-restore` snapshot of the live state is taken first
+        (limited to `dirty` paths, except resources in `full`, as `snapshot` is: the
+        daemon knows what changed), then only what differs is written; resources with
+        role `results` are left alone.
         `paths` ("resource/sub/path") limits it to some files or directories; `target`
         writes the snapshot under `<target>/<resource>/` instead (an empty directory).
         `dry_run` plans without changing any file. Raises UsageError, RefError.
@@ -391,7 +395,8 @@ class Workspace:
             live = {name: self._capture(self.config.resource(name), None).root
                     for name in by_resource}
             return RestoreResult(rec, None, self._plans(rec, by_resource, live), dry_run=True)
-        pre = self.snapshot(kind="pre-restore", message=f"before restoring {rec.id}")
+        pre = self.snapshot(kind="pre-restore", message=f"before restoring {rec.id}",
+                            dirty=dirty, full=full)
         assert pre.record is not None
         journal = RestoreJournal(rec.id, list(by_resource), _journal_paths(by_resource),
                                  pre.record.id)

@@ -193,8 +193,19 @@ class Scheduler:
                       target: str | None, dry_run: bool,
                       progress: Callable[[Progress], None]) -> RestoreResult:
         report = self._to_trio(progress)  # here: it needs the trio thread
-        result = await self._write_call(lambda: self.ws.restore(
-            ref, only, leave, paths, target, dry_run, report))
+        async with self._writing():
+            # In place, the pre-restore snapshot follows the dirty paths, like any other.
+            await self.watcher.sync()
+            taken = self.watcher.take()
+            try:
+                result = await self._thread(lambda: self.ws.restore(
+                    ref, only, leave, paths, target, dry_run, report,
+                    dirty=taken.dirty, full=taken.full))
+            except BaseException:
+                self.watcher.give_back(taken)
+                raise
+            if result.pre_restore is None:  # no snapshot took them (dry run, --target)
+                self.watcher.give_back(taken)
         await self._catalog_changed()
         return result
 
@@ -272,7 +283,7 @@ class Scheduler:
 
     async def _catalog_changed(self) -> None:
         """Tell the view; its failure is logged, never raised: the write it follows is
-        done, and the view polls the catalog anyway."""
+        done, and the next catalog change shows it all."""
         if self.on_catalog_change is None:
             return
         try:
