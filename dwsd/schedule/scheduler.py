@@ -25,11 +25,12 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 import trio
 
 from dwsd.config import Config
+from dwsd.memory import release_free_memory
 from dwsd.snapshot.diff import Change
 from dwsd.snapshot.restore import Progress
 from dwsd.store.catalog import SnapshotRecord
 from dwsd.store.maintenance import CheckResult
-from dwsd.watch.watcher import Watcher
+from dwsd.watch.watcher import Taken, Watcher
 from dwsd.workspace import PruneResult, RestoreResult, SnapshotResult, Workspace
 
 log = logging.getLogger(__name__)
@@ -167,9 +168,8 @@ class Scheduler:
             await self.watcher.sync(rescan=full)
             taken = self.watcher.take(force_full=full)
             try:
-                result = await self._thread(lambda: self.ws.snapshot(
-                    tags, message, kind, dirty=taken.dirty, full=taken.full,
-                    progress=report))
+                result = await self._thread(lambda: self._snapshot_and_trim(
+                    tags, message, kind, taken, report))
             except BaseException:
                 self.watcher.give_back(taken)
                 raise
@@ -180,6 +180,17 @@ class Scheduler:
         if result.created or (result.record is not None and (tags or message)):
             await self._catalog_changed()
         return result
+
+    def _snapshot_and_trim(self, tags: Sequence[str], message: str, kind: str,
+                           taken: Taken, report: Callable[[Progress], None] | None
+                           ) -> SnapshotResult:
+        """Take the snapshot, then give the capture pool's freed memory back (blocks):
+        a long-running daemon should not keep the high-water mark of its largest walk."""
+        try:
+            return self.ws.snapshot(tags, message, kind, dirty=taken.dirty,
+                                    full=taken.full, progress=report)
+        finally:
+            release_free_memory()
 
     # -- SchedulerAPI --------------------------------------------------------------------
 
