@@ -177,18 +177,8 @@ class Bench:
             except (ImportError, AttributeError):
                 self.notes.append(f"phase timer {label}: {module}.{attr} not found")
                 continue
-            setattr(owner, name, self._timed(label, fn))
+            setattr(owner, name, timed(self.phases, label, fn))
 
-    def _timed(self, label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        phases = self.phases
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                phases[label] = phases.get(label, 0.0) + time.perf_counter() - t0
-        return timed
 
     def close_workspace(self) -> None:
         if self._ws is not None:
@@ -293,3 +283,14 @@ def du(path: Path) -> tuple[int, int]:
 def mb(n: float) -> str:
     return f"{n / 1e6:.1f} MB"
 
+
+def timed(phases: dict[str, float], label: str, fn: Callable[..., Any]
+          ) -> Callable[..., Any]:
+    """`fn`, adding the seconds of each call to `phases[label]`."""
+    def run(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            phases[label] = phases.get(label, 0.0) + time.perf_counter() - t0
+    return run

@@ -25,10 +25,10 @@ import stat
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from dataset import GEN_A
-from harness import Bench, Result, mb, step
+from harness import Bench, Result, mb, step, timed
 from steps_snapshot import _borg_env, _changed, _phase_text, _restic_env
 
 SUBDIR = "small/d00"  # the subdirectory restored on its own: 1/10 of the small files
@@ -161,16 +161,6 @@ def borg_restore(b: Bench) -> Result:
 # only; the harness's capture/record/durable timers split that further), planning and
 # applying.
 
-def _timed(phases: dict[str, float], label: str, fn: Callable[..., Any]
-           ) -> Callable[..., Any]:
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            phases[label] = phases.get(label, 0.0) + time.perf_counter() - t0
-    return timed
-
 
 @contextlib.contextmanager
 def _restore_phases(b: Bench) -> Iterator[dict[str, float]]:
@@ -184,7 +174,7 @@ def _restore_phases(b: Bench) -> Iterator[dict[str, float]]:
     saved = [(owner, attr, getattr(owner, attr)) for _, owner, attr in parts]
     if b.args.phases:
         for (label, owner, attr), (_, _, fn) in zip(parts, saved):
-            setattr(owner, attr, _timed(phases, label, fn))
+            setattr(owner, attr, timed(phases, label, fn))
     try:
         yield phases
     finally:

@@ -244,15 +244,22 @@ def test_inotify_overflow_is_survived_and_reported(tmp_path: Path, short_dir: Pa
         d.stop()
 
 
+def start_past_the_watch_limit(config: Path, data: Path) -> Daemon:
+    """A daemon in a user namespace allowed 5 inotify watches, over 20 directories.
+    (`fs.inotify.max_user_watches` cannot be written there; the per-namespace
+    `/proc/sys/user/max_inotify_watches` can.)"""
+    for i in range(20):
+        trees.write(data / f"d{i}" / "f", b"%d" % i)
+    return Daemon(config, wrapper=["unshare", "-U", "-r", "sh", "-c",
+                                   "echo 5 > /proc/sys/user/max_inotify_watches && "
+                                   "exec \"$@\"", "sh"]).start()
+
+
 def test_watch_limit_is_reported_and_snapshots_stay_right(tmp_path: Path, short_dir: Path
                                                           ) -> None:
     require_fuse()
     config = write_config(tmp_path, short_dir, mount=False)
-    for i in range(20):
-        trees.write(tmp_path / "data" / f"d{i}" / "f", b"%d" % i)
-    d = Daemon(config, wrapper=["unshare", "-U", "-r", "sh", "-c",
-                                "echo 5 > /proc/sys/user/max_inotify_watches && exec \"$@\"",
-                                "sh"]).start()
+    d = start_past_the_watch_limit(config, tmp_path / "data")
     try:
         d.wait_until(lambda: not d.status()["resources"]["data"]["healthy"],
                      "the watch limit to be reported")
@@ -410,11 +417,7 @@ def test_sd_notify_ready_status_and_stopping(tmp_path: Path, short_dir: Path) ->
 def test_a_resource_past_the_watch_limit_is_walked_every_interval(
         tmp_path: Path, short_dir: Path) -> None:
     config = write_config(tmp_path, short_dir, mount=False, interval="2s")
-    for i in range(20):
-        trees.write(tmp_path / "data" / f"d{i}" / "f", b"%d" % i)
-    d = Daemon(config, wrapper=["unshare", "-U", "-r", "sh", "-c",
-                                "echo 5 > /proc/sys/user/max_inotify_watches && exec \"$@\"",
-                                "sh"]).start()
+    d = start_past_the_watch_limit(config, tmp_path / "data")
     try:
         d.wait_until(lambda: not d.status()["resources"]["data"]["healthy"],
                      "the watch limit to be reported")
