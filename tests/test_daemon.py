@@ -14,6 +14,7 @@ from typing import Iterator
 
 import pytest
 import trio
+import trio.testing
 
 from dwsd.errors import StoreError
 from dwsd.schedule.scheduler import FIRST_BACKOFF, Scheduler
@@ -445,10 +446,14 @@ def workspace(tmp_path: Path, data_dir: Path, write_config: WriteConfig
 
 
 async def test_a_failing_checkpoint_is_retried_after_a_growing_backoff(
-        workspace: Workspace, data_dir: Path, autojump_clock: trio.abc.Clock,
+        workspace: Workspace, data_dir: Path, mock_clock: trio.testing.MockClock,
         caplog: pytest.LogCaptureFixture) -> None:
     data_dir.rmdir()  # every capture fails from now on
     scheduler = Scheduler(workspace, Watcher(workspace.config.resources, lambda: None))
+    # The clock jumps only after 50 ms of real idleness: a capture running on its
+    # worker thread counts as idle to trio, and on a slow machine an instant jump would
+    # spend the virtual seconds faster than the captures can fail.
+    mock_clock.autojump_threshold = 0.05
     with trio.fail_after(600):
         async with trio.open_nursery() as nursery:
             await nursery.start(scheduler.run)
