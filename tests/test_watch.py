@@ -232,6 +232,7 @@ async def test_watcher_merges_batches_on_the_trio_thread(data_dir: Path,
             await nursery.start(watcher.run)
             await trio.to_thread.run_sync(trees.write, data_dir / "a.csv", b"1")
             await changed.wait()
+            await watcher.sync()  # the write's later events too (it creates, then writes)
             taken = watcher.take()
             nursery.cancel_scope.cancel()
     assert taken.full == {"data"}  # the first capture is always a reconcile walk
