@@ -340,7 +340,9 @@ class Workspace:
             before = self._states.get(name)
             self._states[name] = capture.state
             self._captured_here.add(name)
-            if before is None or before != capture.state:  # an idle checkpoint writes nothing
+            # An idle full walk writes nothing; comparing is O(files), which a
+            # dirty-path snapshot (saved only every STATE_SAVE_EVERY) need not pay.
+            if not walked or before is None or before != capture.state:
                 self._unsaved.add(name)
         if walked or time.monotonic() - self._saved_at >= STATE_SAVE_EVERY:
             self.save_states()

@@ -9,7 +9,7 @@ import pytest
 
 from dwsd.snapshot.capture import TreeCache, capture_resource
 from dwsd.snapshot.exclude import ExcludeMatcher
-from dwsd.snapshot.statcache import CaptureState
+from dwsd.snapshot.statcache import CachedFile, CaptureState
 from dwsd.store.ids import ObjectId
 from dwsd.store.store import Store
 from tests import trees
@@ -304,3 +304,18 @@ def test_the_tree_cache_is_bounded_by_entries() -> None:
         cache.put(oid, {b"%d" % n: None for n in range(4)})  # four entries each
     assert cache.get(ids[0]) is None and cache.get(ids[1]) is None
     assert cache.get(ids[2]) is not None and cache.get(ids[3]) is not None
+
+
+def test_capture_state_totals_follow_every_change() -> None:
+    def cached(size: int) -> CachedFile:
+        return CachedFile(size, 0, 0, 0, ObjectId("0" * 64), ())
+    state = CaptureState(files={b"a": cached(1), b"d/x": cached(10), b"d/y": cached(100)})
+    assert state.totals() == (3, 111)
+    copy = state.copy()
+    copy.put(b"a", cached(5))
+    copy.put(b"new", cached(1000))
+    copy.drop(b"missing")
+    copy.drop_under(b"d")
+    assert copy.totals() == (2, 1005) == (len(copy.files),
+                                          sum(f.size for f in copy.files.values()))
+    assert state.totals() == (3, 111)  # the copy is independent

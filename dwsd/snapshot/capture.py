@@ -227,7 +227,7 @@ class _Walker:
         cached = self.prev.files.get(relpath)
         if cached is not None and cached[:4] == (st.st_size, st.st_mtime_ns,
                                                  st.st_ctime_ns, st.st_ino):
-            self.state.files[relpath] = cached
+            self.state.put(relpath, cached)
             if self.on_file is not None:
                 self.on_file(cached.size)
             # The hot path of an unchanged tree: build the entry once, no replace().
@@ -278,7 +278,7 @@ class _Walker:
 
     def update(self, root_fd: int, prev_root: ObjectId, dirty: Collection[bytes]) -> _DirJob:
         """Capture only `dirty` paths on top of the previous root tree."""
-        self.state.files = dict(self.prev.files)
+        self.state = self.prev.copy()
         paths = set(dirty) | self._link_partners(prev_root, dirty)
         return self._update_dir(root_fd, b"", None, prev_root, _Trie.build(paths))
 
@@ -371,7 +371,7 @@ class _Walker:
         if isinstance(prev, _DirJob) or (isinstance(prev, Entry) and prev.kind == DIR):
             self.state.drop_under(relpath)
         else:
-            self.state.files.pop(relpath, None)
+            self.state.drop(relpath)
 
     # -- finishing ----------------------------------------------------------------------
 
@@ -398,23 +398,23 @@ class _Walker:
         cached = self.prev.files.get(job.relpath)
         if out.error is not None:
             self.unreadable.append((job.relpath, out.error))
-            self.state.files.pop(job.relpath, None)
+            self.state.drop(job.relpath)
             return None
         if out.attempts > 1:
             self.unstable.append(job.relpath)
         if out.blob is None or out.stat is None:  # never held still
             if cached is None:
-                self.state.files.pop(job.relpath, None)
+                self.state.drop(job.relpath)
                 return None
-            self.state.files[job.relpath] = cached._replace(ctime_ns=UNTRUSTED)
+            self.state.put(job.relpath, cached._replace(ctime_ns=UNTRUSTED))
             return replace(job.entry, ref=cached.blob, size=cached.size,
                            mtime_ns=cached.mtime_ns, xattrs=cached.xattrs)
         st = out.stat
         if cached is None or cached.blob != out.blob:
             self.changed += 1
         ctime = st.st_ctime_ns if out.trusted else UNTRUSTED
-        self.state.files[job.relpath] = CachedFile(st.st_size, st.st_mtime_ns, ctime,
-                                                   st.st_ino, out.blob, out.xattrs)
+        self.state.put(job.relpath, CachedFile(st.st_size, st.st_mtime_ns, ctime,
+                                               st.st_ino, out.blob, out.xattrs))
         return replace(job.entry, ref=out.blob, size=out.length, mtime_ns=st.st_mtime_ns,
                        mode=stat_mod.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
                        xattrs=out.xattrs)

@@ -45,19 +45,50 @@ class CachedFile(NamedTuple):
 
 @dataclass
 class CaptureState:
+    """The stat cache of one resource and its root tree. Change `files` through `put`,
+    `drop` and `drop_under`: they keep the running totals, so `totals()` costs nothing
+    however large the resource (a dirty-path snapshot must not sum 100,000 sizes)."""
+
     root: ObjectId | None = None
     files: dict[bytes, CachedFile] = field(default_factory=dict)
+    _count: int = field(default=-1, compare=False, repr=False)
+    _bytes: int = field(default=0, compare=False, repr=False)
 
     def totals(self) -> tuple[int, int]:
         """(number of files, bytes) of the captured resource."""
-        return len(self.files), sum(f.size for f in self.files.values())
+        if self._count < 0:  # built from a dict: sum once
+            self._count = len(self.files)
+            self._bytes = sum(f.size for f in self.files.values())
+        return self._count, self._bytes
+
+    def copy(self) -> "CaptureState":
+        """A new state with the same files (O(files), no sums)."""
+        count, size = self.totals()
+        return CaptureState(self.root, dict(self.files), count, size)
+
+    def put(self, relpath: bytes, cached: CachedFile) -> None:
+        self.totals()
+        old = self.files.get(relpath)
+        if old is None:
+            self._count += 1
+        else:
+            self._bytes -= old.size
+        self._bytes += cached.size
+        self.files[relpath] = cached
+
+    def drop(self, relpath: bytes) -> None:
+        self.totals()
+        old = self.files.pop(relpath, None)
+        if old is not None:
+            self._count -= 1
+            self._bytes -= old.size
 
     def drop_under(self, relpath: bytes) -> None:
-        """Forget `relpath` and everything below it."""
-        self.files.pop(relpath, None)
+        """Forget `relpath` and everything below it (a scan of the cache)."""
+        self.drop(relpath)
         prefix = relpath + b"/"
         for key in [k for k in self.files if k.startswith(prefix)]:
-            del self.files[key]
+            self.drop(key)
 
 
 def state_path(state_dir: Path, resource: str) -> Path:
