@@ -35,7 +35,8 @@ import trio
 from dwsd.errors import CorruptObjectError, ObjectMissingError
 from dwsd.fuse.vfs import ROOT, Attributes, Inode, RootChange, View, ViewError
 from dwsd.store.catalog import Catalog
-from dwsd.store.ids import Hasher, ObjectId, hash_bytes
+from dwsd.store.ids import ObjectId, hash_bytes
+from dwsd.store.objects import hash_fd
 from dwsd.store.store import Store
 from dwsd.store.tree import Entry, decode_tree
 
@@ -356,7 +357,7 @@ class ViewOps(pyfuse3.Operations):
             if size <= SMALL_BLOB:
                 good = hash_bytes(os.pread(fd, size + 1, 0)) == blob
             else:  # from this fd: the object may be unlinked (gc) once it is open
-                good = _hash_fd(fd) == blob
+                good = hash_fd(fd) == blob
         except BaseException:
             os.close(fd)
             raise
@@ -583,13 +584,3 @@ def _call_safely(callback: Callable[..., None], *args: Any) -> None:
     except Exception:
         log.exception("view: prefetch result %s failed", callback.__name__)
 
-
-def _hash_fd(fd: int) -> ObjectId:
-    """The object id of everything readable from `fd` (with pread: the offset, shared
-    with nobody else here, stays put). Blocks."""
-    hasher = Hasher()
-    offset = 0
-    while chunk := os.pread(fd, SMALL_BLOB, offset):
-        hasher.update(chunk)
-        offset += len(chunk)
-    return hasher.object_id()

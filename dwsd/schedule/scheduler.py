@@ -18,9 +18,10 @@ a snapshot asked for right after a write always sees it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 import trio
 
@@ -163,16 +164,9 @@ class Scheduler:
                        progress: Callable[[Progress], None] | None = None
                        ) -> SnapshotResult:
         report = None if progress is None else self._to_trio(progress)
-        async with self._writing():
-            # The barrier first: changes made before this request must be in `take`.
-            await self.watcher.sync(rescan=full)
-            taken = self.watcher.take(force_full=full)
-            try:
-                result = await self._thread(lambda: self._snapshot_and_trim(
-                    tags, message, kind, taken, report))
-            except BaseException:
-                self.watcher.give_back(taken)
-                raise
+        async with self._writing(), self._changes(full) as taken:
+            result = await self._thread(lambda: self._snapshot_and_trim(
+                tags, message, kind, taken, report))
         self._last_checkpoint = trio.current_time()
         self.stats["last_counters"] = vars(result.counters)
         if result.record is not None:
@@ -180,6 +174,19 @@ class Scheduler:
         if result.created or (result.record is not None and (tags or message)):
             await self._catalog_changed()
         return result
+
+    @contextlib.asynccontextmanager
+    async def _changes(self, full: bool = False) -> AsyncIterator[Taken]:
+        """Inside the writer lock: wait for the watcher's barrier (changes made before
+        this request must be in it), then take the dirty paths; they are given back
+        when the body fails, so the next capture still looks at them."""
+        await self.watcher.sync(rescan=full)
+        taken = self.watcher.take(force_full=full)
+        try:
+            yield taken
+        except BaseException:
+            self.watcher.give_back(taken)
+            raise
 
     def _snapshot_and_trim(self, tags: Sequence[str], message: str, kind: str,
                            taken: Taken, report: Callable[[Progress], None] | None
@@ -204,17 +211,11 @@ class Scheduler:
                       target: str | None, dry_run: bool,
                       progress: Callable[[Progress], None]) -> RestoreResult:
         report = self._to_trio(progress)  # here: it needs the trio thread
-        async with self._writing():
+        async with self._writing(), self._changes() as taken:
             # In place, the pre-restore snapshot follows the dirty paths, like any other.
-            await self.watcher.sync()
-            taken = self.watcher.take()
-            try:
-                result = await self._thread(lambda: self.ws.restore(
-                    ref, only, leave, paths, target, dry_run, report,
-                    dirty=taken.dirty, full=taken.full))
-            except BaseException:
-                self.watcher.give_back(taken)
-                raise
+            result = await self._thread(lambda: self.ws.restore(
+                ref, only, leave, paths, target, dry_run, report,
+                dirty=taken.dirty, full=taken.full))
             if result.pre_restore is None:  # no snapshot took them (dry run, --target)
                 self.watcher.give_back(taken)
         await self._catalog_changed()

@@ -116,7 +116,7 @@ def capture_resource(objects: ObjectStore, root: Path, prev: CaptureState,
         raise CaptureError(f"cannot read resource directory {root}: {exc.strerror}") from exc
     with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="capture") as pool:
         walker = _Walker(objects, prev, excludes, pool, on_file, os.fstat(root_fd).st_dev,
-                         trees if trees is not None else TreeCache())
+                         trees)
         try:
             if dirty is not None and prev.root is not None and objects.has("trees", prev.root):
                 job = walker.update(root_fd, prev.root, dirty)
@@ -153,7 +153,8 @@ class _Walker:
         self._inodes: dict[tuple[int, int], _FileJob | Entry] = {}
         self._jobs: list[_FileJob] = []
         self.root_dev = root_dev
-        # Previous trees decoded during a dirty-path update, each read once.
+        # Decoded trees: the previous ones a dirty-path update reads, the new ones it
+        # writes (the next capture's previous ones).
         self._trees = trees if trees is not None else TreeCache()
 
     # -- full walk ----------------------------------------------------------------------

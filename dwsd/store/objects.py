@@ -122,7 +122,7 @@ class ObjectStore:
                 chunk = view[:n]
                 hasher.update(chunk)
                 try:
-                    _write_all(out, chunk)
+                    write_all(out, chunk)
                 except OSError as exc:
                     raise self._translate(exc, "writing a blob") from exc
                 length += n
@@ -145,7 +145,7 @@ class ObjectStore:
     def _write_new(self, tmp: Path, data: bytes) -> None:
         out = self._open_new(tmp)
         try:
-            _write_all(out, memoryview(data))
+            write_all(out, memoryview(data))
         except OSError as exc:
             _discard(out, tmp)
             raise self._translate(exc, "writing an object") from exc
@@ -249,11 +249,11 @@ class ObjectStore:
                 return True
             except CorruptObjectError:
                 return False
-        hasher = Hasher()
-        with open(self.path(kind, oid), "rb", buffering=0) as f:
-            while chunk := f.read(READ_CHUNK):
-                hasher.update(chunk)
-        return hasher.object_id() == oid
+        fd = os.open(self._path(kind, oid), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return hash_fd(fd) == oid
+        finally:
+            os.close(fd)
 
     def iter_ids(self, kind: Kind) -> Iterator[ObjectId]:
         """Every object id of a kind present on disk (temp files skipped)."""
@@ -273,6 +273,17 @@ class ObjectStore:
     def clean_temps(self) -> int:
         """Remove temp files left by a crash; only safe while holding the writer lock."""
         return sum(clean_temps(self.root / kind / fan) for kind in KINDS for fan in _FANOUT)
+
+
+def hash_fd(fd: int) -> ObjectId:
+    """The object id of everything readable from `fd`, read with pread from offset 0
+    (the fd's own offset stays put). Blocks."""
+    hasher = Hasher()
+    offset = 0
+    while chunk := os.pread(fd, READ_CHUNK, offset):
+        hasher.update(chunk)
+        offset += len(chunk)
+    return hasher.object_id()
 
 
 def _pack(kind: Kind, data: bytes) -> bytes:
@@ -298,7 +309,8 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, view: memoryview) -> None:
+def write_all(fd: int, view: memoryview) -> None:
+    """Write all of `view` to `fd` (blocks; os.write may write less than asked)."""
     while view:
         view = view[os.write(fd, view):]
 
