@@ -160,6 +160,7 @@ def test_file_changed_once_during_read_is_reread_and_flagged(store: Store, data_
 
     hooked = OnceAfterFirstRead(store.objects.root)
     result = capture_resource(hooked, data_dir, CaptureState(), NO_EXCLUDES)
+    hooked.close()  # commits its trees for `store` to read
     assert result.unstable == [b"once.bin"]
     blob = trees.entries(store.objects, result.root)[0].ref
     assert store.objects.get("blobs", blob) == b"2" * (32 << 20)

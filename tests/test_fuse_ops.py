@@ -243,7 +243,7 @@ async def test_a_missing_tree_is_eio_naming_the_object(
         data = await resolve(ops, b"v1", b"data")
         sub_tree = ops.vfs.node(await resolve(ops, b"v1", b"data", b"sub")).tree
         assert sub_tree is not None
-        os.unlink(ops.store.objects.path("trees", sub_tree))  # not loaded yet: unused
+        trees.drop_tree(ops.store.objects.root, sub_tree)  # not loaded yet: unused
         sub = await resolve(ops, b"v1", b"data", b"sub")
         with pytest.raises(pyfuse3.FUSEError) as exc:
             await ops.lookup(sub, b"b.txt")

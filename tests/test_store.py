@@ -143,3 +143,112 @@ def test_check_reports_a_missing_tree(tmp_path: Path, write_config: WriteConfig)
         problems = ws.check().problems
     assert len(problems) == 1 and problems[0].object_id == sub
     assert "missing" in problems[0].problem and problems[0].snapshots == [rec.id]
+
+
+def _downgrade_to_format_1(store_dir: Path) -> int:
+    """Rewrite a closed format-2 store the way format 1 kept it: one file per tree under
+    objects/trees/<2 hex>/<62 hex>, no trees.db. Returns the number of trees."""
+    import sqlite3
+    objects = store_dir / "objects"
+    con = sqlite3.connect(objects / "trees.db")
+    rows = con.execute("SELECT id, data FROM trees").fetchall()
+    con.close()
+    for raw, data in rows:
+        oid = bytes(raw).hex()
+        trees.write(objects / "trees" / oid[:2] / oid[2:], bytes(data))
+    for name in ("trees.db", "trees.db-wal", "trees.db-shm"):
+        (objects / name).unlink(missing_ok=True)
+    (store_dir / "format").write_text("dwsd-store 1\n")
+    return len(rows)
+
+
+def test_a_format_1_store_is_upgraded_by_its_writer_and_reads_the_same(
+        tmp_path: Path, write_config: WriteConfig) -> None:
+    data = tmp_path / "data"
+    for i in range(5):
+        trees.write(data / f"d{i}" / "sub" / "f.txt", f"{i}\n".encode())
+    config = write_config({"data": data})
+    with Workspace.open(config) as ws:
+        rec = ws.snapshot(tags=["old"]).record
+        before = trees.describe_snapshot(ws.store.objects, rec.resources["data"])
+        store_dir = ws.store.root
+    count = _downgrade_to_format_1(store_dir)
+    assert count == 11  # the root, five d*, five sub
+    with pytest.raises(StoreError, match="format 1; start dwsd on it once"):
+        Store.open(store_dir, readonly=True)
+    with Workspace.open(config) as ws:
+        assert (store_dir / "format").read_text() == "dwsd-store 2\n"
+        assert not (store_dir / "objects" / "trees").exists()
+        assert trees.describe_snapshot(ws.store.objects,
+                                       ws.get("old").resources["data"]) == before
+        assert ws.check(read_data=True).ok
+        trees.write(data / "d0" / "sub" / "f.txt", b"new\n")
+        assert ws.snapshot(tags=["new"]).record is not None
+
+
+def test_an_upgrade_cut_short_is_finished_by_the_next_writer(
+        tmp_path: Path, write_config: WriteConfig) -> None:
+    data = tmp_path / "data"
+    trees.write(data / "a" / "f.txt", b"1")
+    config = write_config({"data": data})
+    with Workspace.open(config) as ws:
+        rec = ws.snapshot(tags=["old"]).record
+        store_dir = ws.store.root
+    _downgrade_to_format_1(store_dir)
+    # A crash after the rows were committed and one tree file removed, before the format
+    # file changed: the next writer must still end with every tree.
+    from dwsd.store.objects import ObjectStore
+    ObjectStore.create(store_dir / "objects").close()
+    first_file = sorted((store_dir / "objects" / "trees").glob("??/*"))[0]
+    oid = first_file.parent.name + first_file.name
+    db = ObjectStore(store_dir / "objects")
+    db.trees.insert(oid, first_file.read_bytes())  # type: ignore[arg-type]
+    db.close()
+    first_file.unlink()
+    with Workspace.open(config) as ws:
+        assert ws.check(read_data=True).ok
+        assert ws.get("old").id == rec.id
+
+
+def test_trees_are_rows_a_snapshot_adds_only_blob_files(tmp_path: Path,
+                                                        write_config: WriteConfig) -> None:
+    data = tmp_path / "data"
+    for i in range(40):
+        trees.write(data / f"d{i:02d}" / "f.txt", f"first {i}\n".encode())
+    with Workspace.open(write_config({"data": data})) as ws:
+        ws.snapshot()
+        files_before = {p for p in ws.store.root.rglob("*") if p.is_file()}
+        for i in range(0, 40, 4):
+            trees.write(data / f"d{i:02d}" / "f.txt", f"second {i}\n".encode())
+        ws.snapshot()
+        written = sorted(kind for kind, _ in ws.store.objects.log.written)
+        new_files = {p for p in ws.store.root.rglob("*") if p.is_file()} - files_before
+    assert written == ["blobs"] * 10 + ["trees"] * 11  # ten files, ten d*, the root
+    new_objects = [p for p in new_files if "objects" in p.parts]
+    assert sorted(p.parent.parent.name for p in new_objects) == ["blobs"] * 10
+
+
+def test_check_finds_a_corrupt_tree_row(tmp_path: Path, write_config: WriteConfig) -> None:
+    import sqlite3
+    import zlib
+    data = tmp_path / "data"
+    trees.write(data / "sub" / "f", b"1")
+    config = write_config({"data": data})
+    with Workspace.open(config) as ws:
+        rec = ws.snapshot().record
+        sub = trees.entries(ws.store.objects, rec.resources["data"])[0].ref
+        db_path = ws.store.objects.root / "trees.db"
+    assert sub is not None
+    con = sqlite3.connect(db_path)
+    (stored,) = con.execute("SELECT data FROM trees WHERE id = ?",
+                            (bytes.fromhex(sub),)).fetchone()
+    plain = bytearray(zlib.decompress(stored))
+    plain[-1] ^= 0x01  # still decodes; the hash no longer matches
+    with con:
+        con.execute("UPDATE trees SET data = ? WHERE id = ?",
+                    (zlib.compress(bytes(plain)), bytes.fromhex(sub)))
+    con.close()
+    with Workspace.open(config) as ws:
+        problems = ws.check().problems
+    assert [(p.object_id, p.snapshots) for p in problems] == [(sub, [rec.id])]
+    assert "corrupt" in problems[0].problem

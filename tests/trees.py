@@ -16,6 +16,7 @@ from dwsd.snapshot.statcache import RACY_WINDOW_NS
 from dwsd.store.ids import ObjectId
 from dwsd.store.objects import ObjectStore
 from dwsd.store.tree import DIR, FILE, SYMLINK, decode_tree
+from dwsd.store.treedb import TreeDB
 
 BIG_FILE_SIZE = 300 * 1000 * 1000
 DEEP_NAME = b"d" * 200
@@ -223,6 +224,16 @@ def mount_tmpfs(where: Path, size: str = "16m") -> None:
 
 def unmount(where: Path) -> None:
     subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def drop_tree(objects_root: Path, oid: str) -> None:
+    """Delete a tree row behind the back of any open store (a damaged store)."""
+    db = TreeDB(objects_root / "trees.db")
+    try:
+        db.delete(ObjectId(oid))
+        db.commit()
+    finally:
+        db.close()
 
 
 class HookedStore(ObjectStore):

@@ -83,6 +83,7 @@ def collect_garbage(objects: ObjectStore, roots: Iterable[ObjectId]) -> GcResult
                 crash_point("gc-remove")
                 objects.remove(kind, oid)
                 result.removed += 1
+    objects.make_durable()  # commits the tree removals
     log.info("gc kept %d objects, removed %d", result.kept, result.removed)
     return result
 

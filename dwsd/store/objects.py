@@ -1,10 +1,12 @@
-"""Content-addressed objects on disk: `objects/<kind>/<2 hex>/<62 hex>`.
+"""Content-addressed objects: blobs as files `objects/blobs/<2 hex>/<62 hex>`, trees as rows
+of `objects/trees.db` (see treedb.py).
 
-Two kinds share the id space but not a directory: `blobs` (file content, stored raw so the
-view can pread them) and `trees` (see `tree.py`; stored zlib-compressed). An object is written once: to a temp name
-in its fan-out directory, then renamed; an existing object is never rewritten. Writes are
-not fsynced one by one: `make_durable` flushes them all in one `syncfs` before the catalog
-commit that references them. Reads verify the id unless told the caller verifies.
+Blobs (file content) are stored raw so the view and restore can pread them; trees are
+stored zlib-compressed. An object is written once: a blob to a temp name in its fan-out
+directory, then linked to its name; a tree inserted in the open transaction. An existing
+object is never rewritten. Writes are not made durable one by one: `make_durable` commits
+the trees and flushes the blobs in one batch before the catalog commit that references
+them. Reads verify the id unless told the caller verifies.
 
 Every method blocks; the daemon calls them from worker threads.
 """
@@ -23,9 +25,9 @@ from dwsd.crashpoints import crash_point
 from dwsd.errors import CorruptObjectError, ObjectMissingError, StoreError
 from dwsd.store.fsutil import clean_temps, fsync_dir, syncfs, temp_name
 from dwsd.store.ids import Hasher, ObjectId, hash_bytes, validate_object_id
+from dwsd.store.treedb import FILENAME as TREE_DB, TreeDB
 
 Kind = Literal["blobs", "trees"]
-KINDS: tuple[Kind, ...] = ("blobs", "trees")
 _FANOUT = [f"{i:02x}" for i in range(256)]
 READ_CHUNK = 1 << 20
 _OBJECT_NAME_RE = re.compile(r"[0-9a-f]{62}")
@@ -55,9 +57,10 @@ class WriteLog:
 class ObjectStore:
     """The object directory of one store."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, readonly: bool = False) -> None:
         self.root = root
         self._root = str(root)
+        self.trees = TreeDB(root / TREE_DB, readonly)
         self.log = WriteLog()
         # Capture workers publish concurrently; the lock keeps the write log whole.
         self._publish_lock = threading.Lock()
@@ -68,21 +71,29 @@ class ObjectStore:
 
     @classmethod
     def create(cls, root: Path) -> "ObjectStore":
-        for kind in KINDS:
-            for fan in _FANOUT:
-                os.makedirs(root / kind / fan, exist_ok=True)
+        for fan in _FANOUT:
+            os.makedirs(root / "blobs" / fan, exist_ok=True)
+        if not (root / TREE_DB).exists():
+            TreeDB.create(root / TREE_DB)
         return cls(root)
 
-    def path(self, kind: Kind, oid: str) -> Path:
-        """The file of object `oid`; the id is validated first."""
+    def close(self) -> None:
+        """Commit pending tree writes and close the tree database."""
+        self.trees.close()
+
+    def path(self, kind: Literal["blobs"], oid: str) -> Path:
+        """The file of blob `oid` (trees have no file); the id is validated first."""
         return Path(self._path(kind, oid))
 
     def _path(self, kind: Kind, oid: str) -> str:
         # str, not Path: this runs for every file of every capture.
+        assert kind == "blobs", "trees are rows of the tree database, not files"
         oid = validate_object_id(oid)
         return f"{self._root}/{kind}/{oid[:2]}/{oid[2:]}"
 
     def has(self, kind: Kind, oid: ObjectId) -> bool:
+        if kind == "trees":
+            return self.trees.has(validate_object_id(oid))
         return os.path.exists(self._path(kind, oid))
 
     # -- writing ------------------------------------------------------------------------
@@ -94,6 +105,8 @@ class ObjectStore:
     def store_bytes(self, kind: Kind, data: bytes) -> tuple[ObjectId, bool]:
         """Like `put`; also says whether the object was new (written by this call)."""
         oid = hash_bytes(data)
+        if kind == "trees":
+            return oid, self._insert_tree(oid, data)
         if self.has(kind, oid):
             return oid, False
         tmp = Path(f"{self._root}/{kind}/{oid[:2]}/{temp_name()}")
@@ -135,6 +148,15 @@ class ObjectStore:
             os.unlink(tmp)
             return oid, length, False
         return oid, length, self._publish(kind, oid, tmp, length)
+
+    def _insert_tree(self, oid: ObjectId, data: bytes) -> bool:
+        stored = _pack("trees", data)
+        if not self.trees.insert(oid, stored):
+            return False
+        with self._publish_lock:
+            self.log.add("trees", oid, len(stored))
+        crash_point("objects-written")
+        return True
 
     def _open_new(self, tmp: Path) -> int:
         try:
@@ -185,6 +207,7 @@ class ObjectStore:
         many are flushed by one syncfs. syncfs also flushes other programs' dirty data
         on the same filesystem, which a small snapshot should not have to wait for.
         """
+        self.trees.commit()
         with self._publish_lock:
             pending, self._unsynced = self._unsynced, set()
         if len(pending) > SYNCFS_FROM:
@@ -208,9 +231,9 @@ class ObjectStore:
         """Remove an object this writer published and never committed (a torn copy, a
         failed snapshot's objects), and forget it in the write log and the durability
         list: a later `make_durable` must not look for it, nor counts include it."""
-        path = self._path(kind, oid)
         with self._publish_lock:
-            self._unsynced.discard(path)
+            if kind == "blobs":
+                self._unsynced.discard(self._path(kind, oid))
             self.log.drop(kind, oid)
         self.remove(kind, oid)
 
@@ -225,10 +248,16 @@ class ObjectStore:
         """Read and verify a whole object. Raises ObjectMissingError, CorruptObjectError."""
         self.reads[kind] += 1
         try:
-            with open(self._path(kind, oid), "rb") as f:
-                data = _unpack(kind, f.read(), oid)
+            if kind == "trees":
+                raw = self.trees.get(validate_object_id(oid))
+                if raw is None:
+                    raise FileNotFoundError
+            else:
+                with open(self._path(kind, oid), "rb") as f:
+                    raw = f.read()
         except FileNotFoundError:
             raise ObjectMissingError(f"{kind[:-1]} {oid} is missing from the store") from None
+        data = _unpack(kind, raw, oid)
         if hash_bytes(data) != oid:
             raise CorruptObjectError(f"{kind[:-1]} {oid} is corrupt (content hash differs)")
         return data
@@ -257,6 +286,9 @@ class ObjectStore:
 
     def iter_ids(self, kind: Kind) -> Iterator[ObjectId]:
         """Every object id of a kind present on disk (temp files skipped)."""
+        if kind == "trees":
+            yield from self.trees.ids()
+            return
         for fan in _FANOUT:
             for name in os.listdir(self.root / kind / fan):
                 # Temp files, and anything else that is not an object name (a stray file
@@ -265,6 +297,10 @@ class ObjectStore:
                     yield ObjectId(fan + name)
 
     def remove(self, kind: Kind, oid: ObjectId) -> None:
+        """Remove an object; a tree's removal is durable at the next `make_durable`."""
+        if kind == "trees":
+            self.trees.delete(validate_object_id(oid))
+            return
         try:
             os.unlink(self._path(kind, oid))
         except FileNotFoundError:
@@ -272,7 +308,7 @@ class ObjectStore:
 
     def clean_temps(self) -> int:
         """Remove temp files left by a crash; only safe while holding the writer lock."""
-        return sum(clean_temps(self.root / kind / fan) for kind in KINDS for fan in _FANOUT)
+        return sum(clean_temps(self.root / "blobs" / fan) for fan in _FANOUT)
 
 
 def hash_fd(fd: int) -> ObjectId:

@@ -5,7 +5,7 @@ Layout::
     <store>/format            "dwsd-store <version>"
     <store>/lock              flock'ed by the single writer, holds its pid
     <store>/catalog.json      every snapshot record (see catalog.py)
-    <store>/objects/          blobs/ and trees/ (see objects.py)
+    <store>/objects/          blobs/ and trees.db (see objects.py)
     <store>/state/            per-resource capture state (stat cache, last root tree)
     <store>/journal/          unfinished restores
 
@@ -15,24 +15,32 @@ store) use `readonly=True`, take no lock and never write.
 from __future__ import annotations
 
 import contextlib
+import logging
+import shutil
 from pathlib import Path
 from typing import Iterator
 
-from dwsd.errors import StoreError
+from dwsd.errors import InvalidIdError, StoreError
 from dwsd.store.catalog import Catalog
 from dwsd.store.fsutil import atomic_write, clean_temps
 from dwsd.store.lock import StoreLock
+from dwsd.store.ids import ObjectId, validate_object_id
 from dwsd.store.objects import ObjectStore
+from dwsd.store.treedb import FILENAME as TREE_DB
 
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
 _FORMAT_TEXT = f"dwsd-store {FORMAT_VERSION}\n"
+# Format 1 kept each tree in a file of its own; a writer moves them into trees.db.
+_FORMAT_1_TEXT = "dwsd-store 1\n"
 
 
 class Store:
     def __init__(self, root: Path, lock: StoreLock | None) -> None:
         self.root = root
         self._lock = lock
-        self.objects = ObjectStore(root / "objects")
+        self.objects = ObjectStore(root / "objects", readonly=lock is None)
         self.catalog = Catalog.load(root / "catalog.json")
         self.state_dir = root / "state"
         self.journal_dir = root / "journal"
@@ -51,12 +59,14 @@ class Store:
             if not create or readonly:
                 raise StoreError(f"{root} is not a dwsd store (no format file)")
             _initialise(root)
-        _check_format(root)
         lock = None
         if not readonly:
             lock = StoreLock(root / "lock")
             lock.acquire()
         try:
+            if lock is not None and (root / "format").read_text() == _FORMAT_1_TEXT:
+                upgrade_format_1(root)
+            _check_format(root)
             store = cls(root, lock)
             if lock is not None:
                 store.objects.clean_temps()
@@ -69,6 +79,7 @@ class Store:
         return store
 
     def close(self) -> None:
+        self.objects.close()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -107,8 +118,45 @@ def _initialise(root: Path) -> None:
     atomic_write(root / "format", _FORMAT_TEXT.encode())
 
 
+def upgrade_format_1(root: Path) -> None:
+    """Move a format-1 store's tree files into trees.db, then say format 2 (the writer
+    holds the lock). Safe to run again after a crash at any point: rows are inserted or
+    ignored and committed before any tree file is removed, and the format file changes
+    last."""
+    objects = root / "objects"
+    tree_dir = objects / "trees"
+    ObjectStore.create(objects)
+    legacy = ObjectStore(objects)
+    moved = 0
+    try:
+        for path in sorted(tree_dir.glob("??/*")):
+            oid = path.parent.name + path.name
+            if _is_object_name(oid):
+                legacy.trees.insert(ObjectId(oid), path.read_bytes())
+                moved += 1
+        legacy.trees.commit()
+    finally:
+        legacy.close()
+    if tree_dir.exists():
+        shutil.rmtree(tree_dir)
+    atomic_write(root / "format", _FORMAT_TEXT.encode())
+    log.info("store %s upgraded to format %d (%d trees moved into %s)", root,
+             FORMAT_VERSION, moved, TREE_DB)
+
+
+def _is_object_name(name: str) -> bool:
+    try:
+        validate_object_id(name)
+        return True
+    except InvalidIdError:
+        return False
+
+
 def _check_format(root: Path) -> None:
     text = (root / "format").read_text()
+    if text == _FORMAT_1_TEXT:
+        raise StoreError(f"{root} has store format 1; start dwsd on it once to upgrade it "
+                         f"to format {FORMAT_VERSION}")
     if text != _FORMAT_TEXT:
         raise StoreError(f"{root} has store format {text.strip()!r}; this dwsd reads "
                          f"{_FORMAT_TEXT.strip()!r}")
