@@ -104,6 +104,32 @@ def test_dirty_mode_stats_only_dirty_paths(store: Store, data_dir: Path) -> None
     assert second.state.files.keys() == full.state.files.keys()
 
 
+def test_dirty_mode_keeps_unmarked_directories_metadata_without_reading_it(
+        store: Store, data_dir: Path) -> None:
+    deep = data_dir / "a" / "b"
+    trees.write(deep / "f.txt", b"one")
+    os.setxattr(data_dir / "a", "user.note", b"kept")
+    first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    (deep / "f.txt").write_bytes(b"two")
+    xattr_reads: list[object] = []
+    real_listxattr = os.listxattr
+
+    def counting_listxattr(*args: object, **kwargs: object) -> list[str]:
+        xattr_reads.append(args[0])
+        return real_listxattr(*args, **kwargs)  # type: ignore[arg-type]
+    os.listxattr = counting_listxattr  # type: ignore[assignment]
+    try:
+        second = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES,
+                                  [b"a/b/f.txt"])
+    finally:
+        os.listxattr = real_listxattr
+    assert len(xattr_reads) == 1  # the changed file's, not a/ nor a/b/
+    full = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES)
+    assert second.root == full.root
+    a = next(e for e in trees.entries(store.objects, second.root) if e.name == b"a")
+    assert a.xattrs == ((b"user.note", b"kept"),)
+
+
 def test_excluded_paths_are_not_captured(store: Store, data_dir: Path) -> None:
     for rel in ["keep.csv", "x.tmp", "sub/y.tmp", "__pycache__/m.pyc", "sub/__pycache__/n",
                 "build/out", "sub/build/kept"]:

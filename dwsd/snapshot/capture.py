@@ -209,10 +209,13 @@ class _Walker:
             return None
 
     def _directory(self, dfd: int, name: bytes, relpath: bytes, base: Entry,
-                   prev_tree: ObjectId | None, dirty: "_Trie | None") -> _DirJob:
+                   prev_tree: ObjectId | None, dirty: "_Trie | None",
+                   same_meta: bool = False) -> _DirJob:
+        """Capture a directory; `same_meta` says `base` is its previous entry and is
+        still right (its own xattrs are not read again)."""
         sub = os.open(name, _OPEN_DIR, dir_fd=dfd)
         try:
-            entry = replace(base, xattrs=_read_xattrs(sub))
+            entry = base if same_meta else replace(base, xattrs=_read_xattrs(sub))
             if prev_tree is not None and dirty is not None:
                 return self._update_dir(sub, relpath, entry, prev_tree, dirty)
             return self.walk_full(sub, relpath, entry)
@@ -344,10 +347,13 @@ class _Walker:
             self._forget(relpath, prev)
             return self._capture_entry(dfd, name, relpath)
         if not node.marked and isinstance(prev, Entry) and prev.kind == DIR:
-            # Only something below changed: keep this directory's own metadata.
+            # Only something below changed: keep this directory's own metadata. (A change
+            # to its names, mode or xattrs would have marked it: the watcher reports the
+            # directory of every create, delete and move, and attribute changes.)
             try:
                 assert prev.ref is not None
-                return self._directory(dfd, name, relpath, prev, prev.ref, node)
+                return self._directory(dfd, name, relpath, prev, prev.ref, node,
+                                       same_meta=True)
             except OSError:
                 pass  # it moved or changed type after all: look at it properly
         st = self._lstat(dfd, name, relpath)
