@@ -31,7 +31,7 @@ Kind = Literal["blobs", "trees"]
 _FANOUT = [f"{i:02x}" for i in range(256)]
 READ_CHUNK = 1 << 20
 _OBJECT_NAME_RE = re.compile(r"[0-9a-f]{62}")
-SYNCFS_FROM = 256  # objects; below this, fsync each (see make_durable)
+SYNCFS_FROM = 64  # blob files; below this, fsync each (see make_durable)
 
 
 @dataclass
