@@ -250,3 +250,17 @@ def test_dwsd_mount_of_a_missing_store_is_one_line(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert res.stderr.decode().strip().splitlines() == [
         f"dwsd: {tmp_path / 'none'} is not a dwsd store (no format file)"]
+
+
+def test_dwsd_mount_imports_none_of_the_daemon() -> None:
+    """`dwsd mount` is timed from its start until the root lists: the CLI and the view
+    must not import the watcher, capture, restore, scheduler or control server."""
+    probe = ("import sys, dwsd.cli.dwsd, dwsd.fuse.mount; "
+             "print(' '.join(sorted(m for m in sys.modules if m.startswith('dwsd'))))")
+    res = run([sys.executable, "-c", probe], cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    imported = set(res.stdout.decode().split())
+    daemon_only = {"dwsd.daemon", "dwsd.workspace", "dwsd.control", "dwsd.schedule",
+                   "dwsd.watch", "dwsd.snapshot.capture", "dwsd.snapshot.restore"}
+    assert imported & daemon_only == set()
+    assert {"dwsd.fuse.mount", "dwsd.config"} <= imported

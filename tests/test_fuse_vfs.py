@@ -169,6 +169,24 @@ def test_peek_counts_nothing_until_remembered(view: View) -> None:
     assert view.getattr(attrs.inode) == attrs
 
 
+def test_children_are_what_peek_gives_from_any_position(view: View) -> None:
+    resource = walk(view, b"v1", b"data")
+    view.add_tree(ROOT_TREE, ROOT_ENTRIES)
+    names = view.listdir(resource)
+    listed = list(view.children(resource, names, 1))
+    assert [(i, name) for i, name, _ in listed] == [(1, b"link"), (2, b"sub")]
+    assert [attrs for _, _, attrs in listed] == [view.peek(resource, n) for n in names[1:]]
+    assert [n.lookups for n in map(view.node, (a.inode for _, _, a in listed))] == [0, 0]
+
+
+def test_children_skip_root_names_gone_since_the_listing(view: View) -> None:
+    names = view.listdir(ROOT)
+    view.refresh(catalog(SECOND))
+    listed = [name for _, name, _ in view.children(ROOT, names, 0)]
+    assert listed == [n for n in names if n in view.listdir(ROOT)]
+    assert b"v1" not in listed
+
+
 def test_refresh_reports_appeared_disappeared_and_changed_names() -> None:
     view = View(uid=0, gid=0)
     view.refresh(catalog(FIRST))

@@ -9,7 +9,6 @@ filesystems where inotify sees nothing (network filesystems, another mount names
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 from pathlib import Path
@@ -26,7 +25,9 @@ CatalogKey = tuple[int, int, int] | None
 
 _IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_CREATE = 0x8, 0x80, 0x100
 _IN_NONBLOCK, _IN_CLOEXEC = 0o4000, 0o2000000
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# By soname: `ctypes.util.find_library` runs `ldconfig -p` in a subprocess, which would
+# delay every `dwsd mount` by a few milliseconds (more with a cold page cache).
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
 
 def catalog_key(path: Path) -> CatalogKey:

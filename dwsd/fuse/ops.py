@@ -275,12 +275,8 @@ class ViewOps(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._dir(fh)
         await self._ensure_tree(handle.inode)
-        for index in range(start_id, len(handle.names)):
-            name = handle.names[index]
-            try:
-                attrs = self.vfs.peek(handle.inode, name)
-            except ViewError:
-                continue  # a root name gone since opendir: "may or may not be returned"
+        # A root name gone since opendir is skipped: "may or may not be returned".
+        for index, name, attrs in self.vfs.children(handle.inode, handle.names, start_id):
             if not self._readdir_reply(token, name, self.entry_attributes(attrs),
                                        index + 1):
                 self.vfs.discard(attrs.inode)

@@ -35,7 +35,7 @@ import os
 import stat
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, NamedTuple, NewType, Sequence
+from typing import Hashable, Iterator, NamedTuple, NewType, Sequence
 
 from dwsd.store.catalog import Catalog, SnapshotRecord
 from dwsd.store.ids import ObjectId
@@ -94,9 +94,10 @@ class NodeKind(enum.Enum):
     ENTRY = "entry"
 
 
-@dataclass(frozen=True, slots=True)
-class Attributes:
-    """What stat shows for one inode. atime and ctime are reported equal to mtime."""
+class Attributes(NamedTuple):
+    """What stat shows for one inode. atime and ctime are reported equal to mtime.
+    (A tuple: one is made for every entry a listing shows, and a frozen dataclass
+    costs several times as much to build.)"""
 
     inode: Inode
     mode: int
@@ -397,7 +398,7 @@ class View:
         if parent is None or parent.tree is None or parent.tree not in self.trees:
             return Neighbours(None, [])
         entries = self.trees.get(parent.tree)
-        i = bisect.bisect_left(entries, node.name, key=lambda e: e.name)
+        i = bisect.bisect_left(entries, node.name, key=_entry_name)
         previous = next((e.ref for e in reversed(entries[max(0, i - 8):i])
                          if e.kind == FILE and e.ref is not None), None)
         following: list[tuple[ObjectId, int]] = []
@@ -420,6 +421,26 @@ class View:
             return [e.name for e in self.trees.get(node.tree)]
         raise NotADirectory(f"inode {inode} is not a directory")
 
+    def children(self, inode: int, names: Sequence[bytes], start: int
+                 ) -> Iterator[tuple[int, bytes, Attributes]]:
+        """(position, name, attributes) for `names[start:]`, where `names` is a listing
+        of directory `inode` from `listdir`. Counts no reference, like `peek`. Names gone
+        since the listing was taken (root names only) are skipped. A tree directory is
+        listed by position, with no search per name: its listing is its tree's names in
+        order, and a tree never changes."""
+        parent = self.node(inode)
+        if parent.tree is None:
+            for index in range(start, len(names)):
+                try:
+                    yield index, names[index], self._child(parent, names[index]).attrs
+                except NoEntry:
+                    continue
+            return
+        entries = self.trees.get(parent.tree)
+        for index in range(start, len(entries)):
+            entry = entries[index]
+            yield index, entry.name, self._entry_node(parent, entry).attrs
+
     def _child(self, parent: Node, name: bytes) -> Node:
         if parent.kind is NodeKind.ROOT:
             return self._root_child(name)
@@ -436,17 +457,25 @@ class View:
         rec = self._root.records[item.snapshot_id]
         mtime = time_ns(rec.time)
         if item.is_latest:
-            target = safe_name(rec.id)
-            return self._intern(("latest", rec.id), lambda ino: Node(
-                ino, NodeKind.LATEST, None, ROOT, name,
-                Attributes(ino, stat.S_IFLNK | 0o777, 1, self.uid, self.gid, len(target),
-                           mtime),
-                record=rec, target=target))
-        return self._intern(("snapshot", name, rec.id), lambda ino: Node(
-            ino, NodeKind.SNAPSHOT, None, ROOT, name,
-            Attributes(ino, stat.S_IFDIR | DIR_MODE, 2 + len(rec.resources), self.uid,
-                       self.gid, 0, mtime),
-            record=rec))
+            key: NodeKey = ("latest", rec.id)
+            inode, node = self._find(key)
+            if node is None:
+                target = safe_name(rec.id)
+                node = self._add(Node(
+                    inode, NodeKind.LATEST, key, ROOT, name,
+                    Attributes(inode, stat.S_IFLNK | 0o777, 1, self.uid, self.gid,
+                               len(target), mtime),
+                    record=rec, target=target))
+            return node
+        key = ("snapshot", name, rec.id)
+        inode, node = self._find(key)
+        if node is None:
+            node = self._add(Node(
+                inode, NodeKind.SNAPSHOT, key, ROOT, name,
+                Attributes(inode, stat.S_IFDIR | DIR_MODE, 2 + len(rec.resources),
+                           self.uid, self.gid, 0, mtime),
+                record=rec))
+        return node
 
     def _resource_child(self, parent: Node, name: bytes) -> Node:
         rec = parent.record
@@ -455,40 +484,53 @@ class View:
         if resource is None:
             raise NoEntry(name)
         key = ("resource", parent.name, rec.id, name)
-        # The resource's own directory as captured; the synthetic defaults only for
-        # snapshots recorded without it.
-        mode, uid, gid, mtime = rec.root_meta.get(
-            resource, (DIR_MODE, self.uid, self.gid, time_ns(rec.time)))
-        return self._intern(key, lambda ino: Node(
-            ino, NodeKind.RESOURCE, None, parent.inode, name,
-            Attributes(ino, stat.S_IFDIR | mode, 1, uid, gid, 0, mtime),
-            record=rec, tree=rec.resources[resource], resource=key))
+        inode, node = self._find(key)
+        if node is None:
+            # The resource's own directory as captured; the synthetic defaults only for
+            # snapshots recorded without it.
+            mode, uid, gid, mtime = rec.root_meta.get(
+                resource, (DIR_MODE, self.uid, self.gid, time_ns(rec.time)))
+            node = self._add(Node(
+                inode, NodeKind.RESOURCE, key, parent.inode, name,
+                Attributes(inode, stat.S_IFDIR | mode, 1, uid, gid, 0, mtime),
+                record=rec, tree=rec.resources[resource], resource=key))
+        return node
 
     def _entry_child(self, parent: Node, name: bytes) -> Node:
         assert parent.tree is not None
         entries = self.trees.get(parent.tree)
-        i = bisect.bisect_left(entries, name, key=lambda e: e.name)
+        i = bisect.bisect_left(entries, name, key=_entry_name)
         if i == len(entries) or entries[i].name != name:
             raise NoEntry(name)
-        entry = entries[i]
-        key: NodeKey = ("entry", parent.inode, name)
-        if entry.ino and entry.kind == FILE:
-            key = ("link", parent.resource, entry.ino)
-        return self._intern(key, lambda ino: Node(
-            ino, NodeKind.ENTRY, None, parent.inode, name, entry_attributes(ino, entry),
-            record=parent.record, entry=entry, resource=parent.resource,
-            tree=entry.ref if entry.kind == DIR else None))
+        return self._entry_node(parent, entries[i])
 
-    def _intern(self, key: NodeKey, make: Callable[[Inode], Node]) -> Node:
+    def _entry_node(self, parent: Node, entry: Entry) -> Node:
+        """The node of `entry`, a name in tree directory `parent`; made on first use.
+        This runs for every name a listing shows: keep it lean."""
+        if entry.ino and entry.kind == FILE:
+            key: NodeKey = ("link", parent.resource, entry.ino)
+        else:
+            key = ("entry", parent.inode, entry.name)
+        inode, node = self._find(key)
+        if node is None:
+            node = self._add(Node(
+                inode, NodeKind.ENTRY, key, parent.inode, entry.name,
+                entry_attributes(inode, entry), record=parent.record, entry=entry,
+                resource=parent.resource, tree=entry.ref if entry.kind == DIR else None))
+        return node
+
+    def _find(self, key: NodeKey) -> tuple[Inode, Node | None]:
+        """The inode number of `key` (a new one the first time) and its live node, None
+        when there is none: the caller makes it and `_add`s it."""
         inode = self._by_key.get(key)
         if inode is None:
             inode = self._by_key[key] = Inode(self._next_inode)
             self._next_inode += 1
-        elif inode in self._nodes:
-            return self._nodes[inode]
-        node = make(inode)
-        node.key = key
-        self._nodes[inode] = node
+            return inode, None
+        return inode, self._nodes.get(inode)
+
+    def _add(self, node: Node) -> Node:
+        self._nodes[node.inode] = node
         return node
 
     # -- leaves -------------------------------------------------------------------------
@@ -529,6 +571,10 @@ class View:
             node = self._nodes.get(node.parent)
         prefix = "" if node is not None else ".../"
         return prefix + os.fsdecode(b"/".join(reversed(parts)))
+
+
+def _entry_name(entry: Entry) -> bytes:
+    return entry.name
 
 
 def _keeps_number(key: NodeKey) -> bool:
