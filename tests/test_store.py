@@ -202,7 +202,7 @@ def test_an_upgrade_cut_short_is_finished_by_the_next_writer(
     first_file = sorted((store_dir / "objects" / "trees").glob("??/*"))[0]
     oid = first_file.parent.name + first_file.name
     db = ObjectStore(store_dir / "objects")
-    db.trees.insert(oid, first_file.read_bytes())  # type: ignore[arg-type]
+    db.trees.insert_stored(oid, first_file.read_bytes())  # type: ignore[arg-type]
     db.close()
     first_file.unlink()
     with Workspace.open(config) as ws:
@@ -252,3 +252,29 @@ def test_check_finds_a_corrupt_tree_row(tmp_path: Path, write_config: WriteConfi
         problems = ws.check().problems
     assert [(p.object_id, p.snapshots) for p in problems] == [(sub, [rec.id])]
     assert "corrupt" in problems[0].problem
+
+
+def test_trees_are_buffered_then_committed_in_one_batch(tmp_path: Path) -> None:
+    from dwsd.store.tree import FILE, Entry, encode_tree
+    from dwsd.store.treedb import TreeDB
+    with Store.open(tmp_path / "s", create=True) as store:
+        objects = store.objects
+        objects.start_log()
+        encodings = [encode_tree([Entry(b"f%d" % i, FILE, 0o644, 0, 0, i, 1,
+                                        ref="ab" * 32)]) for i in range(3)]
+        ids = [objects.put("trees", e) for e in encodings]
+        reader = TreeDB(objects.root / "trees.db", readonly=True)
+        try:
+            assert [objects.get("trees", t) for t in ids] == encodings  # the writer sees them
+            assert [reader.has(t) for t in ids] == [False] * 3  # nobody else yet
+            assert objects.log.objects_written == 0
+            objects.make_durable()
+            assert sorted(oid for _, oid in objects.log.written) == sorted(ids)
+            assert [reader.get(t) for t in ids] == encodings
+            # A failed snapshot's trees that were never flushed are dropped.
+            lost = objects.put("trees", encode_tree([]))
+            objects.roll_back(objects.start_log())
+            objects.make_durable()
+            assert not objects.has("trees", lost) and not reader.has(lost)
+        finally:
+            reader.close()

@@ -30,7 +30,7 @@ import stat as stat_mod
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Collection, Union
 
@@ -188,7 +188,7 @@ class _Walker:
                 return self._file(dfd, name, relpath, base, st)
             if kind == SYMLINK:
                 target = os.readlink(name, dir_fd=dfd)
-                return replace(base, target=target, size=len(target))
+                return base._replace(target=target, size=len(target))
             return base  # FIFOs, sockets, devices: metadata only, never opened
         except OSError as exc:
             if exc.errno == errno.ENOENT:
@@ -215,7 +215,7 @@ class _Walker:
         still right (its own xattrs are not read again)."""
         sub = os.open(name, _OPEN_DIR, dir_fd=dfd)
         try:
-            entry = base if same_meta else replace(base, xattrs=_read_xattrs(sub))
+            entry = base if same_meta else base._replace(xattrs=_read_xattrs(sub))
             if prev_tree is not None and dirty is not None:
                 return self._update_dir(sub, relpath, entry, prev_tree, dirty)
             return self.walk_full(sub, relpath, entry)
@@ -225,7 +225,7 @@ class _Walker:
     def _file(self, dfd: int, name: bytes, relpath: bytes, base: Entry,
               st: os.stat_result) -> _Pending:
         if st.st_nlink > 1:
-            base = replace(base, ino=self._link_id(st))
+            base = base._replace(ino=self._link_id(st))
             if (twin := self._inodes.get((st.st_dev, st.st_ino))) is not None:
                 return _same_content(twin, base, relpath)
         cached = self.prev.files.get(relpath)
@@ -234,7 +234,7 @@ class _Walker:
             self.state.put(relpath, cached)
             if self.on_file is not None:
                 self.on_file(cached.size)
-            # The hot path of an unchanged tree: build the entry once, no replace().
+            # The hot path of an unchanged tree: build the entry once, no _replace().
             done = Entry(name, FILE, base.mode, base.uid, base.gid, base.mtime_ns,
                          base.size, cached.blob, b"", 0, base.ino, cached.xattrs)
             self._remember_inode(st, done)
@@ -394,7 +394,7 @@ class _Walker:
             return item
         if isinstance(item, _DirJob):
             assert item.entry is not None
-            return replace(item.entry, ref=self.finish(item))
+            return item.entry._replace(ref=self.finish(item))
         return self._resolve_file(item)
 
     def _resolve_file(self, job: _FileJob) -> Entry | None:
@@ -414,7 +414,7 @@ class _Walker:
                 self.state.drop(job.relpath)
                 return None
             self.state.put(job.relpath, cached._replace(ctime_ns=UNTRUSTED))
-            return replace(job.entry, ref=cached.blob, size=cached.size,
+            return job.entry._replace(ref=cached.blob, size=cached.size,
                            mtime_ns=cached.mtime_ns, xattrs=cached.xattrs)
         st = out.stat
         if cached is None or cached.blob != out.blob:
@@ -422,7 +422,7 @@ class _Walker:
         ctime = st.st_ctime_ns if out.trusted else UNTRUSTED
         self.state.put(job.relpath, CachedFile(st.st_size, st.st_mtime_ns, ctime,
                                                st.st_ino, out.blob, out.xattrs))
-        return replace(job.entry, ref=out.blob, size=out.length, mtime_ns=st.st_mtime_ns,
+        return job.entry._replace(ref=out.blob, size=out.length, mtime_ns=st.st_mtime_ns,
                        mode=stat_mod.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
                        xattrs=out.xattrs)
 
@@ -503,7 +503,7 @@ def _entry_from_stat(name: bytes, kind: bytes, st: os.stat_result) -> Entry:
 def _same_content(twin: Entry | _FileJob, base: Entry, relpath: bytes) -> _Pending:
     """A further hard link to an inode already captured in this walk."""
     if isinstance(twin, Entry):
-        return replace(base, ref=twin.ref, xattrs=twin.xattrs, size=twin.size)
+        return base._replace(ref=twin.ref, xattrs=twin.xattrs, size=twin.size)
     return _FileJob(relpath, base, twin.future)
 
 

@@ -16,7 +16,6 @@ import concurrent.futures as cf
 import os
 import re
 import threading
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
@@ -99,20 +98,23 @@ class ObjectStore:
     # -- writing ------------------------------------------------------------------------
 
     def put(self, kind: Kind, data: bytes) -> ObjectId:
-        """Store `data` under its id unless already present; return the id."""
+        """Store `data` under its id unless already present; return the id. A tree is
+        buffered: it is written (and in the write log) at the latest by `make_durable`,
+        and readable here at once."""
+        if kind == "trees":
+            oid = hash_bytes(data)
+            self._log_trees(self.trees.add(oid, data))
+            return oid
         return self.store_bytes(kind, data)[0]
 
-    def store_bytes(self, kind: Kind, data: bytes) -> tuple[ObjectId, bool]:
-        """Like `put`; also says whether the object was new (written by this call)."""
+    def store_bytes(self, kind: Literal["blobs"], data: bytes) -> tuple[ObjectId, bool]:
+        """Store a blob; also says whether it was new (written by this call)."""
         oid = hash_bytes(data)
-        if kind == "trees":
-            return oid, self._insert_tree(oid, data)
         if self.has(kind, oid):
             return oid, False
         tmp = Path(f"{self._root}/{kind}/{oid[:2]}/{temp_name()}")
-        stored = _pack(kind, data)
-        self._write_new(tmp, stored)
-        return oid, self._publish(kind, oid, tmp, len(stored))
+        self._write_new(tmp, data)
+        return oid, self._publish(kind, oid, tmp, len(data))
 
     def put_stream(self, kind: Kind, fd: int, buf: bytearray
                    ) -> tuple[ObjectId, int, bool]:
@@ -149,14 +151,13 @@ class ObjectStore:
             return oid, length, False
         return oid, length, self._publish(kind, oid, tmp, length)
 
-    def _insert_tree(self, oid: ObjectId, data: bytes) -> bool:
-        stored = _pack("trees", data)
-        if not self.trees.insert(oid, stored):
-            return False
+    def _log_trees(self, written: list[tuple[ObjectId, int]]) -> None:
+        if not written:
+            return
         with self._publish_lock:
-            self.log.add("trees", oid, len(stored))
+            for oid, length in written:
+                self.log.add("trees", oid, length)
         crash_point("objects-written")
-        return True
 
     def _open_new(self, tmp: Path) -> int:
         try:
@@ -207,7 +208,7 @@ class ObjectStore:
         many are flushed by one syncfs. syncfs also flushes other programs' dirty data
         on the same filesystem, which a small snapshot should not have to wait for.
         """
-        self.trees.commit()
+        self._log_trees(self.trees.commit())
         with self._publish_lock:
             pending, self._unsynced = self._unsynced, set()
         if len(pending) > SYNCFS_FROM:
@@ -223,7 +224,9 @@ class ObjectStore:
             list(pool.map(fsync_dir, dirs))
 
     def roll_back(self, log: WriteLog) -> None:
-        """Remove the objects in `log` (they were new, so nothing else refers to them)."""
+        """Remove the objects in `log` (they were new, so nothing else refers to them),
+        and the trees still buffered (this writer's since its last flush)."""
+        self.trees.discard_buffer()
         for kind, oid in list(log.written):
             self.discard_new(kind, oid)
 
@@ -249,15 +252,14 @@ class ObjectStore:
         self.reads[kind] += 1
         try:
             if kind == "trees":
-                raw = self.trees.get(validate_object_id(oid))
-                if raw is None:
+                data = self.trees.get(validate_object_id(oid))
+                if data is None:
                     raise FileNotFoundError
             else:
                 with open(self._path(kind, oid), "rb") as f:
-                    raw = f.read()
+                    data = f.read()
         except FileNotFoundError:
             raise ObjectMissingError(f"{kind[:-1]} {oid} is missing from the store") from None
-        data = _unpack(kind, raw, oid)
         if hash_bytes(data) != oid:
             raise CorruptObjectError(f"{kind[:-1]} {oid} is corrupt (content hash differs)")
         return data
@@ -320,21 +322,6 @@ def hash_fd(fd: int) -> ObjectId:
         hasher.update(chunk)
         offset += len(chunk)
     return hasher.object_id()
-
-
-def _pack(kind: Kind, data: bytes) -> bytes:
-    """Trees are stored zlib-compressed (their names and headers shrink 3-4x); blobs raw,
-    so the view can pread them. Ids are always the hash of the unpacked bytes."""
-    return zlib.compress(data, 6) if kind == "trees" else data
-
-
-def _unpack(kind: Kind, raw: bytes, oid: str) -> bytes:
-    if kind != "trees":
-        return raw
-    try:
-        return zlib.decompress(raw)
-    except zlib.error:
-        raise CorruptObjectError(f"tree {oid} is corrupt (does not decompress)") from None
 
 
 def _fsync_path(path: str) -> None:

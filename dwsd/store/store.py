@@ -132,7 +132,7 @@ def upgrade_format_1(root: Path) -> None:
         for path in sorted(tree_dir.glob("??/*")):
             oid = path.parent.name + path.name
             if _is_object_name(oid):
-                legacy.trees.insert(ObjectId(oid), path.read_bytes())
+                legacy.trees.insert_stored(ObjectId(oid), path.read_bytes())
                 moved += 1
         legacy.trees.commit()
     finally:

@@ -13,16 +13,23 @@ The contract is the blob files' (see objects.py):
   committed, so a crash loses only trees nothing refers to;
 - other processes (`dwsd mount`) open it read-only and see committed rows only.
 
+Writes are buffered: `add` only keeps the encoding; compression and the inserts happen in
+`flush` (at `commit`, or once FLUSH_BYTES are waiting). A capture adds its trees while its
+reader threads are busy hashing files, and every zlib or SQLite call gives up the GIL and
+then waits to get it back: one call per tree cost a checkpoint 0.1 s; one batch costs a
+few ms.
+
 One connection per ObjectStore, shared by its threads (capture, view workers) under a
-lock; sqlite3 releases the GIL while it works. Every method blocks.
+lock. Every method blocks.
 """
 from __future__ import annotations
 
 import sqlite3
 import threading
+import zlib
 from pathlib import Path
 
-from dwsd.errors import StoreError
+from dwsd.errors import CorruptObjectError, StoreError
 from dwsd.store.ids import ObjectId, id_from_raw, raw_id
 
 FILENAME = "trees.db"
@@ -31,6 +38,8 @@ _SCHEMA = "CREATE TABLE IF NOT EXISTS trees (id BLOB PRIMARY KEY, data BLOB NOT 
 # large first snapshot's log on disk.
 _WAL_LIMIT = 4 << 20
 _BUSY_TIMEOUT_S = 30.0
+FLUSH_BYTES = 8 << 20  # encoded trees held before they are written (a big first walk)
+_LOOKUP_BATCH = 500  # ids per `IN (...)` query; SQLite allows 32,766 parameters
 
 
 class TreeDB:
@@ -41,6 +50,9 @@ class TreeDB:
         self.readonly = readonly
         self._lock = threading.Lock()
         self._closed = False
+        # Trees added and not yet flushed: id -> uncompressed encoding.
+        self._buffer: dict[ObjectId, bytes] = {}
+        self._buffered_bytes = 0
         try:
             if readonly:
                 self._con = sqlite3.connect(f"file:{path}?mode=ro", uri=True,
@@ -72,17 +84,26 @@ class TreeDB:
                              f"database: {exc}") from exc
 
     def get(self, oid: ObjectId) -> bytes | None:
-        """The stored bytes of tree `oid`, or None when it is not there."""
+        """The encoding of tree `oid` (uncompressed, not verified), or None."""
         with self._lock:
+            if (plain := self._buffer.get(oid)) is not None:
+                return plain
             try:
                 row = self._con.execute("SELECT data FROM trees WHERE id = ?",
                                         (raw_id(oid),)).fetchone()
             except sqlite3.Error as exc:
                 raise self._error(exc, "reading a tree") from exc
-        return None if row is None else bytes(row[0])
+        if row is None:
+            return None
+        try:
+            return zlib.decompress(row[0])
+        except zlib.error:
+            raise CorruptObjectError(f"tree {oid} is corrupt (does not decompress)") from None
 
     def has(self, oid: ObjectId) -> bool:
         with self._lock:
+            if oid in self._buffer:
+                return True
             try:
                 row = self._con.execute("SELECT 1 FROM trees WHERE id = ?",
                                         (raw_id(oid),)).fetchone()
@@ -90,22 +111,72 @@ class TreeDB:
                 raise self._error(exc, "looking up a tree") from exc
         return row is not None
 
-    def insert(self, oid: ObjectId, stored: bytes) -> bool:
-        """Add a tree in the open transaction (begun here if none is); True if it was
-        not there before."""
+    def add(self, oid: ObjectId, plain: bytes) -> list[tuple[ObjectId, int]]:
+        """Buffer tree `oid` (its uncompressed encoding) for the next flush. Returns what
+        a flush it set off wrote (see `flush`), usually nothing."""
+        with self._lock:
+            if oid in self._buffer:
+                return []
+            self._buffer[oid] = plain
+            self._buffered_bytes += len(plain)
+            if self._buffered_bytes < FLUSH_BYTES:
+                return []
+            return self._flush()
+
+    def flush(self) -> list[tuple[ObjectId, int]]:
+        """Write the buffered trees that are not stored yet into the open transaction
+        (begun here if none is). Returns (id, stored length) of each tree written."""
+        with self._lock:
+            return self._flush()
+
+    def _flush(self) -> list[tuple[ObjectId, int]]:
+        buffered, self._buffer, self._buffered_bytes = self._buffer, {}, 0
+        if not buffered:
+            return []
+        raw = {raw_id(oid): oid for oid in buffered}
+        try:
+            if not self._con.in_transaction:
+                self._con.execute("BEGIN")
+            stored = self._existing(list(raw))
+            rows = [(r, zlib.compress(buffered[oid], 6)) for r, oid in raw.items()
+                    if r not in stored]
+            self._con.executemany("INSERT OR IGNORE INTO trees (id, data) VALUES (?, ?)",
+                                  rows)
+        except sqlite3.Error as exc:
+            raise self._error(exc, "writing its trees") from exc
+        return [(raw[r], len(data)) for r, data in rows]
+
+    def _existing(self, raws: list[bytes]) -> set[bytes]:
+        found: set[bytes] = set()
+        for i in range(0, len(raws), _LOOKUP_BATCH):
+            batch = raws[i:i + _LOOKUP_BATCH]
+            marks = ",".join("?" * len(batch))
+            found.update(bytes(r[0]) for r in self._con.execute(
+                f"SELECT id FROM trees WHERE id IN ({marks})", batch))
+        return found
+
+    def insert_stored(self, oid: ObjectId, stored: bytes) -> None:
+        """Insert a tree as stored (compressed) into the open transaction: for moving
+        format-1 tree files in, which are stored the same way."""
         with self._lock:
             try:
                 if not self._con.in_transaction:
                     self._con.execute("BEGIN")
-                cur = self._con.execute("INSERT OR IGNORE INTO trees (id, data) VALUES (?, ?)",
-                                        (raw_id(oid), stored))
+                self._con.execute("INSERT OR IGNORE INTO trees (id, data) VALUES (?, ?)",
+                                  (raw_id(oid), stored))
             except sqlite3.Error as exc:
                 raise self._error(exc, "writing a tree") from exc
-        return cur.rowcount == 1
+
+    def discard_buffer(self) -> None:
+        """Forget the trees added since the last flush (a failed snapshot's)."""
+        with self._lock:
+            self._buffer, self._buffered_bytes = {}, 0
 
     def delete(self, oid: ObjectId) -> None:
         """Remove a tree in the open transaction (no error when it is not there)."""
         with self._lock:
+            if self._buffer.pop(oid, None) is not None:
+                return
             try:
                 if not self._con.in_transaction:
                     self._con.execute("BEGIN")
@@ -113,20 +184,24 @@ class TreeDB:
             except sqlite3.Error as exc:
                 raise self._error(exc, "removing a tree") from exc
 
-    def commit(self) -> None:
-        """Make every insert and delete so far durable (blocks on one fsync)."""
+    def commit(self) -> list[tuple[ObjectId, int]]:
+        """Flush, then make every insert and delete so far durable (blocks on one
+        fsync). Returns what the flush wrote."""
         with self._lock:
+            written = self._flush()
             if not self._con.in_transaction:
-                return
+                return written
             try:
                 self._con.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
                 raise self._error(exc, "committing its trees") from exc
+            return written
 
     def ids(self) -> list[ObjectId]:
         """Every tree id stored (committed, or written by this connection)."""
         with self._lock:
+            self._flush()
             try:
                 rows = self._con.execute("SELECT id FROM trees").fetchall()
             except sqlite3.Error as exc:
