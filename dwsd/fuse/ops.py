@@ -27,7 +27,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Concatenate, Coroutine, NoReturn, \
-    ParamSpec, Sequence, TypeVar
+    ParamSpec, Sequence, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -50,12 +50,13 @@ VERIFY_THREADS = 2
 META_THREADS = 4
 PREFETCH_THREADS = 2        # speculative loads in flight; more are skipped, not queued
 VERIFIED_IDS_KEPT = 65536
-SMALL_BLOB = 1 << 20        # verified with one pread and one hash
+SMALL_BLOB = 1 << 20        # read and verified whole at open, then served from memory
 REPORTED_KEPT = 1024
 SUBTREES_AHEAD = 64         # child trees loaded when a directory is opened
 FILES_AHEAD = 16            # small files verified ahead of a sequential reader...
 FILES_BATCH = 8             # ...this many per thread hop
-READY_KEPT = 64             # blobs verified and opened ahead, waiting for their open
+READY_KEPT = 64             # small blobs read and verified ahead, waiting for their open...
+READY_BYTES = 16 << 20      # ...and at most this many bytes of them
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -85,17 +86,19 @@ def _fuse_errors(handler: Callable[Concatenate["ViewOps", P], Awaitable[T]]
 
 @dataclass
 class _OpenFile:
-    """An open blob. The fd is closed by whichever comes last: release or the last read
-    in flight (so a released fd number is never reused under a running pread)."""
+    """An open blob: a small one's verified content (`fd` None), or a larger one's fd.
+    The fd is closed by whichever comes last: release or the last read in flight (so a
+    released fd number is never reused under a running pread)."""
 
-    fd: int
+    fd: int | None
     blob: ObjectId
     size: int
+    content: bytes = b""
     reads: int = 0
     released: bool = False
 
     def close_if_idle(self) -> None:
-        if self.released and self.reads == 0:
+        if self.fd is not None and self.released and self.reads == 0:
             os.close(self.fd)
 
 
@@ -135,7 +138,8 @@ class ViewOps(pyfuse3.Operations):
         self._verified: OrderedDict[ObjectId, None] = OrderedDict()
         self._verifying: dict[ObjectId, trio.Event] = {}
         self._loading: dict[ObjectId, trio.Event] = {}
-        self._ready: OrderedDict[ObjectId, int] = OrderedDict()
+        self._ready: OrderedDict[ObjectId, bytes] = OrderedDict()
+        self._ready_bytes = 0
         self._prefetches = 0
         self._closed = False
         self._corrupt: set[ObjectId] = set()
@@ -302,20 +306,62 @@ class ViewOps(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         blob = self.vfs.blob(inode)
         size = self.vfs.getattr(inode).size
-        fd = await self._open_blob(blob, size)
+        if size <= SMALL_BLOB:
+            handle = _OpenFile(None, blob, size, await self._small_content(blob, size))
+        else:
+            handle = _OpenFile(await self._open_blob(blob, size), blob, size)
         fh = next(self._handles)  # no await since the fd was opened: nothing leaks it
-        self._files[fh] = _OpenFile(fd, blob, size)
+        self._files[fh] = handle
         self._read_ahead(inode)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
-    async def _open_blob(self, blob: ObjectId, size: int) -> int:
-        """Open a blob, hashing it first on its first open in this process; one thread
-        hop either way. Concurrent first opens of one blob wait for one verification.
-        Raises ObjectMissingError, CorruptObjectError."""
+    async def _small_content(self, blob: ObjectId, size: int) -> bytes:
+        """The verified content of a small blob: taken from what the read-ahead holds, or
+        read whole (and hashed on its first use in this process) in one thread hop.
+        Concurrent first reads of one blob wait for one. Raises ObjectMissingError,
+        CorruptObjectError."""
         while True:
-            fd = self._ready.pop(blob, None)
-            if fd is not None:
-                return fd  # verified and opened by the read-ahead
+            content = self._ready.pop(blob, None)
+            if content is not None:
+                self._ready_bytes -= len(content)
+                return content
+            if blob in self._corrupt:
+                raise CorruptObjectError(f"blob {blob} is corrupt (content hash differs)")
+            pending = self._verifying.get(blob)
+            if pending is None:
+                break
+            await pending.wait()  # then look again: that read may have failed
+        done = self._verifying[blob] = trio.Event()
+        try:
+            content = await trio.to_thread.run_sync(
+                self._read_small, blob, size, blob not in self._verified,
+                limiter=self.verify_limiter)
+        finally:
+            del self._verifying[blob]
+            done.set()
+        if content is None:
+            self._corrupt.add(blob)
+            raise CorruptObjectError(f"blob {blob} is corrupt (content hash differs)")
+        self._remember_verified(blob)
+        return content
+
+    def _read_small(self, blob: ObjectId, size: int, verify: bool = True) -> bytes | None:
+        """Read a small blob whole (blocks); None when `verify` finds its hash wrong. One
+        pread of size + 1 bytes, so a blob grown on disk fails the hash too."""
+        fd = self.store.objects.open_blob(blob)
+        try:
+            content = os.pread(fd, size + 1, 0)
+        finally:
+            os.close(fd)
+        if verify and hash_bytes(content) != blob:
+            return None
+        return content
+
+    async def _open_blob(self, blob: ObjectId, size: int) -> int:
+        """Open a larger blob, hashing it first on its first open in this process; one
+        thread hop either way. Concurrent first opens of one blob wait for one
+        verification. Raises ObjectMissingError, CorruptObjectError."""
+        while True:
             if blob in self._verified:
                 self._verified.move_to_end(blob)
                 return await trio.to_thread.run_sync(self.store.objects.open_blob, blob,
@@ -328,7 +374,7 @@ class ViewOps(pyfuse3.Operations):
             await pending.wait()  # then look again: the verification may have failed
         done = self._verifying[blob] = trio.Event()
         try:
-            fd = await trio.to_thread.run_sync(self._open_verified, blob, size,
+            fd = await trio.to_thread.run_sync(self._open_verified, blob,
                                                limiter=self.verify_limiter)
         finally:
             del self._verifying[blob]
@@ -345,15 +391,13 @@ class ViewOps(pyfuse3.Operations):
         if len(self._verified) > VERIFIED_IDS_KEPT:
             self._verified.popitem(last=False)
 
-    def _open_verified(self, blob: ObjectId, size: int) -> int | None:
-        """Open a blob and check its hash (blocks); None (fd closed) when corrupt. A
-        small blob is hashed in one read, a larger one in 1 MiB preads."""
+    def _open_verified(self, blob: ObjectId) -> int | None:
+        """Open a blob and check its hash in 1 MiB preads (blocks); None (fd closed)
+        when corrupt."""
         fd = self.store.objects.open_blob(blob)
         try:
-            if size <= SMALL_BLOB:
-                good = hash_bytes(os.pread(fd, size + 1, 0)) == blob
-            else:  # from this fd: the object may be unlinked (gc) once it is open
-                good = hash_fd(fd) == blob
+            # From this fd: the object may be unlinked (gc) once it is open.
+            good = hash_fd(fd) == blob
         except BaseException:
             os.close(fd)
             raise
@@ -365,6 +409,8 @@ class ViewOps(pyfuse3.Operations):
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._file(fh)
+        if handle.fd is None:
+            return _part(handle.content, off, size)
         cached = read_if_cached(handle.fd, off, min(size, handle.size - off))
         if cached is not None:
             return cached
@@ -399,8 +445,8 @@ class ViewOps(pyfuse3.Operations):
             handle.released = True
             handle.close_if_idle()
         self._files.clear()
-        while self._ready:
-            os.close(self._ready.popitem()[1])
+        self._ready.clear()
+        self._ready_bytes = 0
 
     # -- prefetch -----------------------------------------------------------------------
     #
@@ -423,7 +469,7 @@ class ViewOps(pyfuse3.Operations):
 
     def _read_ahead(self, file_inode: int) -> None:
         """After the open of `file_inode`: if the file before it was opened too (a
-        sequential reader), start verifying and opening the small files after it, a
+        sequential reader), start reading and verifying the small files after it, a
         batch at a time. Never blocks."""
         if self._prefetches >= PREFETCH_THREADS or self._closed:
             return
@@ -437,7 +483,7 @@ class ViewOps(pyfuse3.Operations):
             return  # wait for a full batch: one thread hop per file would cost more
         if wanted:
             self._start_prefetch(self._verifying, [blob for blob, _ in wanted],
-                                 self._open_ahead, wanted)
+                                 self._read_blobs, wanted)
 
     def _start_prefetch(self, pending: dict[ObjectId, trio.Event], oids: list[ObjectId],
                         work: Callable[[Any, Callable[..., None]], None],
@@ -491,28 +537,27 @@ class ViewOps(pyfuse3.Operations):
         if event is not None:
             event.set()
 
-    def _open_ahead(self, blobs: list[tuple[ObjectId, int]],
+    def _read_blobs(self, blobs: list[tuple[ObjectId, int]],
                     deliver: Callable[..., None]) -> None:
-        """Verify and open blobs for opens to come (blocks); errors other than a wrong
-        hash are left to the requests."""
+        """Read and verify small blobs for opens to come (blocks); errors other than a
+        wrong hash are left to the requests."""
         for blob, size in blobs:
-            fd: int | None = None
+            content: bytes | None = None
             try:
-                fd = self._open_verified(blob, size)
-                corrupt = fd is None
+                content = self._read_small(blob, size)
+                corrupt = content is None
             except Exception as exc:
                 log.debug("view: read-ahead of blob %s: %s", blob, exc)
                 corrupt = False
-            deliver(self._blob_opened, blob, fd, corrupt)
+            deliver(self._blob_read, blob, content, corrupt)
 
-    def _blob_opened(self, blob: ObjectId, fd: int | None, corrupt: bool) -> None:
-        if fd is not None and self._closed:
-            os.close(fd)
-        elif fd is not None:
+    def _blob_read(self, blob: ObjectId, content: bytes | None, corrupt: bool) -> None:
+        if content is not None and not self._closed:
             self._remember_verified(blob)
-            self._ready[blob] = fd
-            if len(self._ready) > READY_KEPT:
-                os.close(self._ready.popitem(last=False)[1])
+            self._ready[blob] = content
+            self._ready_bytes += len(content)
+            while len(self._ready) > READY_KEPT or self._ready_bytes > READY_BYTES:
+                self._ready_bytes -= len(self._ready.popitem(last=False)[1])
         elif corrupt:
             self._corrupt.add(blob)
         event = self._verifying.pop(blob, None)
@@ -556,6 +601,14 @@ class ViewOps(pyfuse3.Operations):
     write = create = setxattr = removexattr = _read_only
 
 
+def _part(content: bytes, offset: int, length: int) -> bytes:
+    """`length` bytes of `content` from `offset`, without a copy (pyfuse3 takes any
+    buffer; a memoryview is typed as bytes)."""
+    if offset == 0 and length >= len(content):
+        return content
+    return cast(bytes, memoryview(content)[offset:offset + length])
+
+
 def read_if_cached(fd: int, offset: int, length: int) -> bytes | None:
     """Read `length` bytes at `offset` if the page cache holds them all, else None.
     Never blocks on I/O (RWF_NOWAIT), so the trio thread may call it: a read of cached
@@ -569,7 +622,9 @@ def read_if_cached(fd: int, offset: int, length: int) -> bytes | None:
         if exc.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
             return None  # not cached (or RWF_NOWAIT unsupported here): use a thread
         raise
-    return bytes(buf) if got == length else None
+    # The bytearray itself: pyfuse3 copies from any buffer, and a bytes copy of 128 KiB
+    # costs more than the read (typed as bytes, like pyfuse3's Operations.read).
+    return cast(bytes, buf) if got == length else None
 
 
 def _call_safely(callback: Callable[..., None], *args: Any) -> None:
