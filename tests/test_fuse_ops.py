@@ -369,6 +369,24 @@ async def test_opening_a_directory_loads_its_subdirectories_trees_ahead(
         await ops.releasedir(fh)
 
 
+async def test_trees_load_breadth_first_ahead_of_a_walk(tmp_path: Path,
+                                                        listing: Listing) -> None:
+    source = tmp_path / "src"
+    for top in (b"a", b"b"):
+        trees.write(source / os.fsdecode(top) / "x" / "y" / "z" / "f.txt", b"deep\n")
+    take_snapshot(tmp_path / "store", {"data": source}, tags=["v1"])
+    ops = make_ops(tmp_path / "store", listing)
+    with trio.fail_after(TIMEOUT):
+        data = await resolve(ops, b"v1", b"data")
+        fh = await ops.opendir(data)
+        while ops._loading_ahead:  # the loader's batches, one after the other
+            await trio.lowlevel.checkpoint()
+        await ops.releasedir(fh)
+    # Only `data` was opened, yet all 9 trees below it are cached.
+    assert len(ops.vfs.trees) == 9
+    ops.shutdown()
+
+
 async def test_statfs_reports_a_full_read_only_filesystem(ops: ViewOps) -> None:
     with trio.fail_after(TIMEOUT):
         st = await ops.statfs()

@@ -24,7 +24,7 @@ import functools
 import itertools
 import logging
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Concatenate, Coroutine, NoReturn, \
     ParamSpec, Sequence, TypeVar, cast
@@ -48,11 +48,13 @@ BLOCK_SIZE = 128 * 1024     # st_blksize: the largest read FUSE sends by default
 READ_THREADS = 16
 VERIFY_THREADS = 2
 META_THREADS = 4
-PREFETCH_THREADS = 2        # speculative loads in flight; more are skipped, not queued
+PREFETCH_THREADS = 2        # read-ahead batches of blobs in flight; more are skipped
 VERIFIED_IDS_KEPT = 65536
 SMALL_BLOB = 1 << 20        # read and verified whole at open, then served from memory
 REPORTED_KEPT = 1024
-SUBTREES_AHEAD = 64         # child trees loaded when a directory is opened
+SUBTREES_AHEAD = 256        # child trees queued when a directory is opened or entered
+TREES_BATCH = 16            # trees loaded ahead per thread hop (one batch in flight)
+TREES_QUEUED = 4096         # trees waiting to be loaded ahead; more are dropped
 FILES_AHEAD = 16            # small files verified ahead of a sequential reader...
 FILES_BATCH = 8             # ...this many per thread hop
 READY_KEPT = 64             # small blobs read and verified ahead, waiting for their open...
@@ -141,6 +143,8 @@ class ViewOps(pyfuse3.Operations):
         self._ready: OrderedDict[ObjectId, bytes] = OrderedDict()
         self._ready_bytes = 0
         self._prefetches = 0
+        self._trees_ahead: deque[ObjectId] = deque()
+        self._loading_ahead = False
         self._closed = False
         self._corrupt: set[ObjectId] = set()
         self._reported: set[str] = set()
@@ -149,6 +153,7 @@ class ViewOps(pyfuse3.Operations):
         self.verify_limiter = trio.CapacityLimiter(VERIFY_THREADS)
         self.meta_limiter = trio.CapacityLimiter(META_THREADS)
         self.prefetch_limiter = trio.CapacityLimiter(PREFETCH_THREADS)
+        self.tree_ahead_limiter = trio.CapacityLimiter(1)
 
     def init(self) -> None:
         """pyfuse3 calls this once the kernel's INIT is answered; invalidations sent
@@ -236,6 +241,7 @@ class ViewOps(pyfuse3.Operations):
                 del self._loading[oid]
                 done.set()
             self.vfs.add_tree(oid, entries)
+            self._want_subtrees(oid, urgent=True)
 
     def _load_tree(self, oid: ObjectId) -> list[Entry]:
         """Read, verify and decode a tree (blocks)."""
@@ -272,7 +278,9 @@ class ViewOps(pyfuse3.Operations):
         names = self.vfs.listdir(inode)
         fh = next(self._handles)
         self._dirs[fh] = _OpenDir(Inode(inode), names)
-        self._prefetch_subtrees(inode)
+        tree = self.vfs.node(inode).tree
+        if tree is not None:
+            self._want_subtrees(tree, urgent=True)
         return fh
 
     @_fuse_errors
@@ -453,19 +461,54 @@ class ViewOps(pyfuse3.Operations):
     # A walk enters the subdirectories of what it just listed, and a reader of a
     # directory's files (cp, tar, rsync) opens them in name order: both would wait for
     # one cold load per step. Loading the next ones ahead, several per thread hop,
-    # takes the disk wait and the hop off the path of the request. Speculative work is
-    # bounded (PREFETCH_THREADS batches in flight; more are skipped, not queued, so a
-    # request never waits behind a long queue) and is only started from plain code
-    # after a request got what it needed.
+    # takes the disk wait and the hop off the path of the request.
+    #
+    # Trees: a directory a request opens or entered cold puts its subdirectories' trees
+    # first in a queue; every tree loaded from the queue puts its own at the end, so
+    # loading runs breadth-first ahead of a walk, one batch in flight. That continuation
+    # stops while the cache is half full (what is loaded ahead must not push out what
+    # is in use), and the queue is bounded.
+    #
+    # Blobs: PREFETCH_THREADS batches in flight; a trigger beyond that is skipped, not
+    # queued, so a request never waits behind a long queue. Speculative work is only
+    # started from plain code after a request got what it needed.
 
-    def _prefetch_subtrees(self, inode: int) -> None:
-        """Start loading the uncached trees of `inode`'s subdirectories. Never blocks."""
-        if self._prefetches >= PREFETCH_THREADS or self._closed:
+    def _want_subtrees(self, oid: ObjectId, urgent: bool) -> None:
+        """Queue the uncached subdirectory trees of cached tree `oid` to be loaded
+        ahead: first in line when `urgent` (a request is in that directory), else last
+        and only while the tree cache is less than half full. Never blocks."""
+        if self._closed:
             return
-        oids = [oid for oid in self.vfs.subtrees_needed(inode, SUBTREES_AHEAD)
-                if oid not in self._loading]
-        if oids:
-            self._start_prefetch(self._loading, oids, self._load_trees, oids)
+        cache = self.vfs.trees
+        if not urgent and cache.entries * 2 > cache.max_entries:
+            return
+        oids = self.vfs.uncached_subtrees(oid, SUBTREES_AHEAD)
+        if urgent:
+            self._trees_ahead.extendleft(reversed(oids))
+        else:
+            self._trees_ahead.extend(oids)
+        while len(self._trees_ahead) > TREES_QUEUED:
+            self._trees_ahead.pop()
+        self._load_trees_ahead()
+
+    def _load_trees_ahead(self) -> None:
+        """Start loading the next batch of queued trees, unless a batch is in flight.
+        Never blocks."""
+        if self._loading_ahead or self._closed:
+            return
+        batch: list[ObjectId] = []
+        while self._trees_ahead and len(batch) < TREES_BATCH:
+            oid = self._trees_ahead.popleft()
+            if oid not in self.vfs.trees and oid not in self._loading and oid not in batch:
+                batch.append(oid)
+        if batch:
+            self._loading_ahead = True
+            self._start_prefetch(self._loading, batch, self._load_trees, batch,
+                                 self.tree_ahead_limiter, self._trees_batch_done)
+
+    def _trees_batch_done(self) -> None:
+        self._loading_ahead = False
+        self._load_trees_ahead()
 
     def _read_ahead(self, file_inode: int) -> None:
         """After the open of `file_inode`: if the file before it was opened too (a
@@ -482,25 +525,31 @@ class ViewOps(pyfuse3.Operations):
         if len(wanted) < FILES_BATCH and len(following) == FILES_AHEAD:
             return  # wait for a full batch: one thread hop per file would cost more
         if wanted:
+            self._prefetches += 1
             self._start_prefetch(self._verifying, [blob for blob, _ in wanted],
-                                 self._read_blobs, wanted)
+                                 self._read_blobs, wanted, self.prefetch_limiter,
+                                 self._blob_batch_done)
+
+    def _blob_batch_done(self) -> None:
+        self._prefetches -= 1
 
     def _start_prefetch(self, pending: dict[ObjectId, trio.Event], oids: list[ObjectId],
-                        work: Callable[[Any, Callable[..., None]], None],
-                        items: Any) -> None:
+                        work: Callable[[Any, Callable[..., None]], None], items: Any,
+                        limiter: trio.CapacityLimiter, done: Callable[[], None]) -> None:
         """Mark `oids` as pending in `pending` (requests for them wait there instead of
-        loading them again) and run `work(items, deliver)` in a thread. No nursery
-        reaches the handlers (pyfuse3's is private), so this is a trio system task: it
-        lets no exception out and is cancelled, thread awaited, when the run ends."""
-        for oid in oids:
-            pending[oid] = trio.Event()
-        self._prefetches += 1
-        trio.lowlevel.spawn_system_task(self._prefetch, pending, oids, work, items,
-                                        name="dwsd.fuse.prefetch")
+        loading them again), run `work(items, deliver)` in a thread through `limiter`,
+        then call `done()` on the trio thread. No nursery reaches the handlers
+        (pyfuse3's is private), so this is a trio system task: it lets no exception out
+        and is cancelled, thread awaited, when the run ends."""
+        events = {oid: trio.Event() for oid in oids}
+        pending.update(events)
+        trio.lowlevel.spawn_system_task(self._prefetch, pending, events, work, items,
+                                        limiter, done, name="dwsd.fuse.prefetch")
 
-    async def _prefetch(self, pending: dict[ObjectId, trio.Event], oids: list[ObjectId],
-                        work: Callable[[Any, Callable[..., None]], None],
-                        items: Any) -> None:
+    async def _prefetch(self, pending: dict[ObjectId, trio.Event],
+                        events: dict[ObjectId, trio.Event],
+                        work: Callable[[Any, Callable[..., None]], None], items: Any,
+                        limiter: trio.CapacityLimiter, done: Callable[[], None]) -> None:
         token = trio.lowlevel.current_trio_token()
 
         def deliver(callback: Callable[..., None], *args: Any) -> None:
@@ -509,16 +558,17 @@ class ViewOps(pyfuse3.Operations):
             token.run_sync_soon(_call_safely, callback, *args)
 
         try:
-            await trio.to_thread.run_sync(work, items, deliver,
-                                          limiter=self.prefetch_limiter)
+            await trio.to_thread.run_sync(work, items, deliver, limiter=limiter)
         except Exception:
             log.exception("view: prefetch failed")
         finally:
-            self._prefetches -= 1
-            for oid in oids:  # whatever was not delivered: requests load it themselves
-                event = pending.pop(oid, None)
-                if event is not None:
+            # Whatever was not delivered: requests load it themselves. Only this batch's
+            # events: once a result was delivered, a request may have put its own.
+            for oid, event in events.items():
+                if pending.get(oid) is event:
+                    del pending[oid]
                     event.set()
+            _call_safely(done)
 
     def _load_trees(self, oids: list[ObjectId], deliver: Callable[..., None]) -> None:
         """Load trees for the cache (blocks); errors are left to the requests."""
@@ -531,11 +581,12 @@ class ViewOps(pyfuse3.Operations):
             deliver(self._tree_loaded, oid, entries)
 
     def _tree_loaded(self, oid: ObjectId, entries: list[Entry] | None) -> None:
-        if entries is not None:
-            self.vfs.add_tree(oid, entries)
         event = self._loading.pop(oid, None)
         if event is not None:
             event.set()
+        if entries is not None:
+            self.vfs.add_tree(oid, entries)
+            self._want_subtrees(oid, urgent=False)
 
     def _read_blobs(self, blobs: list[tuple[ObjectId, int]],
                     deliver: Callable[..., None]) -> None:

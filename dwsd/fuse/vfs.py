@@ -221,6 +221,11 @@ class TreeCache:
     def __len__(self) -> int:
         return len(self._trees)
 
+    @property
+    def entries(self) -> int:
+        """The number of entries of all cached trees (what `max_entries` bounds)."""
+        return self._size
+
     def get(self, oid: ObjectId) -> Sequence[Entry]:
         """The entries of tree `oid`; raises TreeNotLoaded when it is not cached."""
         try:
@@ -379,10 +384,17 @@ class View:
         order: what a walk entering them would load next. Empty when `inode`'s own tree
         is not cached."""
         node = self.node(inode)
-        if node.tree is None or node.tree not in self.trees:
+        if node.tree is None:
+            return []
+        return self.uncached_subtrees(node.tree, limit)
+
+    def uncached_subtrees(self, oid: ObjectId, limit: int) -> list[ObjectId]:
+        """Up to `limit` trees of the subdirectories in tree `oid` that are not cached,
+        in name order. Empty when tree `oid` is not cached."""
+        if oid not in self.trees:
             return []
         needed: list[ObjectId] = []
-        for entry in self.trees.get(node.tree):
+        for entry in self.trees.get(oid):
             if len(needed) == limit:
                 break
             if entry.kind == DIR and entry.ref is not None and entry.ref not in self.trees:
