@@ -330,6 +330,15 @@ async def test_a_sequential_reader_gets_the_next_files_read_and_verified_ahead(
         assert blob not in ops._ready
 
 
+async def test_opening_the_first_file_of_a_directory_reads_the_next_ones_ahead(
+        ops: ViewOps) -> None:
+    with trio.fail_after(TIMEOUT):
+        blob = ops.vfs.blob(await resolve(ops, b"v1", b"data", b"sub", b"b.txt"))
+        await read_in_order(ops, b"a-link")  # the first regular file in sub
+        await ops._verifying[blob].wait()
+        assert ops._ready[blob] == b"beta\n"
+
+
 async def test_a_corrupt_blob_found_ahead_is_eio_when_opened_with_one_log_line(
         own_ops: ViewOps, caplog: pytest.LogCaptureFixture) -> None:
     ops = own_ops

@@ -512,12 +512,13 @@ class ViewOps(pyfuse3.Operations):
 
     def _read_ahead(self, file_inode: int) -> None:
         """After the open of `file_inode`: if the file before it was opened too (a
-        sequential reader), start reading and verifying the small files after it, a
-        batch at a time. Never blocks."""
+        sequential reader), or there is none (where a reader entering the directory
+        starts), start reading and verifying the small files after it, a batch at a
+        time. Never blocks."""
         if self._prefetches >= PREFETCH_THREADS or self._closed:
             return
         previous, following = self.vfs.neighbour_files(file_inode, FILES_AHEAD)
-        if previous is None or previous not in self._verified:
+        if previous is not None and previous not in self._verified:
             return
         wanted = [(blob, size) for blob, size in following if size <= SMALL_BLOB
                   and blob not in self._verified and blob not in self._verifying
