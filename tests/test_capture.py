@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,6 +131,40 @@ def test_dirty_mode_keeps_unmarked_directories_metadata_without_reading_it(
     assert second.root == full.root
     a = next(e for e in trees.entries(store.objects, second.root) if e.name == b"a")
     assert a.xattrs == ((b"user.note", b"kept"),)
+
+
+def test_a_full_walk_keeps_a_bounded_number_of_reads_outstanding(
+        store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory must not follow the tree: reads are settled while the walk goes on."""
+    from dwsd.snapshot import capture
+    trees.make_many_files(data_dir, 3_000)
+    outstanding: list[int] = []
+    real_finish = capture._Walker.finish
+
+    def counting_finish(self: Any, job: Any) -> Any:
+        if not outstanding:  # the root: the walk is over, nothing is settled by finish yet
+            outstanding.append(sum(1 for j in self._jobs if not j.settled))
+        return real_finish(self, job)
+    monkeypatch.setattr(capture._Walker, "finish", counting_finish)
+    result = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    assert result.counters.files_opened == 3_000
+    assert outstanding == [capture.SETTLE_AFTER]
+    assert len(result.state.files) == 3_000
+
+
+def test_hard_links_settled_apart_keep_one_content(
+        store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dwsd.snapshot import capture
+    monkeypatch.setattr(capture, "SETTLE_AFTER", 1)  # the first name settles before the last
+    trees.write(data_dir / "a.bin", b"linked content")
+    for i in range(5):
+        trees.write(data_dir / f"m{i}.txt", b"%d" % i)
+    os.link(data_dir / "a.bin", data_dir / "z.bin")
+    result = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    by_name = {e.name: e for e in trees.entries(store.objects, result.root)}
+    a, z = by_name[b"a.bin"], by_name[b"z.bin"]
+    assert a.ref == z.ref and a.ino == z.ino != 0
+    assert store.objects.get("blobs", a.ref) == b"linked content"  # type: ignore[arg-type]
 
 
 def test_excluded_paths_are_not_captured(store: Store, data_dir: Path) -> None:
