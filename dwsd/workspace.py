@@ -483,9 +483,11 @@ class Workspace:
 
     # -- retention ----------------------------------------------------------------------
 
-    def prune(self, dry_run: bool = False, now: dt.datetime | None = None) -> PruneResult:
-        """Delete the snapshots the retention policy does not keep, then gc.
-        Returns what is kept (with reasons) and what was (or would be) deleted."""
+    def prune(self, dry_run: bool = False, now: dt.datetime | None = None,
+              gc: bool = True) -> PruneResult:
+        """Delete the snapshots the retention policy does not keep, then gc (unless
+        `gc` is False: the caller collects later). Returns what is kept (with reasons)
+        and what was (or would be) deleted."""
         history = self.store.catalog.history()
         kept = plan_retention(history, self.config.retention, now or self.clock())
         for sid in self._needed_by_pending_restore():
@@ -498,7 +500,8 @@ class Workspace:
             for sid in doomed:
                 cat.remove(sid)
         crash_point("after-delete-commit")
-        result.gc = self.gc()
+        if gc:
+            result.gc = self.gc()
         return result
 
     # -- catalog ------------------------------------------------------------------------
