@@ -167,6 +167,30 @@ def test_hard_links_settled_apart_keep_one_content(
     assert store.objects.get("blobs", a.ref) == b"linked content"  # type: ignore[arg-type]
 
 
+def test_a_full_walk_reusing_unchanged_trees_equals_a_walk_from_scratch(
+        store: Store, data_dir: Path) -> None:
+    for d in ("a", "b", "c", "d", "e", "e/sub"):
+        trees.write(data_dir / d / "f.txt", d.encode())
+    os.symlink("f.txt", data_dir / "d" / "link")
+    cache = TreeCache()
+    first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
+                             trees=cache)
+    os.chmod(data_dir / "a" / "f.txt", 0o600)                  # metadata only
+    os.setxattr(data_dir / "b" / "f.txt", "user.k", b"v")      # an xattr
+    os.rename(data_dir / "c" / "f.txt", data_dir / "c" / "g.txt")
+    os.unlink(data_dir / "d" / "link")
+    os.symlink("elsewhere", data_dir / "d" / "link")           # a retargeted symlink
+    (data_dir / "e" / "sub" / "empty").mkdir()                 # deep, a new directory
+    warm = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES,
+                            trees=cache)
+    cold = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
+                            trees=TreeCache())
+    assert warm.root == cold.root != first.root
+    assert set(first.state.dirs) == {b"", b"a", b"b", b"c", b"d", b"e", b"e/sub"}
+    again = capture_resource(store.objects, data_dir, warm.state, NO_EXCLUDES, trees=cache)
+    assert again.root == warm.root
+
+
 def test_excluded_paths_are_not_captured(store: Store, data_dir: Path) -> None:
     for rel in ["keep.csv", "x.tmp", "sub/y.tmp", "__pycache__/m.pyc", "sub/__pycache__/n",
                 "build/out", "sub/build/kept"]:
