@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], dt.datetime]
 PROGRESS_EVERY = 0.1  # seconds between snapshot progress reports
 STATE_SAVE_EVERY = 60.0  # seconds: capture states on disk lag at most this much
+SAVE_AFTER_READING = 1_000  # files read by one capture: its state is written at once
 
 
 def utc_now() -> dt.datetime:
@@ -330,10 +331,11 @@ class Workspace:
         return latest is not None and latest.resources.get(name) == state.root
 
     def _keep_states(self, captures: dict[str, CaptureResult], walked: bool) -> None:
-        """Keep the new capture states in memory; write them to disk after a full walk
-        (costly to redo), else at most every STATE_SAVE_EVERY seconds and on close.
-        Writing is O(tree), the rest of a dirty-path snapshot O(changes); a state on
-        disk that is not the latest only costs a full walk after a crash."""
+        """Keep the new capture states in memory; write them to disk at once after a
+        capture that read many files (costly to redo: a first snapshot), else at most
+        every STATE_SAVE_EVERY seconds and on close. Writing is O(tree), which a small
+        snapshot should not pay; after a crash, a state on disk that is not the latest
+        costs a full walk that re-reads only the files changed since it was written."""
         if self.store.objects.log.objects_written:
             self.store.objects.make_durable()  # the states name these objects
         for name, capture in captures.items():
@@ -344,7 +346,8 @@ class Workspace:
             # dirty-path snapshot (saved only every STATE_SAVE_EVERY) need not pay.
             if not walked or before is None or before != capture.state:
                 self._unsaved.add(name)
-        if walked or time.monotonic() - self._saved_at >= STATE_SAVE_EVERY:
+        read = sum(c.counters.files_opened for c in captures.values())
+        if read >= SAVE_AFTER_READING or time.monotonic() - self._saved_at >= STATE_SAVE_EVERY:
             self.save_states()
 
     def save_states(self) -> None:
