@@ -170,6 +170,7 @@ class _Walker:
         self.on_file = on_file
         self.prev = prev
         self.excludes = excludes
+        self._any_excludes = bool(excludes)  # asked per name: no __bool__ call each time
         self.pool = pool
         self.state = CaptureState()
         self.counters = CaptureCounters()
@@ -218,7 +219,7 @@ class _Walker:
         if (cached is None or st.st_nlink != 1 or not stat_mod.S_ISREG(st.st_mode)
                 or cached.size != st.st_size or cached.mtime_ns != st.st_mtime_ns
                 or cached.ctime_ns != st.st_ctime_ns or cached.ino != st.st_ino
-                or (self.excludes and self.excludes.excluded(relpath, False))):
+                or (self._any_excludes and self.excludes.excluded(relpath, False))):
             return None
         self.state.put(relpath, cached)
         if self.on_file is not None:
