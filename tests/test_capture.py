@@ -191,6 +191,23 @@ def test_a_full_walk_reusing_unchanged_trees_equals_a_walk_from_scratch(
     assert again.root == warm.root
 
 
+def test_a_capture_that_fails_leaves_no_file_open(store: Store, data_dir: Path) -> None:
+    from dwsd.errors import StoreError
+    trees.make_many_files(data_dir, 600)  # more than one batch of reads
+
+    class FailingTrees(trees.HookedStore):
+        def put(self, kind: Any, data: bytes) -> Any:
+            if kind == "trees":
+                raise StoreError("no room for trees")
+            return super().put(kind, data)
+    before = sorted(os.listdir("/proc/self/fd"))
+    failing = FailingTrees(store.objects.root)
+    with pytest.raises(StoreError, match="no room for trees"):
+        capture_resource(failing, data_dir, CaptureState(), NO_EXCLUDES)
+    failing.close()
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
 def test_excluded_paths_are_not_captured(store: Store, data_dir: Path) -> None:
     for rel in ["keep.csv", "x.tmp", "sub/y.tmp", "__pycache__/m.pyc", "sub/__pycache__/n",
                 "build/out", "sub/build/kept"]:

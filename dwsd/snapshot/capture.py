@@ -107,7 +107,7 @@ class _FileJob:
     future: "cf.Future[_ReadOutcome] | None"
     settled: bool = False
     result: Entry | None = None
-    fd: int = -1  # open and not yet handed to the pool
+    fd: int = -1  # opened by the walker, closed by the reader (or by cancel_pending)
     twin: "_FileJob | None" = None  # another name of the same file, read once for both
 
 
@@ -181,7 +181,7 @@ class _Walker:
         # Hard links met in this walk, by (device, inode): a resource may hold a mount.
         self._inodes: dict[tuple[int, int], _FileJob | Entry] = {}
         self._jobs: deque[_FileJob] = deque()  # oldest first, not settled
-        self._queued: list[_FileJob] = []  # opened, waiting for SUBMIT_BATCH
+        self._queued: deque[_FileJob] = deque()  # opened, waiting for SUBMIT_BATCH
         self.root_dev = root_dev
         self._last_stat: os.stat_result | None | _Gone = None  # see _unchanged_file
         # Decoded trees: the previous ones a dirty-path update reads, the new ones it
@@ -324,8 +324,7 @@ class _Walker:
             except BaseException:
                 self._slots.release()
                 raise
-            job.fd = -1
-            self._queued.pop(0)
+            self._queued.popleft()
 
     def _link_id(self, st: os.stat_result) -> int:
         """The tree's hard-link group id: the inode number, or, on another filesystem
@@ -530,9 +529,14 @@ class _Walker:
         for job in self._queued:
             os.close(job.fd)
         self._queued.clear()
-        futures = [j.future for j in self._jobs if j.future is not None]
-        for future in futures:
-            future.cancel()
+        futures = []
+        for job in self._jobs:
+            if job.future is None or job.settled:
+                continue
+            if job.future.cancel():  # it will never run: its reader would have closed it
+                os.close(job.fd)
+            else:
+                futures.append(job.future)
         cf.wait(futures)
 
 
