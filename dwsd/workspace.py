@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], dt.datetime]
 PROGRESS_EVERY = 0.1  # seconds between snapshot progress reports
 STATE_SAVE_EVERY = 60.0  # seconds: capture states on disk lag at most this much
+SAVE_AFTER_READING = 1_000  # files read by one capture: its state is written at once
 
 
 def utc_now() -> dt.datetime:
@@ -330,10 +331,11 @@ class Workspace:
         return latest is not None and latest.resources.get(name) == state.root
 
     def _keep_states(self, captures: dict[str, CaptureResult], walked: bool) -> None:
-        """Keep the new capture states in memory; write them to disk after a full walk
-        (costly to redo), else at most every STATE_SAVE_EVERY seconds and on close.
-        Writing is O(tree), the rest of a dirty-path snapshot O(changes); a state on
-        disk that is not the latest only costs a full walk after a crash."""
+        """Keep the new capture states in memory; write them to disk at once after a
+        capture that read many files (costly to redo: a first snapshot), else at most
+        every STATE_SAVE_EVERY seconds and on close. Writing is O(tree), which a small
+        snapshot should not pay; after a crash, a state on disk that is not the latest
+        costs a full walk that re-reads only the files changed since it was written."""
         if self.store.objects.log.objects_written:
             self.store.objects.make_durable()  # the states name these objects
         for name, capture in captures.items():
@@ -344,7 +346,8 @@ class Workspace:
             # dirty-path snapshot (saved only every STATE_SAVE_EVERY) need not pay.
             if not walked or before is None or before != capture.state:
                 self._unsaved.add(name)
-        if walked or time.monotonic() - self._saved_at >= STATE_SAVE_EVERY:
+        read = sum(c.counters.files_opened for c in captures.values())
+        if read >= SAVE_AFTER_READING or time.monotonic() - self._saved_at >= STATE_SAVE_EVERY:
             self.save_states()
 
     def save_states(self) -> None:
@@ -483,9 +486,11 @@ class Workspace:
 
     # -- retention ----------------------------------------------------------------------
 
-    def prune(self, dry_run: bool = False, now: dt.datetime | None = None) -> PruneResult:
-        """Delete the snapshots the retention policy does not keep, then gc.
-        Returns what is kept (with reasons) and what was (or would be) deleted."""
+    def prune(self, dry_run: bool = False, now: dt.datetime | None = None,
+              gc: bool = True) -> PruneResult:
+        """Delete the snapshots the retention policy does not keep, then gc (unless
+        `gc` is False: the caller collects later). Returns what is kept (with reasons)
+        and what was (or would be) deleted."""
         history = self.store.catalog.history()
         kept = plan_retention(history, self.config.retention, now or self.clock())
         for sid in self._needed_by_pending_restore():
@@ -498,7 +503,8 @@ class Workspace:
             for sid in doomed:
                 cat.remove(sid)
         crash_point("after-delete-commit")
-        result.gc = self.gc()
+        if gc:
+            result.gc = self.gc()
         return result
 
     # -- catalog ------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,6 +131,81 @@ def test_dirty_mode_keeps_unmarked_directories_metadata_without_reading_it(
     assert second.root == full.root
     a = next(e for e in trees.entries(store.objects, second.root) if e.name == b"a")
     assert a.xattrs == ((b"user.note", b"kept"),)
+
+
+def test_a_full_walk_keeps_a_bounded_number_of_reads_outstanding(
+        store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory must not follow the tree: reads are settled while the walk goes on."""
+    from dwsd.snapshot import capture
+    trees.make_many_files(data_dir, 3_000)
+    outstanding: list[int] = []
+    real_finish = capture._Walker.finish
+
+    def counting_finish(self: Any, job: Any) -> Any:
+        if not outstanding:  # the root: the walk is over, nothing is settled by finish yet
+            outstanding.append(sum(1 for j in self._jobs if not j.settled))
+        return real_finish(self, job)
+    monkeypatch.setattr(capture._Walker, "finish", counting_finish)
+    result = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    assert result.counters.files_opened == 3_000
+    assert outstanding == [capture.SETTLE_AFTER]
+    assert len(result.state.files) == 3_000
+
+
+def test_hard_links_settled_apart_keep_one_content(
+        store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dwsd.snapshot import capture
+    monkeypatch.setattr(capture, "SETTLE_AFTER", 1)  # the first name settles before the last
+    trees.write(data_dir / "a.bin", b"linked content")
+    for i in range(5):
+        trees.write(data_dir / f"m{i}.txt", b"%d" % i)
+    os.link(data_dir / "a.bin", data_dir / "z.bin")
+    result = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    by_name = {e.name: e for e in trees.entries(store.objects, result.root)}
+    a, z = by_name[b"a.bin"], by_name[b"z.bin"]
+    assert a.ref == z.ref and a.ino == z.ino != 0
+    assert store.objects.get("blobs", a.ref) == b"linked content"  # type: ignore[arg-type]
+
+
+def test_a_full_walk_reusing_unchanged_trees_equals_a_walk_from_scratch(
+        store: Store, data_dir: Path) -> None:
+    for d in ("a", "b", "c", "d", "e", "e/sub"):
+        trees.write(data_dir / d / "f.txt", d.encode())
+    os.symlink("f.txt", data_dir / "d" / "link")
+    cache = TreeCache()
+    first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
+                             trees=cache)
+    os.chmod(data_dir / "a" / "f.txt", 0o600)                  # metadata only
+    os.setxattr(data_dir / "b" / "f.txt", "user.k", b"v")      # an xattr
+    os.rename(data_dir / "c" / "f.txt", data_dir / "c" / "g.txt")
+    os.unlink(data_dir / "d" / "link")
+    os.symlink("elsewhere", data_dir / "d" / "link")           # a retargeted symlink
+    (data_dir / "e" / "sub" / "empty").mkdir()                 # deep, a new directory
+    warm = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES,
+                            trees=cache)
+    cold = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
+                            trees=TreeCache())
+    assert warm.root == cold.root != first.root
+    assert set(first.state.dirs) == {b"", b"a", b"b", b"c", b"d", b"e", b"e/sub"}
+    again = capture_resource(store.objects, data_dir, warm.state, NO_EXCLUDES, trees=cache)
+    assert again.root == warm.root
+
+
+def test_a_capture_that_fails_leaves_no_file_open(store: Store, data_dir: Path) -> None:
+    from dwsd.errors import StoreError
+    trees.make_many_files(data_dir, 600)  # more than one batch of reads
+
+    class FailingTrees(trees.HookedStore):
+        def put(self, kind: Any, data: bytes) -> Any:
+            if kind == "trees":
+                raise StoreError("no room for trees")
+            return super().put(kind, data)
+    before = sorted(os.listdir("/proc/self/fd"))
+    failing = FailingTrees(store.objects.root)
+    with pytest.raises(StoreError, match="no room for trees"):
+        capture_resource(failing, data_dir, CaptureState(), NO_EXCLUDES)
+    failing.close()
+    assert sorted(os.listdir("/proc/self/fd")) == before
 
 
 def test_excluded_paths_are_not_captured(store: Store, data_dir: Path) -> None:

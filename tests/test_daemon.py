@@ -18,6 +18,7 @@ import trio.testing
 
 from dwsd.errors import StoreError
 from dwsd.schedule.scheduler import FIRST_BACKOFF, Scheduler
+from dwsd.store.ids import hash_bytes
 from dwsd.watch.watcher import Watcher
 from dwsd.workspace import Workspace
 from tests import trees
@@ -485,6 +486,33 @@ async def test_a_view_that_cannot_reload_does_not_stop_checkpoints(
     assert scheduler.stats["checkpoints"] == 2 and scheduler.stats["errors"] == 0
     assert "the view could not show the new catalog: catalog unreadable" in caplog.text
     caplog.clear()
+
+
+async def test_pruned_objects_are_collected_at_the_next_reconcile(
+        workspace: Workspace, data_dir: Path) -> None:
+    watcher = Watcher(workspace.config.resources, lambda: None)
+    scheduler = Scheduler(workspace, watcher)
+    objects = workspace.store.objects
+    trees.write(data_dir / "a.csv", b"old content")
+    old_blob = hash_bytes(b"old content")
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watcher.run)
+            await scheduler.checkpoint(reconcile=True)
+            trees.write(data_dir / "a.csv", b"new content")
+            # A checkpoint prunes the first snapshot (periodic: last 1) but does not gc...
+            second = await scheduler.checkpoint()
+            assert second is not None and second.record is not None
+            assert second.counters.lstats == 1  # the dirty path only: no reconcile
+            assert [r.id for r in workspace.history()] == [second.record.id]
+            assert objects.has("blobs", old_blob) and scheduler.status()["gc_pending"]
+            # ...the next reconcile does, once, even when it records nothing.
+            third = await scheduler.checkpoint(reconcile=True)
+            nursery.cancel_scope.cancel()
+    assert third is not None and third.record is None
+    assert not objects.has("blobs", old_blob) and not scheduler.status()["gc_pending"]
+    assert objects.has("blobs", hash_bytes(b"new content"))
+    assert scheduler.stats["errors"] == 0
 
 
 async def test_a_snapshot_asked_for_right_after_a_write_holds_it(

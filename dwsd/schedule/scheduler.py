@@ -10,7 +10,9 @@ the dirty paths the watcher collected, except for resources needing a full recon
 (at start, after an overflow or watch error, and every `reconcile`). A resource whose
 events cannot be trusted (watch limit, watcher error) is walked whole at least every
 `interval`, changes seen or not. No change, no snapshot. Retention runs after each
-checkpoint. A failed checkpoint is retried after a backoff that doubles from
+checkpoint; the objects of the snapshots it deletes are collected at the next reconcile
+(gc reads every tree and lists every blob directory: after each checkpoint it cost five
+times the checkpoint on the bench set). A manual prune collects at once. A failed checkpoint is retried after a backoff that doubles from
 FIRST_BACKOFF up to `interval`, so a broken resource cannot make the daemon spin.
 
 Before taking the dirty paths, every capture waits for the watcher's barrier (`sync`), so
@@ -54,6 +56,9 @@ class Scheduler:
         self._last_checkpoint = trio.current_time()
         self._last_reconcile = -math.inf
         self._retry_at = -math.inf  # no checkpoint before this (after failures)
+        # Snapshots were deleted since the last gc (or the daemon just started, and a
+        # previous run may have left some): the next reconcile collects.
+        self._gc_pending = True
         self.queue_length = 0
         self.stats: dict[str, Any] = {"checkpoints": 0, "skipped": 0, "errors": 0,
                                       "failures": 0, "reconciles": 0,
@@ -142,13 +147,24 @@ class Scheduler:
             self.stats["reconciles"] += 1
         if result.record is None:
             self.stats["skipped"] += 1
-            return result
-        self.stats["checkpoints"] += 1
+        else:
+            self.stats["checkpoints"] += 1
         try:
-            await self.prune(dry_run=False)
+            if result.record is not None:
+                await self._retention()
+            if reconcile and self._gc_pending:
+                await self._write_call(self.ws.gc)
+                self._gc_pending = False
         except Exception as exc:
             self._failed("pruning after a checkpoint", exc)
         return result
+
+    async def _retention(self) -> None:
+        """Delete what the retention policy does not keep; collect later."""
+        result = await self._write_call(lambda: self.ws.prune(dry_run=False, gc=False))
+        if result.deleted:
+            self._gc_pending = True
+            await self._catalog_changed()
 
     def _failed(self, what: str, exc: Exception) -> None:
         """Count and log a failure; back off: FIRST_BACKOFF, doubling up to `interval`."""
@@ -260,6 +276,8 @@ class Scheduler:
             "snapshots": len(self.ws.store.catalog.snapshots),
             "latest": latest.id if latest else None,
             "queue": self.queue_length, **self.stats,
+            # Pruned snapshots whose objects the next reconcile collects.
+            "gc_pending": self._gc_pending,
             # Why the restore a crash interrupted could not be completed at start, if so.
             "unfinished_restore": self.ws.resume_error,
             "resources": {n: s.to_json() for n, s in self.watcher.state.items()},

@@ -51,6 +51,10 @@ class CaptureState:
 
     root: ObjectId | None = None
     files: dict[bytes, CachedFile] = field(default_factory=dict)
+    # The tree id of each directory at this capture, by relative path: a hint that lets
+    # the next full walk keep an unchanged directory's id without encoding it again (it
+    # is checked against that tree's entries). In memory only, never saved.
+    dirs: dict[bytes, ObjectId] = field(default_factory=dict, compare=False, repr=False)
     _count: int = field(default=-1, compare=False, repr=False)
     _bytes: int = field(default=0, compare=False, repr=False)
 
@@ -64,7 +68,7 @@ class CaptureState:
     def copy(self) -> "CaptureState":
         """A new state with the same files (O(files), no sums)."""
         count, size = self.totals()
-        return CaptureState(self.root, dict(self.files), count, size)
+        return CaptureState(self.root, dict(self.files), dict(self.dirs), count, size)
 
     def put(self, relpath: bytes, cached: CachedFile) -> None:
         self.totals()

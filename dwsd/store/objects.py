@@ -202,25 +202,31 @@ class ObjectStore:
         return StoreError(f"store {self.root.parent} failed {doing}: {exc.strerror}")
 
     def make_durable(self) -> None:
-        """Make every object written so far survive a crash (blocks).
+        """Make every object written so far survive a crash (blocks): the blob files
+        first, then the tree transaction, so a committed tree never names a blob that a
+        power cut could take back (the next snapshot of the same directory reuses the
+        tree as it is).
 
-        A few objects are fsynced one by one on a small pool, with their directories;
+        A few blobs are fsynced one by one on a small pool, with their directories;
         many are flushed by one syncfs. syncfs also flushes other programs' dirty data
         on the same filesystem, which a small snapshot should not have to wait for.
         """
-        self._log_trees(self.trees.commit())
         with self._publish_lock:
             pending, self._unsynced = self._unsynced, set()
-        if len(pending) > SYNCFS_FROM:
+        self._flush_blobs(pending)
+        self._log_trees(self.trees.commit())
+
+    def _flush_blobs(self, paths: set[str]) -> None:
+        if len(paths) > SYNCFS_FROM:
             fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 syncfs(fd)
             finally:
                 os.close(fd)
             return
-        dirs = {Path(os.path.dirname(p)) for p in pending}
+        dirs = {Path(os.path.dirname(p)) for p in paths}
         with cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync") as pool:
-            list(pool.map(_fsync_path, pending))
+            list(pool.map(_fsync_path, paths))
             list(pool.map(fsync_dir, dirs))
 
     def roll_back(self, log: WriteLog) -> None:

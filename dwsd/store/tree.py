@@ -71,12 +71,15 @@ _TYPE_BITS = {
 }
 
 
+_KIND_OF_TYPE = {bits: kind for kind, bits in _TYPE_BITS.items()}
+
+
 def kind_of_mode(st_mode: int) -> bytes:
     """Map an st_mode to an entry kind."""
-    for kind, bits in _TYPE_BITS.items():
-        if stat_mod.S_IFMT(st_mode) == bits:
-            return kind
-    raise ValueError(f"unknown file type {st_mode:o}")
+    try:
+        return _KIND_OF_TYPE[stat_mod.S_IFMT(st_mode)]
+    except KeyError:
+        raise ValueError(f"unknown file type {st_mode:o}") from None
 
 
 def encode_tree(entries: Iterable[Entry]) -> bytes:

@@ -28,6 +28,7 @@ import sqlite3
 import threading
 import zlib
 from pathlib import Path
+from typing import Any
 
 from dwsd.errors import CorruptObjectError, StoreError
 from dwsd.store.ids import ObjectId, id_from_raw, raw_id
@@ -85,35 +86,32 @@ class TreeDB:
 
     def get(self, oid: ObjectId) -> bytes | None:
         """The encoding of tree `oid` (uncompressed, not verified), or None."""
-        with self._lock:
-            if (plain := self._buffer.get(oid)) is not None:
-                return plain
-            try:
-                row = self._con.execute("SELECT data FROM trees WHERE id = ?",
-                                        (raw_id(oid),)).fetchone()
-            except sqlite3.Error as exc:
-                raise self._error(exc, "reading a tree") from exc
-        if row is None:
-            return None
+        stored = self._lookup(oid, "SELECT data FROM trees WHERE id = ?", "reading a tree")
+        if stored is None or isinstance(stored, bytes):
+            return stored  # absent, or still in the buffer (uncompressed)
         try:
-            return zlib.decompress(row[0])
+            return zlib.decompress(stored[0])
         except zlib.error:
             raise CorruptObjectError(f"tree {oid} is corrupt (does not decompress)") from None
 
     def has(self, oid: ObjectId) -> bool:
+        return self._lookup(oid, "SELECT 1 FROM trees WHERE id = ?",
+                            "looking up a tree") is not None
+
+    def _lookup(self, oid: ObjectId, sql: str, doing: str) -> bytes | tuple[Any, ...] | None:
+        """The buffered encoding of `oid`, else the row `sql` finds for it, else None."""
         with self._lock:
-            if oid in self._buffer:
-                return True
+            if (plain := self._buffer.get(oid)) is not None:
+                return plain
             try:
-                row = self._con.execute("SELECT 1 FROM trees WHERE id = ?",
-                                        (raw_id(oid),)).fetchone()
+                row: tuple[Any, ...] | None = self._con.execute(sql, (raw_id(oid),)).fetchone()
             except sqlite3.Error as exc:
-                raise self._error(exc, "looking up a tree") from exc
-        return row is not None
+                raise self._error(exc, doing) from exc
+        return row
 
     def add(self, oid: ObjectId, plain: bytes) -> list[tuple[ObjectId, int]]:
         """Buffer tree `oid` (its uncompressed encoding) for the next flush. Returns what
-        a flush it set off wrote (see `flush`), usually nothing."""
+        a flush it set off wrote (see `_flush`), usually nothing."""
         with self._lock:
             if oid in self._buffer:
                 return []
@@ -123,13 +121,10 @@ class TreeDB:
                 return []
             return self._flush()
 
-    def flush(self) -> list[tuple[ObjectId, int]]:
-        """Write the buffered trees that are not stored yet into the open transaction
-        (begun here if none is). Returns (id, stored length) of each tree written."""
-        with self._lock:
-            return self._flush()
-
     def _flush(self) -> list[tuple[ObjectId, int]]:
+        """Write the buffered trees that are not stored yet into the open transaction
+        (begun here if none is); the lock is held. Returns (id, stored length) of each
+        tree written."""
         buffered, self._buffer, self._buffered_bytes = self._buffer, {}, 0
         if not buffered:
             return []
