@@ -12,6 +12,7 @@ import pytest
 
 from dwsd.errors import CorruptObjectError, StoreError, StoreLockedError
 from dwsd.store.fsutil import TEMP_PREFIX
+from dwsd.store.ids import ObjectId
 from dwsd.store.store import Store
 from dwsd.workspace import Workspace
 from tests import trees
@@ -147,15 +148,20 @@ def test_check_reports_a_missing_tree(tmp_path: Path, write_config: WriteConfig)
 
 def _downgrade_to_format_1(store_dir: Path) -> int:
     """Rewrite a closed format-2 store the way format 1 kept it: one file per tree under
-    objects/trees/<2 hex>/<62 hex>, no trees.db. Returns the number of trees."""
+    objects/trees/<2 hex>/<62 hex>, zlib-compressed, no trees.db. Returns the number of
+    trees."""
     import sqlite3
+    import zlib
+
+    import zstandard
     objects = store_dir / "objects"
     con = sqlite3.connect(objects / "trees.db")
     rows = con.execute("SELECT id, data FROM trees").fetchall()
     con.close()
     for raw, data in rows:
         oid = bytes(raw).hex()
-        trees.write(objects / "trees" / oid[:2] / oid[2:], bytes(data))
+        plain = zstandard.ZstdDecompressor().decompress(bytes(data))
+        trees.write(objects / "trees" / oid[:2] / oid[2:], zlib.compress(plain))
     for name in ("trees.db", "trees.db-wal", "trees.db-shm"):
         (objects / name).unlink(missing_ok=True)
     (store_dir / "format").write_text("dwsd-store 1\n")
@@ -230,7 +236,8 @@ def test_trees_are_rows_a_snapshot_adds_only_blob_files(tmp_path: Path,
 
 def test_check_finds_a_corrupt_tree_row(tmp_path: Path, write_config: WriteConfig) -> None:
     import sqlite3
-    import zlib
+
+    import zstandard
     data = tmp_path / "data"
     trees.write(data / "sub" / "f", b"1")
     config = write_config({"data": data})
@@ -242,16 +249,39 @@ def test_check_finds_a_corrupt_tree_row(tmp_path: Path, write_config: WriteConfi
     con = sqlite3.connect(db_path)
     (stored,) = con.execute("SELECT data FROM trees WHERE id = ?",
                             (bytes.fromhex(sub),)).fetchone()
-    plain = bytearray(zlib.decompress(stored))
+    plain = bytearray(zstandard.ZstdDecompressor().decompress(stored))
     plain[-1] ^= 0x01  # still decodes; the hash no longer matches
     with con:
         con.execute("UPDATE trees SET data = ? WHERE id = ?",
-                    (zlib.compress(bytes(plain)), bytes.fromhex(sub)))
+                    (zstandard.ZstdCompressor().compress(bytes(plain)), bytes.fromhex(sub)))
     con.close()
     with Workspace.open(config) as ws:
         problems = ws.check().problems
     assert [(p.object_id, p.snapshots) for p in problems] == [(sub, [rec.id])]
     assert "corrupt" in problems[0].problem
+
+
+@pytest.mark.parametrize("stored", [
+    b"\x28\xb5\x2f\xfd" + b"\xa0" + (2**31).to_bytes(4, "little") + b"junk",  # claims 2 GiB
+    b"\x28\xb5\x2f\xfd" + b"\x20" + b"\x10" + b"not a zstd block",
+    b"neither zstd nor zlib",
+], ids=["huge-frame-header", "bad-zstd-frame", "bad-zlib-stream"])
+def test_a_tree_row_that_does_not_decompress_is_corrupt(tmp_path: Path,
+                                                        stored: bytes) -> None:
+    from dwsd.store.treedb import TreeDB
+    with Store.open(tmp_path / "s", create=True) as store:
+        oid = ObjectId("cd" * 32)
+        db = store.objects.trees
+        db.insert_stored(oid, stored)
+        db.commit()
+        with pytest.raises(CorruptObjectError, match="does not decompress"):
+            db.get(oid)
+        reader = TreeDB(store.objects.root / "trees.db", readonly=True)
+        try:
+            with pytest.raises(CorruptObjectError, match="does not decompress"):
+                reader.get(oid)
+        finally:
+            reader.close()
 
 
 def test_trees_are_buffered_then_committed_in_one_batch(tmp_path: Path) -> None:

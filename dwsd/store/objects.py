@@ -2,7 +2,7 @@
 of `objects/trees.db` (see treedb.py).
 
 Blobs (file content) are stored raw so the view and restore can pread them; trees are
-stored zlib-compressed. An object is written once: a blob to a temp name in its fan-out
+stored zstd-compressed. An object is written once: a blob to a temp name in its fan-out
 directory, then linked to its name; a tree inserted in the open transaction. An existing
 object is never rewritten. Writes are not made durable one by one: `make_durable` commits
 the trees and flushes the blobs in one batch before the catalog commit that references
