@@ -107,6 +107,32 @@ def test_dirty_mode_stats_only_dirty_paths(store: Store, data_dir: Path) -> None
     assert second.state.files.keys() == full.state.files.keys()
 
 
+def test_a_dirty_path_capture_reads_on_its_own_thread_and_a_full_walk_on_the_pool(
+        store: Store, data_dir: Path) -> None:
+    paths = [data_dir / f"d{i}" / "f.txt" for i in range(20)]
+    for p in paths:
+        trees.write(p, b"old")
+    readers: list[set[str]] = []
+
+    def note_readers(size: int) -> None:  # called as each file is settled
+        readers.append({t.name.rsplit("_", 1)[0] for t in threading.enumerate()
+                        if t.name.startswith("capture")})
+
+    first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
+                             on_file=note_readers)
+    assert len(readers) == 20 and {"capture"} in readers
+    readers.clear()
+    for p in paths:
+        p.write_bytes(b"new")
+    dirty = [os.fsencode(p.relative_to(data_dir)) for p in paths]
+    second = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES, dirty,
+                              on_file=note_readers)
+    assert readers == [set()] * 20
+    assert second.changed_files == 20
+    assert second.root == capture_resource(store.objects, data_dir, first.state,
+                                           NO_EXCLUDES).root
+
+
 def test_dirty_mode_keeps_unmarked_directories_metadata_without_reading_it(
         store: Store, data_dir: Path) -> None:
     deep = data_dir / "a" / "b"

@@ -13,8 +13,10 @@ Two modes, one walker:
 Everything is relative to directory fds (`dir_fd=`, `O_NOFOLLOW`), so no path is ever
 followed through a symlink and paths longer than PATH_MAX work. Names stay bytes.
 
-Files are opened `O_NOFOLLOW|O_NONBLOCK` on the walking thread and read on a small pool
-(hashing releases the GIL). A file's fstat before and after the read must agree; if not,
+Files are opened `O_NOFOLLOW|O_NONBLOCK` on the walking thread, with a WILLNEED hint so
+the kernel fetches them while the walk goes on, and read on a small pool in a full walk
+(hashing releases the GIL) or on the walking thread itself in a dirty-path capture (see
+`_InlineExecutor`). A file's fstat before and after the read must agree; if not,
 it is read again (up to READ_ATTEMPTS times) and flagged as `unstable`. If it never holds
 still, its previous version is kept (or it is left out when there is none): a torn mix of
 two versions is never stored. Unreadable entries are reported, never fatal.
@@ -33,7 +35,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Collection, Union
+from typing import Callable, Collection, TypeVar, Union
 
 from dwsd.errors import CaptureError
 from dwsd.snapshot.exclude import ExcludeMatcher
@@ -43,6 +45,8 @@ from dwsd.store.ids import ObjectId
 from dwsd.store.objects import ObjectStore
 from dwsd.store.tree import DIR, FILE, SYMLINK, Entry, Xattrs, decode_tree, encode_tree, \
     kind_of_mode
+
+T = TypeVar("T")
 
 READ_ATTEMPTS = 3
 SMALL_FILE = 1 << 20
@@ -142,11 +146,16 @@ def capture_resource(objects: ObjectStore, root: Path, prev: CaptureState,
         root_fd = os.open(root, _OPEN_DIR)
     except OSError as exc:
         raise CaptureError(f"cannot read resource directory {root}: {exc.strerror}") from exc
-    with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="capture") as pool:
+    incremental = dirty is not None and prev.root is not None \
+        and objects.has("trees", prev.root)
+    pool: cf.Executor = _InlineExecutor() if incremental else \
+        cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="capture")
+    with pool:
         walker = _Walker(objects, prev, excludes, pool, on_file, os.fstat(root_fd).st_dev,
                          trees)
         try:
-            if dirty is not None and prev.root is not None and objects.has("trees", prev.root):
+            if incremental:
+                assert dirty is not None and prev.root is not None
                 job = walker.update(root_fd, prev.root, dirty)
             else:
                 job = walker.walk_full(root_fd)
@@ -163,7 +172,7 @@ def capture_resource(objects: ObjectStore, root: Path, prev: CaptureState,
 
 class _Walker:
     def __init__(self, objects: ObjectStore, prev: CaptureState,
-                 excludes: ExcludeMatcher, pool: cf.ThreadPoolExecutor,
+                 excludes: ExcludeMatcher, pool: cf.Executor,
                  on_file: Callable[[int], None] | None = None,
                  root_dev: int | None = None, trees: "TreeCache | None" = None) -> None:
         self.objects = objects
@@ -538,6 +547,28 @@ class _Walker:
             else:
                 futures.append(job.future)
         cf.wait(futures)
+
+
+class _InlineExecutor(cf.Executor):
+    """Runs each submitted read at once on the calling thread; for dirty-path captures.
+
+    Why: on a 2-core machine, eight readers and the walker hand the GIL to each other at
+    every system call. The bench set's 1% change (202 files, warm) was read 175 ms after
+    the capture began on the pool, 70 ms after it read here, one file after the other;
+    the whole dirty-path snapshot went from 260-330 ms to 220-250 ms. The files were
+    opened, with their WILLNEED hints, as the walk found them, and are read a batch
+    later, so cold ones are still fetched by the kernel in parallel. A full walk keeps
+    the pool: a first snapshot streams large files, and its reads overlap the walk
+    (read here, it took 25-30 s instead of 19-23 s)."""
+
+    def submit(self, fn: Callable[..., T], /, *args: object, **kwargs: object
+               ) -> "cf.Future[T]":
+        future: cf.Future[T] = cf.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as exc:  # raised where the walker settles it, as from the pool
+            future.set_exception(exc)
+        return future
 
 
 _buffers = threading.local()
