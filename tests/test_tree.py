@@ -32,8 +32,15 @@ def test_round_trip_keeps_every_field() -> None:
 
 @pytest.mark.parametrize("name", [b"", b".", b"..", b"a/b", b"a\0b"])
 def test_bad_names_are_refused(name: bytes) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="invalid entry name"):
         encode_tree([entry(name)])
+    with pytest.raises(ValueError, match="invalid entry name"):
+        encode_tree([entry(b"a"), entry(name), entry(b"z")])
+
+
+def test_a_repeated_name_is_refused() -> None:
+    with pytest.raises(ValueError, match="duplicate name b'b'"):
+        encode_tree([entry(b"a"), entry(b"b"), entry(b"c"), entry(b"b", size=2)])
 
 
 def test_decode_refuses_a_tree_with_a_slash_in_a_name() -> None:
