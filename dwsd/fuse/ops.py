@@ -333,25 +333,10 @@ class ViewOps(pyfuse3.Operations):
             if content is not None:
                 self._ready_bytes -= len(content)
                 return content
-            if blob in self._corrupt:
-                raise CorruptObjectError(f"blob {blob} is corrupt (content hash differs)")
-            pending = self._verifying.get(blob)
-            if pending is None:
+            if not await self._waited_for_first_use(blob):
                 break
-            await pending.wait()  # then look again: that read may have failed
-        done = self._verifying[blob] = trio.Event()
-        try:
-            content = await trio.to_thread.run_sync(
-                self._read_small, blob, size, blob not in self._verified,
-                limiter=self.verify_limiter)
-        finally:
-            del self._verifying[blob]
-            done.set()
-        if content is None:
-            self._corrupt.add(blob)
-            raise CorruptObjectError(f"blob {blob} is corrupt (content hash differs)")
-        self._remember_verified(blob)
-        return content
+        return await self._first_use(blob, functools.partial(
+            self._read_small, blob, size, blob not in self._verified))
 
     def _read_small(self, blob: ObjectId, size: int, verify: bool = True) -> bytes | None:
         """Read a small blob whole (blocks); None when `verify` finds its hash wrong. One
@@ -374,24 +359,39 @@ class ViewOps(pyfuse3.Operations):
                 self._verified.move_to_end(blob)
                 return await trio.to_thread.run_sync(self.store.objects.open_blob, blob,
                                                      limiter=self.meta_limiter)
-            if blob in self._corrupt:
-                raise CorruptObjectError(f"blob {blob} is corrupt (content hash differs)")
-            pending = self._verifying.get(blob)
-            if pending is None:
+            if not await self._waited_for_first_use(blob):
                 break
-            await pending.wait()  # then look again: the verification may have failed
+        return await self._first_use(blob, functools.partial(self._open_verified, blob))
+
+    async def _waited_for_first_use(self, blob: ObjectId) -> bool:
+        """Raise CorruptObjectError if `blob` is known to be corrupt. If another task is
+        reading it for the first time, wait for that and return True (look again: it may
+        have failed); else return False without awaiting, so the caller may start the
+        first use itself with nothing slipping in between."""
+        if blob in self._corrupt:
+            raise _corrupt_blob(blob)
+        pending = self._verifying.get(blob)
+        if pending is None:
+            return False
+        await pending.wait()
+        return True
+
+    async def _first_use(self, blob: ObjectId, work: Callable[[], T | None]) -> T:
+        """Run `work` (blocking: reads and verifies `blob`; None when its hash is wrong)
+        in a thread of the verify limiter, while concurrent users of `blob` wait on one
+        Event; a wrong hash marks the blob corrupt for good. The Event is in place
+        before the first await."""
         done = self._verifying[blob] = trio.Event()
         try:
-            fd = await trio.to_thread.run_sync(self._open_verified, blob,
-                                               limiter=self.verify_limiter)
+            result = await trio.to_thread.run_sync(work, limiter=self.verify_limiter)
         finally:
             del self._verifying[blob]
             done.set()
-        if fd is None:
+        if result is None:
             self._corrupt.add(blob)
-            raise CorruptObjectError(f"blob {blob} is corrupt (content hash differs)")
+            raise _corrupt_blob(blob)
         self._remember_verified(blob)
-        return fd
+        return result
 
     def _remember_verified(self, blob: ObjectId) -> None:
         self._verified[blob] = None
@@ -677,6 +677,10 @@ def read_if_cached(fd: int, offset: int, length: int) -> bytes | None:
     # The bytearray itself: pyfuse3 copies from any buffer, and a bytes copy of 128 KiB
     # costs more than the read (typed as bytes, like pyfuse3's Operations.read).
     return cast(bytes, buf) if got == length else None
+
+
+def _corrupt_blob(blob: ObjectId) -> CorruptObjectError:
+    return CorruptObjectError(f"blob {blob} is corrupt (content hash differs)")
 
 
 def _call_safely(callback: Callable[..., None], *args: Any) -> None:
