@@ -63,6 +63,7 @@ class Daemon:
         self.config = load_config(config_path)
         self.scheduler: Scheduler | None = None
         self._stop_inner = trio.CancelScope()
+        self._stopping_told = False
 
     async def run(self) -> None:
         # Signals are caught from the start: one arriving while the view is being
@@ -81,7 +82,7 @@ class Daemon:
                     await self._serve(ws, view)
                     outer.cancel_scope.cancel()  # last: the view (and signal watch)
             finally:
-                sd_notify("STOPPING=1")
+                self._tell_stopping()
                 await trio.to_thread.run_sync(ws.close)
                 log.info("dwsd stopped")
 
@@ -111,6 +112,13 @@ class Daemon:
                              ws.config.mount or "off")
             control.cancel_scope.cancel()
 
+    def _tell_stopping(self) -> None:
+        """STOPPING=1, once: at the signal (systemd then knows at once), else on the
+        way out of any other ending."""
+        if not self._stopping_told:
+            self._stopping_told = True
+            sd_notify("STOPPING=1")
+
     async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
             if signum == signal.SIGHUP:
@@ -118,7 +126,7 @@ class Daemon:
                     await reload_config(self.config_path, self.scheduler)
                 continue
             log.info("%s: shutting down", signal.Signals(signum).name)
-            sd_notify("STOPPING=1")
+            self._tell_stopping()
             # Cancelling a scope not yet entered is fine: the start-up then goes
             # straight to the orderly shutdown.
             self._stop_inner.cancel()
