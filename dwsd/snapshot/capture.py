@@ -125,13 +125,6 @@ class _DirJob:
 _Pending = Union[Entry, _FileJob, _DirJob]
 
 
-class _Gone:
-    """A name lstat'ed already that vanished or could not be stat'ed."""
-
-
-_GONE = _Gone()
-
-
 def capture_resource(objects: ObjectStore, root: Path, prev: CaptureState,
                      excludes: ExcludeMatcher, dirty: Collection[bytes] | None = None,
                      workers: int = READ_WORKERS, on_file: Callable[[int], None] | None = None,
@@ -192,7 +185,6 @@ class _Walker:
         self._jobs: deque[_FileJob] = deque()  # oldest first, not settled
         self._queued: deque[_FileJob] = deque()  # opened, waiting for SUBMIT_BATCH
         self.root_dev = root_dev
-        self._last_stat: os.stat_result | None | _Gone = None  # see _unchanged_file
         # Decoded trees: the previous ones a dirty-path update reads, the new ones it
         # writes (the next capture's previous ones).
         self._trees = trees if trees is not None else TreeCache()
@@ -208,46 +200,50 @@ class _Walker:
         prefix = rel + b"/" if rel else b""
         for name in names:
             relpath = prefix + name
-            child: _Pending | None = self._unchanged_file(dfd, name, relpath)
+            st = self._lstat(dfd, name, relpath)  # the one lstat of each name
+            if st is None:
+                continue
+            child: _Pending | None = self._unchanged_file(name, relpath, st)
             if child is None:
-                child = self._capture_entry(dfd, name, relpath, self._last_stat)
+                child = self._capture_entry(dfd, name, relpath, st)
             if child is not None:
                 children.append(child)
         return _DirJob(entry, children, rel)
 
-    def _unchanged_file(self, dfd: int, name: bytes, relpath: bytes) -> Entry | None:
-        """The hot path of a full walk: lstat one name and, when it is a file with one
-        link whose stat key matches the cache, its entry. Otherwise None, with the lstat
-        result (None: vanished or unreadable, already handled) in `_last_stat` for
-        `_capture_entry`, so every name costs exactly one lstat."""
-        st = self._last_stat = self._lstat(dfd, name, relpath)
-        if st is None:
-            self._last_stat = _GONE
-            return None
-        cached = self.prev.files.get(relpath)
-        if (cached is None or st.st_nlink != 1 or not stat_mod.S_ISREG(st.st_mode)
-                or cached.size != st.st_size or cached.mtime_ns != st.st_mtime_ns
-                or cached.ctime_ns != st.st_ctime_ns or cached.ino != st.st_ino
+    def _unchanged_file(self, name: bytes, relpath: bytes, st: os.stat_result
+                        ) -> Entry | None:
+        """The hot path of a full walk: the entry of a regular file with one link whose
+        stat key matches the cache (and is not excluded), built straight from `st`;
+        else None."""
+        if (st.st_nlink != 1 or not stat_mod.S_ISREG(st.st_mode)
                 or (self._any_excludes and self.excludes.excluded(relpath, False))):
+            return None
+        cached = self._reuse_if_unchanged(relpath, st)
+        if cached is None:
+            return None
+        return Entry(name, FILE, st.st_mode & 0o7777, st.st_uid, st.st_gid,
+                     st.st_mtime_ns, st.st_size, cached.blob, b"", 0, 0, cached.xattrs)
+
+    def _reuse_if_unchanged(self, relpath: bytes, st: os.stat_result) -> CachedFile | None:
+        """The cached file at `relpath` if its stat key still matches `st`, then kept in
+        the new state (and reported to `on_file`); else None: it must be read."""
+        cached = self.prev.files.get(relpath)
+        if cached is None or cached[:4] != (st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                            st.st_ino):
             return None
         self.state.put(relpath, cached)
         if self.on_file is not None:
             self.on_file(cached.size)
-        return Entry(name, FILE, st.st_mode & 0o7777, st.st_uid, st.st_gid,
-                     st.st_mtime_ns, st.st_size, cached.blob, b"", 0, 0, cached.xattrs)
+        return cached
 
     def _capture_entry(self, dfd: int, name: bytes, relpath: bytes,
-                       st: "os.stat_result | None | _Gone" = None) -> _Pending | None:
-        """Capture one name (lstat'ed here unless `st` is given; _GONE: it was, and it
-        vanished or could not be stat'ed); None when it vanished, is excluded or
-        unreadable."""
-        if st is _GONE:
-            return None
+                       st: os.stat_result | None = None) -> _Pending | None:
+        """Capture one name (lstat'ed here unless `st` is given); None when it vanished,
+        is excluded or unreadable."""
         if st is None and (st := self._lstat(dfd, name, relpath)) is None:
             return None
-        assert isinstance(st, os.stat_result)
         kind = kind_of_mode(st.st_mode)
-        if self.excludes and self.excludes.excluded(relpath, kind == DIR):
+        if self._any_excludes and self.excludes.excluded(relpath, kind == DIR):
             return None
         base = _entry_from_stat(name, kind, st)
         try:
@@ -297,13 +293,9 @@ class _Walker:
             base = base._replace(ino=self._link_id(st))
             if (twin := self._inodes.get((st.st_dev, st.st_ino))) is not None:
                 return _same_content(twin, base, relpath)
-        cached = self.prev.files.get(relpath)
-        if cached is not None and cached[:4] == (st.st_size, st.st_mtime_ns,
-                                                 st.st_ctime_ns, st.st_ino):
-            self.state.put(relpath, cached)
-            if self.on_file is not None:
-                self.on_file(cached.size)
-            # The hot path of an unchanged tree: build the entry once, no _replace().
+        cached = self._reuse_if_unchanged(relpath, st)
+        if cached is not None:
+            # Build the entry once, no _replace().
             done = Entry(name, FILE, base.mode, base.uid, base.gid, base.mtime_ns,
                          base.size, cached.blob, b"", 0, base.ino, cached.xattrs)
             self._remember_inode(st, done)
