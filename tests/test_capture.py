@@ -194,7 +194,7 @@ def test_hard_links_settled_apart_keep_one_content(
 
 
 def test_a_full_walk_reusing_unchanged_trees_equals_a_walk_from_scratch(
-        store: Store, data_dir: Path) -> None:
+        store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for d in ("a", "b", "c", "d", "e", "e/sub"):
         trees.write(data_dir / d / "f.txt", d.encode())
     os.symlink("f.txt", data_dir / "d" / "link")
@@ -213,8 +213,17 @@ def test_a_full_walk_reusing_unchanged_trees_equals_a_walk_from_scratch(
                             trees=TreeCache())
     assert warm.root == cold.root != first.root
     assert set(first.state.dirs) == {b"", b"a", b"b", b"c", b"d", b"e", b"e/sub"}
+    from dwsd.snapshot import capture
+    encoded: list[object] = []
+    real_encode = capture.encode_tree
+
+    def counting_encode(entries: Any) -> bytes:
+        encoded.append(entries)
+        return real_encode(entries)
+    monkeypatch.setattr(capture, "encode_tree", counting_encode)
     again = capture_resource(store.objects, data_dir, warm.state, NO_EXCLUDES, trees=cache)
     assert again.root == warm.root
+    assert encoded == []  # every directory kept its tree id without being encoded
 
 
 def test_a_capture_that_fails_leaves_no_file_open(store: Store, data_dir: Path) -> None:

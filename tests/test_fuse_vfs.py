@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dwsd.fuse.vfs import LATEST, ROOT, NoAttribute, NoEntry, NotADirectory, \
+from dwsd.fuse.vfs import LATEST, ROOT, Attributes, NoAttribute, NoEntry, NotADirectory, \
     TreeCache, TreeNotLoaded, View, WrongKind, root_items, safe_name, time_ns
 from dwsd.store.catalog import Catalog, SnapshotRecord
 from dwsd.store.ids import ObjectId
@@ -158,25 +158,31 @@ def test_forget_of_an_unknown_inode_or_the_root_is_harmless(view: View) -> None:
     assert view.getattr(ROOT).is_dir
 
 
-def test_peek_counts_nothing_until_remembered(view: View) -> None:
+def root_child(view: View, name: bytes) -> Attributes:
+    """The attributes `children` gives for one root name (no reference counted)."""
+    ((_, _, attrs),) = view.children(ROOT, [name], 0)
+    return attrs
+
+
+def test_children_count_nothing_until_remembered(view: View) -> None:
     before = len(view)
-    attrs = view.peek(ROOT, b"v1")
+    attrs = root_child(view, b"v1")
     view.discard(attrs.inode)
     assert len(view) == before
-    attrs = view.peek(ROOT, b"v1")
+    attrs = root_child(view, b"v1")
     view.remember(attrs.inode)
     view.discard(attrs.inode)
     assert view.getattr(attrs.inode) == attrs
 
 
-def test_children_are_what_peek_gives_from_any_position(view: View) -> None:
+def test_children_are_what_lookup_gives_from_any_position(view: View) -> None:
     resource = walk(view, b"v1", b"data")
     view.add_tree(ROOT_TREE, ROOT_ENTRIES)
     names = view.listdir(resource)
     listed = list(view.children(resource, names, 1))
     assert [(i, name) for i, name, _ in listed] == [(1, b"link"), (2, b"sub")]
-    assert [attrs for _, _, attrs in listed] == [view.peek(resource, n) for n in names[1:]]
     assert [n.lookups for n in map(view.node, (a.inode for _, _, a in listed))] == [0, 0]
+    assert [attrs for _, _, attrs in listed] == [view.lookup(resource, n) for n in names[1:]]
 
 
 def test_children_skip_root_names_gone_since_the_listing(view: View) -> None:
@@ -258,14 +264,15 @@ def test_the_model_does_not_import_pyfuse3() -> None:
     assert subprocess.run([sys.executable, "-c", code], timeout=30).returncode == 0
 
 
-def test_subtrees_needed_names_the_uncached_child_trees(view: View) -> None:
-    data = walk(view, b"v1", b"data")
-    assert view.subtrees_needed(data, 10) == []  # its own tree is not loaded yet
+def test_uncached_subtrees_names_the_child_trees_not_loaded(view: View) -> None:
+    tree = view.node(walk(view, b"v1", b"data")).tree
+    assert tree is not None
+    assert view.uncached_subtrees(tree, 10) == []  # its own tree is not loaded yet
     walk(view, b"v1", b"data", b"link")
-    assert view.subtrees_needed(data, 10) == [SUB_TREE]
-    assert view.subtrees_needed(data, 0) == []
+    assert view.uncached_subtrees(tree, 10) == [SUB_TREE]
+    assert view.uncached_subtrees(tree, 0) == []
     walk(view, b"v1", b"data", b"sub", b"b.txt")
-    assert view.subtrees_needed(data, 10) == []
+    assert view.uncached_subtrees(tree, 10) == []
 
 
 def test_neighbour_files_skip_other_kinds_and_stop_at_ahead(view: View) -> None:

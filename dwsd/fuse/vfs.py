@@ -39,7 +39,7 @@ from typing import Hashable, Iterator, NamedTuple, NewType, Sequence
 
 from dwsd.store.catalog import Catalog, SnapshotRecord
 from dwsd.store.ids import ObjectId
-from dwsd.store.tree import DIR, FILE, SYMLINK, Entry, Xattrs
+from dwsd.store.tree import DIR, FILE, SYMLINK, Entry, Xattrs, entry_name
 
 Inode = NewType("Inode", int)
 ROOT = Inode(1)
@@ -329,16 +329,11 @@ class View:
         node = self._nodes.get(Inode(inode))
         return node is None or node.inode == ROOT or node.parent == ROOT
 
-    def peek(self, parent: int, name: bytes) -> Attributes:
-        """Like `lookup` without counting a reference: for readdir, which calls
-        `remember` once the kernel took the entry, else `discard`."""
-        return self._child(self.node(parent), name).attrs
-
     def remember(self, inode: int) -> None:
         self.node(inode).lookups += 1
 
     def discard(self, inode: int) -> None:
-        """Drop a node `peek` made if the kernel holds no reference to it."""
+        """Drop a node `children` made if the kernel holds no reference to it."""
         node = self._nodes.get(Inode(inode))
         if node is not None and node.lookups == 0 and node.inode != ROOT:
             self._drop(node)
@@ -379,18 +374,10 @@ class View:
         """Cache a decoded tree (from a worker thread's `decode_tree`)."""
         self.trees.put(oid, entries)
 
-    def subtrees_needed(self, inode: int, limit: int) -> list[ObjectId]:
-        """Up to `limit` trees of subdirectories of `inode` that are not cached, in name
-        order: what a walk entering them would load next. Empty when `inode`'s own tree
-        is not cached."""
-        node = self.node(inode)
-        if node.tree is None:
-            return []
-        return self.uncached_subtrees(node.tree, limit)
-
     def uncached_subtrees(self, oid: ObjectId, limit: int) -> list[ObjectId]:
         """Up to `limit` trees of the subdirectories in tree `oid` that are not cached,
-        in name order. Empty when tree `oid` is not cached."""
+        in name order: what a walk entering them would load next. Empty when tree `oid`
+        is not cached."""
         if oid not in self.trees:
             return []
         needed: list[ObjectId] = []
@@ -410,7 +397,7 @@ class View:
         if parent is None or parent.tree is None or parent.tree not in self.trees:
             return Neighbours(None, [])
         entries = self.trees.get(parent.tree)
-        i = bisect.bisect_left(entries, node.name, key=_entry_name)
+        i = bisect.bisect_left(entries, node.name, key=entry_name)
         previous = next((e.ref for e in reversed(entries[max(0, i - 8):i])
                          if e.kind == FILE and e.ref is not None), None)
         following: list[tuple[ObjectId, int]] = []
@@ -436,7 +423,8 @@ class View:
     def children(self, inode: int, names: Sequence[bytes], start: int
                  ) -> Iterator[tuple[int, bytes, Attributes]]:
         """(position, name, attributes) for `names[start:]`, where `names` is a listing
-        of directory `inode` from `listdir`. Counts no reference, like `peek`. Names gone
+        of directory `inode` from `listdir`. Counts no reference: readdir calls `remember`
+        for each entry the kernel took, `discard` for one it refused. Names gone
         since the listing was taken (root names only) are skipped. A tree directory is
         listed by position, with no search per name: its listing is its tree's names in
         order, and a tree never changes."""
@@ -511,7 +499,7 @@ class View:
     def _entry_child(self, parent: Node, name: bytes) -> Node:
         assert parent.tree is not None
         entries = self.trees.get(parent.tree)
-        i = bisect.bisect_left(entries, name, key=_entry_name)
+        i = bisect.bisect_left(entries, name, key=entry_name)
         if i == len(entries) or entries[i].name != name:
             raise NoEntry(name)
         return self._entry_node(parent, entries[i])
@@ -583,10 +571,6 @@ class View:
             node = self._nodes.get(node.parent)
         prefix = "" if node is not None else ".../"
         return prefix + os.fsdecode(b"/".join(reversed(parts)))
-
-
-def _entry_name(entry: Entry) -> bytes:
-    return entry.name
 
 
 def _keeps_number(key: NodeKey) -> bool:

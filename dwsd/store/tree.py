@@ -87,7 +87,7 @@ def encode_tree(entries: Iterable[Entry]) -> bytes:
 
     It runs for every directory on the path of every change, so the names are checked
     all at once (one scan of their concatenation, one set) rather than one call each."""
-    ordered = sorted(entries, key=_name_of)
+    ordered = sorted(entries, key=entry_name)
     _check_names([e.name for e in ordered])
     parts = [MAGIC]
     append, pack, with_ref = parts.append, _HEADER.pack, _WITH_REF
@@ -108,7 +108,8 @@ def encode_tree(entries: Iterable[Entry]) -> bytes:
     return b"".join(parts)
 
 
-def _name_of(entry: Entry) -> bytes:
+def entry_name(entry: Entry) -> bytes:
+    """The sort key of entries in a tree (for `sorted` and `bisect`)."""
     return entry.name
 
 

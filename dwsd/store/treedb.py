@@ -43,6 +43,7 @@ from dwsd.store.ids import ObjectId, id_from_raw, raw_id
 
 FILENAME = "trees.db"
 _SCHEMA = "CREATE TABLE IF NOT EXISTS trees (id BLOB PRIMARY KEY, data BLOB NOT NULL)"
+_INSERT = "INSERT OR IGNORE INTO trees (id, data) VALUES (?, ?)"  # a row is never updated
 # Past a checkpoint the log is cut back to this size, so an idle store does not keep a
 # large first snapshot's log on disk.
 _WAL_LIMIT = 4 << 20
@@ -145,14 +146,12 @@ class TreeDB:
             return []
         raw = {raw_id(oid): oid for oid in buffered}
         try:
-            if not self._con.in_transaction:
-                self._con.execute("BEGIN")
+            self._begin()
             stored = self._existing(list(raw))
             compress = self._compressor.compress
             rows = [(r, compress(buffered[oid])) for r, oid in raw.items()
                     if r not in stored]
-            self._con.executemany("INSERT OR IGNORE INTO trees (id, data) VALUES (?, ?)",
-                                  rows)
+            self._con.executemany(_INSERT, rows)
         except sqlite3.Error as exc:
             raise self._error(exc, "writing its trees") from exc
         return [(raw[r], len(data)) for r, data in rows]
@@ -171,10 +170,8 @@ class TreeDB:
         format-1 tree files in (zlib streams, which `get` still reads)."""
         with self._lock:
             try:
-                if not self._con.in_transaction:
-                    self._con.execute("BEGIN")
-                self._con.execute("INSERT OR IGNORE INTO trees (id, data) VALUES (?, ?)",
-                                  (raw_id(oid), stored))
+                self._begin()
+                self._con.execute(_INSERT, (raw_id(oid), stored))
             except sqlite3.Error as exc:
                 raise self._error(exc, "writing a tree") from exc
 
@@ -189,8 +186,7 @@ class TreeDB:
             if self._buffer.pop(oid, None) is not None:
                 return
             try:
-                if not self._con.in_transaction:
-                    self._con.execute("BEGIN")
+                self._begin()
                 self._con.execute("DELETE FROM trees WHERE id = ?", (raw_id(oid),))
             except sqlite3.Error as exc:
                 raise self._error(exc, "removing a tree") from exc
@@ -228,6 +224,11 @@ class TreeDB:
         with self._lock:
             self._con.close()
             self._closed = True
+
+    def _begin(self) -> None:
+        """Open the write transaction unless it is open (the lock is held)."""
+        if not self._con.in_transaction:
+            self._con.execute("BEGIN")
 
     def _rollback(self) -> None:
         try:
