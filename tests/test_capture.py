@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -107,30 +108,95 @@ def test_dirty_mode_stats_only_dirty_paths(store: Store, data_dir: Path) -> None
     assert second.state.files.keys() == full.state.files.keys()
 
 
-def test_a_dirty_path_capture_reads_on_its_own_thread_and_a_full_walk_on_the_pool(
+def _reader_threads() -> int:
+    """Threads taking reader processes' replies (one a process)."""
+    return sum(t.name.startswith("capture-reader") for t in threading.enumerate())
+
+
+def _children() -> list[int]:
+    """The pids of this process's children (reader processes, here)."""
+    pids = []
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/children") as f:
+            pids += [int(pid) for pid in f.read().split()]
+    return pids
+
+
+def test_a_capture_reads_its_first_files_itself_and_more_in_reader_processes(
         store: Store, data_dir: Path) -> None:
     paths = [data_dir / f"d{i}" / "f.txt" for i in range(20)]
     for p in paths:
         trees.write(p, b"old")
-    readers: list[set[str]] = []
+    readers: list[int] = []
 
     def note_readers(size: int) -> None:  # called as each file is settled
-        readers.append({t.name.rsplit("_", 1)[0] for t in threading.enumerate()
-                        if t.name.startswith("capture")})
+        readers.append(_reader_threads())
 
     first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
-                             on_file=note_readers)
-    assert len(readers) == 20 and {"capture"} in readers
+                             on_file=note_readers, processes_after=20)
+    assert readers == [0] * 20
+    readers.clear()
+    again = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
+                             on_file=note_readers, processes_after=19, processes=2)
+    assert readers == [2] * 20
+    assert again.root == first.root and again.counters.files_opened == 20
+    assert _reader_threads() == 0 and _children() == []  # none outlives its capture
     readers.clear()
     for p in paths:
         p.write_bytes(b"new")
     dirty = [os.fsencode(p.relative_to(data_dir)) for p in paths]
     second = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES, dirty,
                               on_file=note_readers)
-    assert readers == [set()] * 20
+    assert readers == [0] * 20
     assert second.changed_files == 20
     assert second.root == capture_resource(store.objects, data_dir, first.state,
                                            NO_EXCLUDES).root
+
+
+def test_reader_processes_store_and_count_what_the_walking_thread_would(
+        tmp_path: Path, data_dir: Path) -> None:
+    trees.make_many_files(data_dir, 300)
+    for i in range(3):  # streamed in pieces, not read whole
+        trees.write(data_dir / "big" / f"b{i}.bin", os.urandom(3 << 20))
+    trees.write(data_dir / "empty", b"")
+    trees.write(data_dir / "noted.txt", b"x")
+    os.setxattr(data_dir / "noted.txt", "user.origin", b"lab")
+    os.link(data_dir / "noted.txt", data_dir / "linked.txt")
+    results = {}
+    for name, after in [("here", 10**6), ("processes", 0)]:
+        with Store.open(tmp_path / name, create=True) as s:
+            result = capture_resource(s.objects, data_dir, CaptureState(), NO_EXCLUDES,
+                                      processes_after=after)
+            blobs = {oid for kind, oid in s.objects.log.written if kind == "blobs"}
+            assert blobs == set(s.objects.iter_ids("blobs"))  # the log has them all
+            assert all(s.objects.verify("blobs", oid) for oid in blobs)
+            s.objects.make_durable()
+            results[name] = (result.root, result.state.files, result.counters,
+                             s.objects.log.objects_written, s.objects.log.bytes_written)
+    assert results["here"] == results["processes"]
+
+
+def test_a_capture_whose_reader_processes_die_fails_and_leaves_nothing_behind(
+        store: Store, data_dir: Path) -> None:
+    from dwsd.errors import CaptureError
+    trees.make_many_files(data_dir, 2000)
+    killed: list[int] = []
+
+    def kill_readers(size: int) -> None:
+        while not killed:  # at the first file settled
+            for pid in _children():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    before = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(CaptureError, match="reader process"):
+        capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
+                         on_file=kill_readers, processes_after=0, processes=2)
+    assert len(killed) == 2
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    assert _children() == [] and _reader_threads() == 0
+    # What they stored and answered for is in the log, to be rolled back.
+    published = {oid for kind, oid in store.objects.log.written}
+    assert published <= set(store.objects.iter_ids("blobs"))
 
 
 def test_dirty_mode_keeps_unmarked_directories_metadata_without_reading_it(
@@ -226,7 +292,9 @@ def test_a_full_walk_reusing_unchanged_trees_equals_a_walk_from_scratch(
     assert encoded == []  # every directory kept its tree id without being encoded
 
 
-def test_a_capture_that_fails_leaves_no_file_open(store: Store, data_dir: Path) -> None:
+@pytest.mark.parametrize("processes_after", [None, 0], ids=["default", "processes"])
+def test_a_capture_that_fails_leaves_no_file_open(store: Store, data_dir: Path,
+                                                  processes_after: int | None) -> None:
     from dwsd.errors import StoreError
     trees.make_many_files(data_dir, 600)  # more than one batch of reads
 
@@ -238,9 +306,11 @@ def test_a_capture_that_fails_leaves_no_file_open(store: Store, data_dir: Path) 
     before = sorted(os.listdir("/proc/self/fd"))
     failing = FailingTrees(store.objects.root)
     with pytest.raises(StoreError, match="no room for trees"):
-        capture_resource(failing, data_dir, CaptureState(), NO_EXCLUDES)
+        capture_resource(failing, data_dir, CaptureState(), NO_EXCLUDES,
+                         processes_after=processes_after)
     failing.close()
     assert sorted(os.listdir("/proc/self/fd")) == before
+    assert _children() == []
 
 
 def test_excluded_paths_are_not_captured(store: Store, data_dir: Path) -> None:
@@ -254,7 +324,9 @@ def test_excluded_paths_are_not_captured(store: Store, data_dir: Path) -> None:
                      } - {b"sub/__pycache__"}
 
 
-def test_file_rewritten_during_capture_is_never_torn(store: Store, data_dir: Path) -> None:
+@pytest.mark.parametrize("processes_after", [None, 0], ids=["here", "processes"])
+def test_file_rewritten_during_capture_is_never_torn(store: Store, data_dir: Path,
+                                                     processes_after: int | None) -> None:
     size = 64 << 20
     target = data_dir / "busy.bin"
     target.write_bytes(b"A" * size)
@@ -272,7 +344,8 @@ def test_file_rewritten_during_capture_is_never_torn(store: Store, data_dir: Pat
     writer = threading.Thread(target=rewrite)
     writer.start()
     try:
-        result = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+        result = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
+                                  processes_after=processes_after)
     finally:
         stop.set()
         writer.join()

@@ -11,6 +11,7 @@ from typing import Iterator
 import pytest
 
 from dwsd.errors import CorruptObjectError, StoreError, StoreLockedError
+from dwsd.snapshot import capture
 from dwsd.store.fsutil import TEMP_PREFIX
 from dwsd.store.ids import ObjectId
 from dwsd.store.store import Store
@@ -91,8 +92,12 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
         trees.unmount(mnt)
 
 
+@pytest.mark.parametrize("readers", ["here", "processes"])
 def test_full_disk_gives_one_error_and_loses_nothing(tmp_path: Path, small_tmpfs: Path,
-                                                     write_config: WriteConfig) -> None:
+                                                     write_config: WriteConfig, readers: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    if readers == "processes":
+        monkeypatch.setattr(capture, "PROCESSES_AFTER", 0)
     data = tmp_path / "data"
     trees.write(data / "small.txt", b"fits")
     config = write_config({"data": data}, store=small_tmpfs / "store")

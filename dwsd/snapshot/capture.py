@@ -14,10 +14,10 @@ Everything is relative to directory fds (`dir_fd=`, `O_NOFOLLOW`), so no path is
 followed through a symlink and paths longer than PATH_MAX work. Names stay bytes.
 
 Files are opened `O_NOFOLLOW|O_NONBLOCK` on the walking thread, with a WILLNEED hint so
-the kernel fetches them while the walk goes on, and read on a small pool in a full walk
-(hashing releases the GIL) or on the walking thread itself in a dirty-path capture (see
-`_InlineExecutor`). A file's fstat before and after the read must agree; if not,
-it is read again (up to READ_ATTEMPTS times) and flagged as `unstable`. If it never holds
+the kernel fetches them while the walk goes on, and read on that thread until the walk
+has found PROCESSES_AFTER files to read, then in reader processes (see readers.py). A
+file's fstat before and after the read must agree; if not, it is read again (up to
+READ_ATTEMPTS times) and flagged as `unstable` (see fileread.py). If it never holds
 still, its previous version is kept (or it is left out when there is none): a torn mix of
 two versions is never stored. Unreadable entries are reported, never fatal.
 
@@ -27,43 +27,42 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import errno
+import logging
 import os
 import stat as stat_mod
 import sys
-import threading
-import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Collection, TypeVar, Union
+from typing import Callable, Collection, Union
 
 from dwsd.errors import CaptureError
 from dwsd.snapshot.exclude import ExcludeMatcher
-from dwsd.snapshot.statcache import RACY_WINDOW_NS, UNTRUSTED, CachedFile, CaptureState
+from dwsd.snapshot.fileread import SMALL_FILE, ReadOutcome, read_xattrs
+from dwsd.snapshot.readers import InlineReaders, Readers, ReaderProcesses, default_processes
+from dwsd.snapshot.statcache import UNTRUSTED, CachedFile, CaptureState
 from dwsd.store.catalog import RootMeta
 from dwsd.store.ids import ObjectId
 from dwsd.store.objects import ObjectStore
-from dwsd.store.tree import DIR, FILE, SYMLINK, Entry, Xattrs, decode_tree, encode_tree, \
-    kind_of_mode
+from dwsd.store.tree import DIR, FILE, SYMLINK, Entry, decode_tree, encode_tree, kind_of_mode
 
-T = TypeVar("T")
+log = logging.getLogger(__name__)
 
-READ_ATTEMPTS = 3
-SMALL_FILE = 1 << 20
-MAX_PENDING_READS = 64
 # Reads submitted and not yet settled before the walker settles the oldest: a walk of
 # 100,000 files must not keep a future and an outcome per file until its end. They took
 # ~1.5 KB a file, and freed at the end they left the heap fragmented: a daemon that had
 # taken a first snapshot of 20,000 files kept 40 MB of it.
 SETTLE_AFTER = 256
-# Files opened before their reads are handed to the pool, together. Reader threads busy
-# while the walker goes on take the GIL from it at each of its lstats: reading a 1%
-# change during a warm full walk made the walk 100 ms slower; read after it, they cost
-# 20 ms. A first snapshot still reads while it walks, one batch behind. At most
-# SETTLE_AFTER, so a job settled is always one submitted.
+# Files opened before their reads are handed on, together: read on this thread, they
+# are read after the lstats of their batch, not between them; in reader processes, a
+# first snapshot reads while it walks, one batch behind. At most SETTLE_AFTER, so a job
+# settled is always one submitted.
 SUBMIT_BATCH = 256
+# Files to read before the reads go to reader processes: a 1% change of the bench set
+# (202 files) is read here in 70 ms, sooner than processes start; a first snapshot of it
+# is read in half the time by two processes (readers.py).
+PROCESSES_AFTER = 512
 TREE_CACHE_ENTRIES = 50_000  # about 15 MB
-READ_WORKERS = 8  # reads and hashing release the GIL; more threads keep the disk busy
 _FS_ENCODING = sys.getfilesystemencoding()
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -91,27 +90,16 @@ class CaptureResult:
 
 
 @dataclass(slots=True)
-class _ReadOutcome:
-    blob: ObjectId | None
-    length: int
-    stat: os.stat_result | None
-    xattrs: Xattrs
-    attempts: int
-    trusted: bool
-    error: str | None = None
-
-
-@dataclass(slots=True)
 class _FileJob:
     """A file being read; once settled, `result` is its entry (None: left out) and the
     future is dropped, unless another name links to it."""
 
     relpath: bytes
     entry: Entry
-    future: "cf.Future[_ReadOutcome] | None"
+    future: "cf.Future[ReadOutcome] | None"
     settled: bool = False
     result: Entry | None = None
-    fd: int = -1  # opened by the walker, closed by the reader (or by cancel_pending)
+    fd: int = -1  # opened by the walker, handed to the readers (or closed by close)
     twin: "_FileJob | None" = None  # another name of the same file, read once for both
 
 
@@ -127,36 +115,37 @@ _Pending = Union[Entry, _FileJob, _DirJob]
 
 def capture_resource(objects: ObjectStore, root: Path, prev: CaptureState,
                      excludes: ExcludeMatcher, dirty: Collection[bytes] | None = None,
-                     workers: int = READ_WORKERS, on_file: Callable[[int], None] | None = None,
-                     trees: "TreeCache | None" = None) -> CaptureResult:
+                     on_file: Callable[[int], None] | None = None,
+                     trees: "TreeCache | None" = None, processes: int | None = None,
+                     processes_after: int | None = None) -> CaptureResult:
     """Capture the directory `root`. `dirty=None` walks everything; otherwise only the
     given relative paths are examined (falling back to a full walk when there is no
     previous tree). `on_file(size)` is called on this thread as each file is settled.
     `trees` carries decoded trees from one capture to the next (the trees a dirty-path
-    capture writes are the ones the next one reads). Raises CaptureError when the root
-    itself cannot be read."""
+    capture writes are the ones the next one reads). Once more than `processes_after`
+    files are to be read (default PROCESSES_AFTER), they are read by `processes` reader
+    processes (default: one a core, 2 to 4), all gone when this returns. Raises CaptureError when the root itself
+    cannot be read."""
     try:
         root_fd = os.open(root, _OPEN_DIR)
     except OSError as exc:
         raise CaptureError(f"cannot read resource directory {root}: {exc.strerror}") from exc
     incremental = dirty is not None and prev.root is not None \
         and objects.has("trees", prev.root)
-    pool: cf.Executor = _InlineExecutor() if incremental else \
-        cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="capture")
-    with pool:
-        walker = _Walker(objects, prev, excludes, pool, on_file, os.fstat(root_fd).st_dev,
-                         trees)
-        try:
-            if incremental:
-                assert dirty is not None and prev.root is not None
-                job = walker.update(root_fd, prev.root, dirty)
-            else:
-                job = walker.walk_full(root_fd)
-            tree_id = walker.finish(job)
-            top = os.fstat(root_fd)
-        finally:
-            os.close(root_fd)
-            walker.cancel_pending()
+    walker = _Walker(objects, prev, excludes, on_file, os.fstat(root_fd).st_dev, trees,
+                     processes or default_processes(),
+                     PROCESSES_AFTER if processes_after is None else processes_after)
+    try:
+        if incremental:
+            assert dirty is not None and prev.root is not None
+            job = walker.update(root_fd, prev.root, dirty)
+        else:
+            job = walker.walk_full(root_fd)
+        tree_id = walker.finish(job)
+        top = os.fstat(root_fd)
+    finally:
+        os.close(root_fd)
+        walker.close()
     walker.state.root = tree_id
     root_meta = (stat_mod.S_IMODE(top.st_mode), top.st_uid, top.st_gid, top.st_mtime_ns)
     return CaptureResult(tree_id, walker.state, walker.counters, root_meta,
@@ -165,21 +154,22 @@ def capture_resource(objects: ObjectStore, root: Path, prev: CaptureState,
 
 class _Walker:
     def __init__(self, objects: ObjectStore, prev: CaptureState,
-                 excludes: ExcludeMatcher, pool: cf.Executor,
-                 on_file: Callable[[int], None] | None = None,
-                 root_dev: int | None = None, trees: "TreeCache | None" = None) -> None:
+                 excludes: ExcludeMatcher, on_file: Callable[[int], None] | None = None,
+                 root_dev: int | None = None, trees: "TreeCache | None" = None,
+                 processes: int = 2, processes_after: int = PROCESSES_AFTER) -> None:
         self.objects = objects
         self.on_file = on_file
         self.prev = prev
         self.excludes = excludes
         self._any_excludes = bool(excludes)  # asked per name: no __bool__ call each time
-        self.pool = pool
+        self.readers: Readers = InlineReaders(objects)
+        self._processes = processes
+        self._to_read = processes_after  # files still read here; then processes
         self.state = CaptureState()
         self.counters = CaptureCounters()
         self.changed = 0
         self.unreadable: list[tuple[bytes, str]] = []
         self.unstable: list[bytes] = []
-        self._slots = threading.BoundedSemaphore(MAX_PENDING_READS)
         # Hard links met in this walk, by (device, inode): a resource may hold a mount.
         self._inodes: dict[tuple[int, int], _FileJob | Entry] = {}
         self._jobs: deque[_FileJob] = deque()  # oldest first, not settled
@@ -280,7 +270,7 @@ class _Walker:
         still right (its own xattrs are not read again)."""
         sub = os.open(name, _OPEN_DIR, dir_fd=dfd)
         try:
-            entry = base if same_meta else base._replace(xattrs=_read_xattrs(sub))
+            entry = base if same_meta else base._replace(xattrs=read_xattrs(sub))
             if prev_tree is not None and dirty is not None:
                 return self._update_dir(sub, relpath, entry, prev_tree, dirty)
             return self.walk_full(sub, relpath, entry)
@@ -302,7 +292,7 @@ class _Walker:
             return done
         fd = os.open(name, _OPEN_FILE, dir_fd=dfd)
         self.counters.files_opened += 1
-        # Start the kernel reading now: by the time a pool worker reads this file, its
+        # Start the kernel reading now: by the time a reader reads this file, its
         # pages are on their way, so cold reads of many small files overlap.
         os.posix_fadvise(fd, 0, min(st.st_size, SMALL_FILE), os.POSIX_FADV_WILLNEED)
         job = _FileJob(relpath, base, None, fd=fd)
@@ -316,16 +306,21 @@ class _Walker:
         return job
 
     def _submit_queued(self) -> None:
-        """Hand the opened files to the reader pool."""
+        """Hand the opened files to the readers (each fd is theirs once submitted)."""
+        self._to_read -= len(self._queued)
+        if self._to_read < 0 and isinstance(self.readers, InlineReaders):
+            self._start_processes()
         while self._queued:
-            job = self._queued[0]
-            self._slots.acquire()
-            try:
-                job.future = self.pool.submit(self._read_file, job.fd)
-            except BaseException:
-                self._slots.release()
-                raise
-            self._queued.popleft()
+            job = self._queued.popleft()
+            job.future = self.readers.submit(job.fd, job.entry.size)
+        self.readers.flush()
+
+    def _start_processes(self) -> None:
+        try:
+            self.readers = ReaderProcesses(self.objects, self._processes)
+        except OSError as exc:
+            log.warning("cannot start reader processes (%s); reading on one thread", exc)
+            self._to_read = sys.maxsize
 
     def _link_id(self, st: os.stat_result) -> int:
         """The tree's hard-link group id: the inode number, or, on another filesystem
@@ -338,16 +333,6 @@ class _Walker:
     def _remember_inode(self, st: os.stat_result, done: Entry | _FileJob) -> None:
         if st.st_nlink > 1:
             self._inodes[(st.st_dev, st.st_ino)] = done
-
-    def _read_file(self, fd: int) -> _ReadOutcome:
-        """Read one open file into a blob (runs on the pool; closes `fd`)."""
-        try:
-            return _read_stable(self.objects, fd)
-        except OSError as exc:
-            return _ReadOutcome(None, 0, None, (), 0, False, exc.strerror or str(exc))
-        finally:
-            os.close(fd)
-            self._slots.release()
 
     # -- dirty-path update --------------------------------------------------------------
 
@@ -525,101 +510,13 @@ class _Walker:
                                   mode=stat_mod.S_IMODE(st.st_mode), uid=st.st_uid,
                                   gid=st.st_gid, xattrs=out.xattrs)
 
-    def cancel_pending(self) -> None:
-        """After an error: wait for queued reads so no worker outlives the capture."""
+    def close(self) -> None:
+        """Close the files not handed on, and let the readers finish or drop what they
+        hold (after an error: no file stays open, no process outlives the capture)."""
         for job in self._queued:
             os.close(job.fd)
         self._queued.clear()
-        futures = []
-        for job in self._jobs:
-            if job.future is None or job.settled:
-                continue
-            if job.future.cancel():  # it will never run: its reader would have closed it
-                os.close(job.fd)
-            else:
-                futures.append(job.future)
-        cf.wait(futures)
-
-
-class _InlineExecutor(cf.Executor):
-    """Runs each submitted read at once on the calling thread; for dirty-path captures.
-
-    Why: on a 2-core machine, eight readers and the walker hand the GIL to each other at
-    every system call. The bench set's 1% change (202 files, warm) was read 175 ms after
-    the capture began on the pool, 70 ms after it read here, one file after the other;
-    the whole dirty-path snapshot went from 260-330 ms to 220-250 ms. The files were
-    opened, with their WILLNEED hints, as the walk found them, and are read a batch
-    later, so cold ones are still fetched by the kernel in parallel. A full walk keeps
-    the pool: a first snapshot streams large files, and its reads overlap the walk
-    (read here, it took 25-30 s instead of 19-23 s)."""
-
-    def submit(self, fn: Callable[..., T], /, *args: object, **kwargs: object
-               ) -> "cf.Future[T]":
-        future: cf.Future[T] = cf.Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except Exception as exc:  # raised where the walker settles it, as from the pool
-            future.set_exception(exc)
-        return future
-
-
-_buffers = threading.local()
-
-
-def _stream_buffer() -> bytearray:
-    """This thread's 1 MiB buffer for streaming large files (allocated once per thread,
-    not per file: that showed up in profiles)."""
-    buf: bytearray | None = getattr(_buffers, "buf", None)
-    if buf is None:
-        buf = _buffers.buf = bytearray(SMALL_FILE)
-    return buf
-
-
-def _read_stable(objects: ObjectStore, fd: int) -> _ReadOutcome:
-    """Read `fd` until one read happens with no change to its stat key."""
-    for attempt in range(1, READ_ATTEMPTS + 1):
-        started = time.time_ns()
-        before = os.fstat(fd)
-        if not stat_mod.S_ISREG(before.st_mode):
-            return _ReadOutcome(None, 0, None, (), attempt, False, "not a regular file")
-        xattrs = _read_xattrs(fd)
-        os.lseek(fd, 0, os.SEEK_SET)
-        if before.st_size <= SMALL_FILE:
-            data = _read_small(fd, before.st_size)
-            blob, new = objects.store_bytes("blobs", data)
-            length = len(data)
-        else:
-            blob, length, new = objects.put_stream("blobs", fd, _stream_buffer())
-        after = os.fstat(fd)
-        if _stat_key(before) == _stat_key(after) and length == after.st_size:
-            trusted = after.st_ctime_ns < started - RACY_WINDOW_NS
-            return _ReadOutcome(blob, length, after, xattrs, attempt, trusted)
-        if new:  # a torn copy: never leave it where a later snapshot could reuse it
-            objects.discard_new("blobs", blob)
-    return _ReadOutcome(None, length, None, (), READ_ATTEMPTS, False)
-
-
-def _read_small(fd: int, expected: int) -> bytes:
-    chunks = []
-    want = expected + 1  # one byte more, to notice growth
-    while chunk := os.read(fd, max(want, 65536)):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
-    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
-
-
-def _read_xattrs(fd: int) -> Xattrs:
-    """The `user.*` extended attributes of an open file or directory, sorted."""
-    try:
-        names = [n for n in os.listxattr(fd) if n.startswith("user.")]
-        return tuple(sorted((os.fsencode(n), os.getxattr(fd, n)) for n in names))
-    except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.ENODATA):
-            return ()
-        raise
+        self.readers.close()
 
 
 def _entry_from_stat(name: bytes, kind: bytes, st: os.stat_result) -> Entry:

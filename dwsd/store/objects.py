@@ -18,7 +18,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterable, Iterator, Literal
 
 from dwsd.crashpoints import crash_point
 from dwsd.errors import CorruptObjectError, ObjectMissingError, StoreError
@@ -197,6 +197,15 @@ class ObjectStore:
             self._unsynced.add(target)
         crash_point("objects-written")
         return True
+
+    def adopt_blobs(self, published: Iterable[tuple[ObjectId, int]]) -> None:
+        """Take in blobs that a reader process published for this writer (id, length):
+        from now on they are counted, made durable and rolled back as its own."""
+        for oid, length in published:
+            with self._publish_lock:
+                self.log.add("blobs", oid, length)
+                self._unsynced.add(self._path("blobs", oid))
+            crash_point("objects-written")
 
     def _translate(self, exc: OSError, doing: str) -> StoreError:
         return StoreError(f"store {self.root.parent} failed {doing}: {exc.strerror}")

@@ -1,0 +1,278 @@
+"""Where a capture's file reads run: on the walking thread, or in reader processes.
+
+Both take open files (`submit(fd, size)`: the fd is theirs from then on) and give a
+`concurrent.futures.Future` of each file's `ReadOutcome`.
+
+- `InlineReaders` read each file at once on the calling thread. A capture starts with
+  them: a dirty-path capture or a full walk that finds little to read is done sooner
+  than reader processes could start (about 0.1 s).
+- `ReaderProcesses` read in child processes (reader_process.py), a batch of files per
+  message. Why processes and not threads: on a 2-core machine, eight reader threads and
+  the walker handed the GIL to each other at every system call. The bench set's first
+  snapshot (20,204 files, 2.7 GB) spent 12-15 s of system time, read in 13.7 s before
+  its sync; two reader processes read it in 6.8-8.2 s, where `cp -a` took 10-16 s on
+  the same machine in the same runs.
+
+The children write blob files themselves (temp name, then link: the same code as the
+parent's) and report what they published; the parent's write log takes that over, so
+counting, `make_durable` and roll-back treat those blobs as its own. If a child dies,
+what it published in its unanswered batch is unknown to the log: the filesystem is
+synced at once, so no later snapshot can reuse an undurable blob, and the capture
+fails.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Protocol
+
+import dwsd
+from dwsd.errors import CaptureError
+from dwsd.snapshot.fileread import ReadOutcome, read_open_file
+from dwsd.snapshot.reader_process import BATCH_HEADER, FRAME_HEADER, MAX_BATCH_FILES, Reply
+from dwsd.store.fsutil import syncfs
+from dwsd.store.objects import ObjectStore
+
+log = logging.getLogger(__name__)
+
+BATCH_FILES = 32          # files per request...
+BATCH_BYTES = 8 << 20     # ...or fewer, once their sizes add up to this
+BATCHES_IN_FLIGHT = 2     # per process: one being read, one waiting, so none idles
+STOP_TIMEOUT_S = 30.0     # for a process to answer its last batch and end
+
+
+def default_processes() -> int:
+    """One reader process per usable core, 2 to 4."""
+    return min(4, max(2, len(os.sched_getaffinity(0))))
+
+
+class Readers(Protocol):
+    def submit(self, fd: int, size: int) -> "cf.Future[ReadOutcome]":
+        """Read the open file `fd` (theirs to close) of `size` bytes into a blob."""
+
+    def flush(self) -> None:
+        """Start reading whatever was submitted and is still held back for a batch."""
+
+    def close(self) -> None:
+        """Finish or drop every read not yet done, close every file, stop any process;
+        futures not resolved by then are cancelled. Blocks."""
+
+
+class InlineReaders:
+    """Reads each file when it is submitted, on the calling thread."""
+
+    def __init__(self, objects: ObjectStore) -> None:
+        self.objects = objects
+
+    def submit(self, fd: int, size: int) -> "cf.Future[ReadOutcome]":
+        future: cf.Future[ReadOutcome] = cf.Future()
+        try:
+            future.set_result(read_open_file(self.objects, fd))
+        except Exception as exc:  # raised where the walker settles it
+            future.set_exception(exc)
+        return future
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class ReaderProcesses:
+    """`count` reader processes storing into `objects`' directory; see the module doc.
+    `start` raises OSError when a process cannot be started."""
+
+    def __init__(self, objects: ObjectStore, count: int) -> None:
+        self.objects = objects
+        self._cond = threading.Condition()
+        self._batch: list[int] = []
+        self._batch_futures: list[cf.Future[ReadOutcome]] = []
+        self._batch_bytes = 0
+        self._next_batch = 0
+        self._children: list[_Child] = []
+        try:
+            for _ in range(count):
+                self._children.append(_Child(self))
+        except BaseException:
+            self.close()
+            raise
+
+    def submit(self, fd: int, size: int) -> "cf.Future[ReadOutcome]":
+        future: cf.Future[ReadOutcome] = cf.Future()
+        self._batch.append(fd)
+        self._batch_futures.append(future)
+        self._batch_bytes += size
+        if len(self._batch) >= BATCH_FILES or self._batch_bytes >= BATCH_BYTES:
+            self.flush()
+        return future
+
+    def flush(self) -> None:
+        if not self._batch:
+            return
+        fds, futures = self._batch, self._batch_futures
+        self._batch, self._batch_futures, self._batch_bytes = [], [], 0
+        try:
+            child = self._idlest_child()
+            self._next_batch += 1
+            child.send(self._next_batch, fds, futures)
+        except BaseException as exc:
+            _fail(futures, str(exc) or "reading stopped")
+            raise
+        finally:
+            for fd in fds:  # sent: the child has its own; else nobody will read them
+                os.close(fd)
+
+    def _idlest_child(self) -> "_Child":
+        """The live child with the fewest batches in flight, once it has fewer than
+        BATCHES_IN_FLIGHT (waits). Raises CaptureError when none is left."""
+        with self._cond:
+            while True:
+                live = [c for c in self._children if c.alive]
+                if not live:
+                    raise CaptureError(self._children[0].death if self._children
+                                       else "no reader process")
+                child = min(live, key=lambda c: len(c.in_flight))
+                if len(child.in_flight) < BATCHES_IN_FLIGHT:
+                    return child
+                self._cond.wait()
+
+    def close(self) -> None:
+        for fd in self._batch:
+            os.close(fd)
+        for future in self._batch_futures:
+            future.cancel()
+        self._batch, self._batch_futures = [], []
+        for child in self._children:
+            child.stop()
+        for child in self._children:
+            child.join()
+
+
+class _Child:
+    """One reader process, its request socket, and the thread taking its replies."""
+
+    def __init__(self, owner: ReaderProcesses) -> None:
+        self.owner = owner
+        self.in_flight: dict[int, list[cf.Future[ReadOutcome]]] = {}
+        self.alive = True
+        self.death = ""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        reply_r, reply_w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dwsd.snapshot.reader_process", str(theirs.fileno()),
+                 str(reply_w), str(owner.objects.root)],
+                pass_fds=(theirs.fileno(), reply_w), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, env=_child_env())
+        except BaseException:
+            ours.close()
+            os.close(reply_r)
+            raise
+        finally:
+            theirs.close()
+            os.close(reply_w)
+        self.requests = ours
+        self.replies = os.fdopen(reply_r, "rb")
+        self.thread = threading.Thread(target=self._take_replies, daemon=True,
+                                       name=f"capture-reader-{self.proc.pid}")
+        self.thread.start()
+
+    def send(self, batch: int, fds: list[int], futures: list[cf.Future[ReadOutcome]]
+             ) -> None:
+        with self.owner._cond:
+            if not self.alive:  # it ended since it was chosen
+                _fail(futures, self.death)
+                return
+            self.in_flight[batch] = futures
+        try:
+            socket.send_fds(self.requests, [BATCH_HEADER.pack(batch)], fds)
+        except OSError as exc:  # the child is gone; its thread fails the futures
+            log.debug("reader process %d: %s", self.proc.pid, exc)
+
+    def _take_replies(self) -> None:
+        try:
+            while (header := self.replies.read(FRAME_HEADER.size)):
+                (length,) = FRAME_HEADER.unpack(header)
+                reply: Reply = pickle.loads(self.replies.read(length))
+                self._settle(reply)
+        except Exception as exc:
+            self.death = f"reader process {self.proc.pid} failed: {exc}"
+            self.proc.kill()  # it may be waiting for requests; none of its work is taken
+        finally:
+            self._end()
+
+    def _settle(self, reply: Reply) -> None:
+        # First the log takes the blobs: by the time a future is done, they are counted.
+        self.owner.objects.adopt_blobs(reply.published)
+        with self.owner._cond:
+            futures = self.in_flight.pop(reply.batch)
+            self.owner._cond.notify_all()
+        for future, outcome in zip(futures, reply.outcomes):
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+    def _end(self) -> None:
+        """The reply pipe ended: the child exited (or is about to)."""
+        code = self.proc.wait()
+        with self.owner._cond:
+            self.death = self.death or f"reader process {self.proc.pid} exited with " \
+                                       f"status {code} during the capture"
+            self.alive = False
+            lost, self.in_flight = self.in_flight, {}
+            self.owner._cond.notify_all()
+        if not lost:
+            return
+        # Whatever the child published for these batches is in no write log: make it
+        # durable, so a later snapshot may reuse it safely.
+        self._sync_store()
+        for futures in lost.values():
+            _fail(futures, self.death)
+
+    def _sync_store(self) -> None:
+        fd = os.open(self.owner.objects.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            syncfs(fd)
+        finally:
+            os.close(fd)
+
+    def stop(self) -> None:
+        """Let the child end after its last batch: no more requests."""
+        try:
+            self.requests.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def join(self) -> None:
+        self.thread.join(STOP_TIMEOUT_S)
+        if self.thread.is_alive():
+            self.proc.kill()
+            self.thread.join()
+        self.requests.close()
+        self.replies.close()
+
+
+def _fail(futures: list["cf.Future[ReadOutcome]"], why: str) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(CaptureError(why))
+
+
+def _child_env() -> dict[str, str]:
+    """The child's environment: `dwsd` importable as in this process, and no crash
+    point (the parent counts its own, also for the blobs a child wrote)."""
+    env = dict(os.environ)
+    env.pop("DWSD_CRASH_AT", None)
+    package_parent = str(Path(dwsd.__file__).resolve().parent.parent)
+    paths = env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = package_parent + (os.pathsep + paths if paths else "")
+    return env
