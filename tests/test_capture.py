@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from dwsd.snapshot import capture
 from dwsd.snapshot.capture import TreeCache, capture_resource
 from dwsd.snapshot.exclude import ExcludeMatcher
 from dwsd.snapshot.statcache import CachedFile, CaptureState
@@ -228,7 +229,6 @@ def test_dirty_mode_keeps_unmarked_directories_metadata_without_reading_it(
 def test_a_full_walk_keeps_a_bounded_number_of_reads_outstanding(
         store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Memory must not follow the tree: reads are settled while the walk goes on."""
-    from dwsd.snapshot import capture
     trees.make_many_files(data_dir, 3_000)
     outstanding: list[int] = []
     real_finish = capture._Walker.finish
@@ -246,7 +246,6 @@ def test_a_full_walk_keeps_a_bounded_number_of_reads_outstanding(
 
 def test_hard_links_settled_apart_keep_one_content(
         store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dwsd.snapshot import capture
     monkeypatch.setattr(capture, "SETTLE_AFTER", 1)  # the first name settles before the last
     trees.write(data_dir / "a.bin", b"linked content")
     for i in range(5):
@@ -279,7 +278,6 @@ def test_a_full_walk_reusing_unchanged_trees_equals_a_walk_from_scratch(
                             trees=TreeCache())
     assert warm.root == cold.root != first.root
     assert set(first.state.dirs) == {b"", b"a", b"b", b"c", b"d", b"e", b"e/sub"}
-    from dwsd.snapshot import capture
     encoded: list[object] = []
     real_encode = capture.encode_tree
 
@@ -378,8 +376,10 @@ def test_file_changed_once_during_read_is_reread_and_flagged(store: Store, data_
     assert store.objects.get("blobs", blob) == b"2" * (32 << 20)
 
 
-def test_file_rewritten_mid_read_is_stored_whole_and_flagged(store: Store, data_dir: Path
-                                                             ) -> None:
+def test_file_rewritten_mid_read_is_stored_whole_and_flagged(
+        store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Read on this thread, where the rewriter watches the reader's file offset.
+    monkeypatch.setattr(capture, "PROCESSES_AFTER_BYTES", 1 << 40)
     size = 128 << 20
     target = data_dir / "big.bin"
     for _ in range(3):  # the rewrite must land while capture's read is under way

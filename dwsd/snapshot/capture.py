@@ -53,15 +53,17 @@ log = logging.getLogger(__name__)
 # ~1.5 KB a file, and freed at the end they left the heap fragmented: a daemon that had
 # taken a first snapshot of 20,000 files kept 40 MB of it.
 SETTLE_AFTER = 256
-# Files opened before their reads are handed on, together: read on this thread, they
-# are read after the lstats of their batch, not between them; in reader processes, a
-# first snapshot reads while it walks, one batch behind. At most SETTLE_AFTER, so a job
-# settled is always one submitted.
+# Files opened before their reads are handed on, together, while they are read on this
+# thread: after the lstats of their batch, not between them. At most SETTLE_AFTER, so a
+# job settled is always one submitted. Reader processes get each file as it is opened
+# (they batch them themselves): held back here, they ran out of work while this thread
+# walked on.
 SUBMIT_BATCH = 256
-# Files to read before the reads go to reader processes: a 1% change of the bench set
-# (202 files) is read here in 70 ms, sooner than processes start; a first snapshot of it
-# is read in half the time by two processes (readers.py).
+# Files, or bytes, to read before the reads go to reader processes: a 1% change of the
+# bench set (202 files, 13 MB) is read here in 70 ms, sooner than processes start; a
+# first snapshot of it is read in half the time by two processes (readers.py).
 PROCESSES_AFTER = 512
+PROCESSES_AFTER_BYTES = 64 << 20
 TREE_CACHE_ENTRIES = 50_000  # about 15 MB
 _FS_ENCODING = sys.getfilesystemencoding()
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -123,8 +125,9 @@ def capture_resource(objects: ObjectStore, root: Path, prev: CaptureState,
     previous tree). `on_file(size)` is called on this thread as each file is settled.
     `trees` carries decoded trees from one capture to the next (the trees a dirty-path
     capture writes are the ones the next one reads). Once more than `processes_after`
-    files are to be read (default PROCESSES_AFTER), they are read by `processes` reader
-    processes (default: one a core, 2 to 4), all gone when this returns. Raises CaptureError when the root itself
+    files (default PROCESSES_AFTER) or PROCESSES_AFTER_BYTES are to be read, they are
+    read by `processes` reader processes (default: one a core, 2 to 4), all gone when
+    this returns; `processes_after=0` sends every read there. Raises CaptureError when the root itself
     cannot be read."""
     try:
         root_fd = os.open(root, _OPEN_DIR)
@@ -164,7 +167,8 @@ class _Walker:
         self._any_excludes = bool(excludes)  # asked per name: no __bool__ call each time
         self.readers: Readers = InlineReaders(objects)
         self._processes = processes
-        self._to_read = processes_after  # files still read here; then processes
+        self._to_read = processes_after  # files still read here; then processes...
+        self._bytes_to_read = PROCESSES_AFTER_BYTES if processes_after else 0  # ...or bytes
         self.state = CaptureState()
         self.counters = CaptureCounters()
         self.changed = 0
@@ -173,7 +177,8 @@ class _Walker:
         # Hard links met in this walk, by (device, inode): a resource may hold a mount.
         self._inodes: dict[tuple[int, int], _FileJob | Entry] = {}
         self._jobs: deque[_FileJob] = deque()  # oldest first, not settled
-        self._queued: deque[_FileJob] = deque()  # opened, waiting for SUBMIT_BATCH
+        self._queued: deque[_FileJob] = deque()  # opened, waiting for _submit_batch
+        self._submit_batch = SUBMIT_BATCH
         self.root_dev = root_dev
         # Decoded trees: the previous ones a dirty-path update reads, the new ones it
         # writes (the next capture's previous ones).
@@ -299,7 +304,7 @@ class _Walker:
         self._queued.append(job)
         self._jobs.append(job)
         self._remember_inode(st, job)
-        if len(self._queued) >= SUBMIT_BATCH:
+        if len(self._queued) >= self._submit_batch:
             self._submit_queued()
         while len(self._jobs) > SETTLE_AFTER:
             self._settle(self._jobs.popleft())
@@ -307,20 +312,22 @@ class _Walker:
 
     def _submit_queued(self) -> None:
         """Hand the opened files to the readers (each fd is theirs once submitted)."""
-        self._to_read -= len(self._queued)
-        if self._to_read < 0 and isinstance(self.readers, InlineReaders):
-            self._start_processes()
+        if isinstance(self.readers, InlineReaders):
+            self._to_read -= len(self._queued)
+            self._bytes_to_read -= sum(job.entry.size for job in self._queued)
+            if self._to_read < 0 or self._bytes_to_read < 0:
+                self._start_processes()
         while self._queued:
             job = self._queued.popleft()
             job.future = self.readers.submit(job.fd, job.entry.size)
-        self.readers.flush()
 
     def _start_processes(self) -> None:
         try:
             self.readers = ReaderProcesses(self.objects, self._processes)
+            self._submit_batch = 1
         except OSError as exc:
             log.warning("cannot start reader processes (%s); reading on one thread", exc)
-            self._to_read = sys.maxsize
+            self._to_read = self._bytes_to_read = sys.maxsize
 
     def _link_id(self, st: os.stat_result) -> int:
         """The tree's hard-link group id: the inode number, or, on another filesystem
@@ -482,6 +489,7 @@ class _Walker:
     def _resolve_file(self, job: _FileJob) -> Entry | None:
         future = (job.twin or job).future
         assert future is not None
+        self.readers.start(future)
         out = future.result()
         self.counters.bytes_read += out.length * max(out.attempts, 1)
         if self.on_file is not None:

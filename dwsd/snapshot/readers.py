@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 BATCH_FILES = 32          # files per request...
 BATCH_BYTES = 8 << 20     # ...or fewer, once their sizes add up to this
-BATCHES_IN_FLIGHT = 2     # per process: one being read, one waiting, so none idles
+BATCHES_IN_FLIGHT = 3     # per process: one being read, two waiting, so none idles
 STOP_TIMEOUT_S = 30.0     # for a process to answer its last batch and end
 
 
@@ -57,8 +57,9 @@ class Readers(Protocol):
     def submit(self, fd: int, size: int) -> "cf.Future[ReadOutcome]":
         """Read the open file `fd` (theirs to close) of `size` bytes into a blob."""
 
-    def flush(self) -> None:
-        """Start reading whatever was submitted and is still held back for a batch."""
+    def start(self, future: "cf.Future[ReadOutcome]") -> None:
+        """Make sure the read `future` stands for is under way (it is about to be
+        waited for)."""
 
     def close(self) -> None:
         """Finish or drop every read not yet done, close every file, stop any process;
@@ -79,7 +80,7 @@ class InlineReaders:
             future.set_exception(exc)
         return future
 
-    def flush(self) -> None:
+    def start(self, future: "cf.Future[ReadOutcome]") -> None:
         pass
 
     def close(self) -> None:
@@ -111,12 +112,14 @@ class ReaderProcesses:
         self._batch_futures.append(future)
         self._batch_bytes += size
         if len(self._batch) >= BATCH_FILES or self._batch_bytes >= BATCH_BYTES:
-            self.flush()
+            self._send_batch()
         return future
 
-    def flush(self) -> None:
-        if not self._batch:
-            return
+    def start(self, future: "cf.Future[ReadOutcome]") -> None:
+        if future in self._batch_futures:
+            self._send_batch()
+
+    def _send_batch(self) -> None:
         fds, futures = self._batch, self._batch_futures
         self._batch, self._batch_futures, self._batch_bytes = [], [], 0
         try:
