@@ -177,6 +177,24 @@ def test_reader_processes_store_and_count_what_the_walking_thread_would(
     assert results["here"] == results["processes"]
 
 
+def test_reader_processes_leave_a_stop_signal_to_the_capture_that_runs_them(
+        store: Store, data_dir: Path) -> None:
+    trees.make_many_files(data_dir, 1000)
+    signalled: list[int] = []
+
+    def stop_readers(size: int) -> None:  # as systemd stops a unit, or ^C a group
+        while not signalled:
+            for pid in _children():
+                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGINT)
+                signalled.append(pid)
+    result = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
+                              on_file=stop_readers, processes_after=0, processes=2)
+    assert len(signalled) == 2
+    assert result.counters.files_opened == 1000 and len(result.state.files) == 1000
+    assert _children() == []
+
+
 def test_a_capture_whose_reader_processes_die_fails_and_leaves_nothing_behind(
         store: Store, data_dir: Path) -> None:
     from dwsd.errors import CaptureError
