@@ -23,6 +23,7 @@ fails.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
 import logging
 import os
 import pickle
@@ -99,6 +100,8 @@ class ReaderProcesses:
         self._batch_bytes = 0
         self._next_batch = 0
         self._children: list[_Child] = []
+        if not sys.executable:  # an embedded interpreter: nothing to start them with
+            raise OSError(errno.ENOENT, "no Python executable to run them with")
         try:
             for _ in range(count):
                 self._children.append(_Child(self))
