@@ -118,8 +118,11 @@ def _children() -> list[int]:
     """The pids of this process's children (reader processes, here)."""
     pids = []
     for task in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{task}/children") as f:
-            pids += [int(pid) for pid in f.read().split()]
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids += [int(pid) for pid in f.read().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
     return pids
 
 
@@ -165,9 +168,13 @@ def test_reader_processes_store_and_count_what_the_walking_thread_would(
     os.link(data_dir / "noted.txt", data_dir / "linked.txt")
     results = {}
     for name, after in [("here", 10**6), ("processes", 0)]:
+        readers: set[int] = set()
         with Store.open(tmp_path / name, create=True) as s:
             result = capture_resource(s.objects, data_dir, CaptureState(), NO_EXCLUDES,
-                                      processes_after=after)
+                                      processes_after=after,
+                                      on_file=lambda size: readers.add(_reader_threads()))
+            # Every file was settled with (here: without) reader processes running.
+            assert (readers == {0}) if name == "here" else (0 not in readers)
             blobs = {oid for kind, oid in s.objects.log.written if kind == "blobs"}
             assert blobs == set(s.objects.iter_ids("blobs"))  # the log has them all
             assert all(s.objects.verify("blobs", oid) for oid in blobs)
@@ -180,16 +187,23 @@ def test_reader_processes_store_and_count_what_the_walking_thread_would(
 def test_reader_processes_leave_a_stop_signal_to_the_capture_that_runs_them(
         store: Store, data_dir: Path) -> None:
     trees.make_many_files(data_dir, 1000)
-    signalled: list[int] = []
+    signalled: set[int] = set()
+    done = threading.Event()
 
-    def stop_readers(size: int) -> None:  # as systemd stops a unit, or ^C a group
-        while not signalled:
-            for pid in _children():
+    def stop_readers() -> None:  # as systemd stops a unit, or ^C a group: at any time,
+        while not done.is_set():  # the first moments of a process included
+            for pid in set(_children()) - signalled:
                 os.kill(pid, signal.SIGTERM)
                 os.kill(pid, signal.SIGINT)
-                signalled.append(pid)
-    result = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
-                              on_file=stop_readers, processes_after=0, processes=2)
+                signalled.add(pid)
+    stopper = threading.Thread(target=stop_readers)
+    stopper.start()
+    try:
+        result = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
+                                  processes_after=0, processes=2)
+    finally:
+        done.set()
+        stopper.join()
     assert len(signalled) == 2
     assert result.counters.files_opened == 1000 and len(result.state.files) == 1000
     assert _children() == []

@@ -127,20 +127,17 @@ def capture_resource(objects: ObjectStore, root: Path, prev: CaptureState,
     capture writes are the ones the next one reads). Once more than `processes_after`
     files (default PROCESSES_AFTER) or PROCESSES_AFTER_BYTES are to be read, they are
     read by `processes` reader processes (default: one a core, 2 to 4), all gone when
-    this returns; `processes_after=0` sends every read there. Raises CaptureError when the root itself
-    cannot be read."""
+    this returns; `processes_after=0` sends every read there. Raises CaptureError when
+    the root itself cannot be read."""
     try:
         root_fd = os.open(root, _OPEN_DIR)
     except OSError as exc:
         raise CaptureError(f"cannot read resource directory {root}: {exc.strerror}") from exc
-    incremental = dirty is not None and prev.root is not None \
-        and objects.has("trees", prev.root)
     walker = _Walker(objects, prev, excludes, on_file, os.fstat(root_fd).st_dev, trees,
                      processes or default_processes(),
                      PROCESSES_AFTER if processes_after is None else processes_after)
     try:
-        if incremental:
-            assert dirty is not None and prev.root is not None
+        if dirty is not None and prev.root is not None and objects.has("trees", prev.root):
             job = walker.update(root_fd, prev.root, dirty)
         else:
             job = walker.walk_full(root_fd)
@@ -168,7 +165,7 @@ class _Walker:
         self.readers: Readers = InlineReaders(objects)
         self._processes = processes
         self._to_read = processes_after  # files still read here; then processes...
-        self._bytes_to_read = PROCESSES_AFTER_BYTES if processes_after else 0  # ...or bytes
+        self._bytes_to_read = PROCESSES_AFTER_BYTES  # ...or bytes
         self.state = CaptureState()
         self.counters = CaptureCounters()
         self.changed = 0

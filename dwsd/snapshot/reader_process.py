@@ -9,13 +9,13 @@ pipe, is one frame a batch: a 4-byte length, then the pickled `Reply`. The proce
 when the request socket reaches its end (the capture is over, or its process died).
 
 It writes blob files only: the tree database is opened read-only and never touched.
-SIGINT and SIGTERM are ignored (see `main`).
+It is started with SIGINT and SIGTERM blocked (see readers._Child): it ends when the
+parent closes the socket, or dies.
 """
 from __future__ import annotations
 
 import os
 import pickle
-import signal
 import socket
 import struct
 import sys
@@ -74,11 +74,6 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def main(argv: list[str]) -> int:
-    # A stop (systemd's SIGTERM to the whole unit, ^C to the whole process group) is the
-    # parent's to handle: it finishes the snapshot in flight, and needs this process for
-    # that. This process ends when the parent closes the socket, or dies.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     request_fd, reply_fd, objects_dir = int(argv[1]), int(argv[2]), Path(argv[3])
     requests = socket.socket(fileno=request_fd)
     objects = ObjectStore(objects_dir, readonly=True)  # read-only: the tree database

@@ -9,9 +9,9 @@ Both take open files (`submit(fd, size)`: the fd is theirs from then on) and giv
 - `ReaderProcesses` read in child processes (reader_process.py), a batch of files per
   message. Why processes and not threads: on a 2-core machine, eight reader threads and
   the walker handed the GIL to each other at every system call. The bench set's first
-  snapshot (20,204 files, 2.7 GB) spent 12-15 s of system time, read in 13.7 s before
-  its sync; two reader processes read it in 6.8-8.2 s, where `cp -a` took 10-16 s on
-  the same machine in the same runs.
+  snapshot (20,204 files, 2.7 GB) took 17.8-18.7 s on threads (user 8 s, system 15-17 s)
+  and 12.5-14.5 s with two processes, where `cp -a` + sync took 12.3-13.8 s, in
+  alternating runs (`bench/ab_first.sh`).
 
 The children write blob files themselves (temp name, then link: the same code as the
 parent's) and report what they published; the parent's write log takes that over, so
@@ -27,6 +27,7 @@ import errno
 import logging
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -38,7 +39,6 @@ import dwsd
 from dwsd.errors import CaptureError
 from dwsd.snapshot.fileread import ReadOutcome, read_open_file
 from dwsd.snapshot.reader_process import BATCH_HEADER, FRAME_HEADER, MAX_BATCH_FILES, Reply
-from dwsd.store.fsutil import syncfs
 from dwsd.store.objects import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ BATCH_FILES = 32          # files per request...
 BATCH_BYTES = 8 << 20     # ...or fewer, once their sizes add up to this
 BATCHES_IN_FLIGHT = 3     # per process: one being read, two waiting, so none idles
 STOP_TIMEOUT_S = 30.0     # for a process to answer its last batch and end
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def default_processes() -> int:
@@ -172,6 +173,11 @@ class _Child:
         self.death = ""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         reply_r, reply_w = os.pipe()
+        # The child is born with SIGINT and SIGTERM blocked (a mask survives fork and
+        # exec): a stop signalled to the whole unit (systemd) or process group (^C) is
+        # the parent's to handle, and it finishes the snapshot in flight with this
+        # child. Set in the child itself, the mask left a window while Python started.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dwsd.snapshot.reader_process", str(theirs.fileno()),
@@ -183,6 +189,7 @@ class _Child:
             os.close(reply_r)
             raise
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             theirs.close()
             os.close(reply_w)
         self.requests = ours
@@ -240,16 +247,9 @@ class _Child:
             return
         # Whatever the child published for these batches is in no write log: make it
         # durable, so a later snapshot may reuse it safely.
-        self._sync_store()
+        self.owner.objects.sync_filesystem()
         for futures in lost.values():
             _fail(futures, self.death)
-
-    def _sync_store(self) -> None:
-        fd = os.open(self.owner.objects.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            syncfs(fd)
-        finally:
-            os.close(fd)
 
     def stop(self) -> None:
         """Let the child end after its last batch: no more requests."""

@@ -225,13 +225,18 @@ class ObjectStore:
         self._flush_blobs(pending)
         self._log_trees(self.trees.commit())
 
+    def sync_filesystem(self) -> None:
+        """syncfs the filesystem the objects are on (blocks): every blob written to it,
+        in any write log or none, is durable after this."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            syncfs(fd)
+        finally:
+            os.close(fd)
+
     def _flush_blobs(self, paths: set[str]) -> None:
         if len(paths) > SYNCFS_FROM:
-            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                syncfs(fd)
-            finally:
-                os.close(fd)
+            self.sync_filesystem()
             return
         dirs = {Path(os.path.dirname(p)) for p in paths}
         with cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync") as pool:

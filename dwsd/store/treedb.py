@@ -14,10 +14,10 @@ The contract is the blob files' (see objects.py):
 - other processes (`dwsd mount`) open it read-only and see committed rows only.
 
 Writes are buffered: `add` only keeps the encoding; compression and the inserts happen in
-`flush` (at `commit`, or once FLUSH_BYTES are waiting). A capture adds its trees while its
-reader threads are busy hashing files, and every compression or SQLite call gives up the
-GIL and then waits to get it back: one call per tree cost a checkpoint 0.1 s; one batch
-costs a few ms.
+`flush` (at `commit`, or once FLUSH_BYTES are waiting). A capture adds its trees while
+files are still being read, and every compression or SQLite call gives up the GIL and
+then waits to get it back: when reads ran on threads, one call per tree cost a checkpoint
+0.1 s; one batch costs a few ms.
 
 Rows are zstd frames (level 3, one compressor reused under the lock): on this store's
 trees (about 2 KiB encoded) zstd takes 18 us a tree and keeps 53% of the bytes, where
