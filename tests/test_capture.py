@@ -1,6 +1,7 @@
 """Capture on real trees: fidelity, incremental cost, races, excludes."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -12,6 +13,7 @@ import pytest
 from dwsd.snapshot import capture
 from dwsd.snapshot.capture import TreeCache, capture_resource
 from dwsd.snapshot.exclude import ExcludeMatcher
+from dwsd.snapshot.readers import READ_THREAD_PREFIX
 from dwsd.snapshot.statcache import CachedFile, CaptureState
 from dwsd.store.ids import ObjectId
 from dwsd.store.store import Store
@@ -104,8 +106,10 @@ def test_dirty_mode_stats_only_dirty_paths(store: Store, data_dir: Path) -> None
     full = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES)
     assert second.root == full.root
     assert second.counters.files_opened == len(changed) + 1
-    # Each dirty path once, plus the one file inside the new directory.
+    # Each dirty path once, plus the one file inside the new directory; and, to fill
+    # the caches first, each dirty path once more on the warming threads.
     assert second.counters.lstats == len(dirty) + 1
+    assert len(dirty) >= capture.WARM_AHEAD_MIN and second.counters.warmed == len(dirty)
     assert second.state.files.keys() == full.state.files.keys()
 
 
@@ -230,6 +234,71 @@ def test_a_capture_whose_reader_processes_die_fails_and_leaves_nothing_behind(
     # What they stored and answered for is in the log, to be rolled back.
     published = {oid for kind, oid in store.objects.log.written}
     assert published <= set(store.objects.iter_ids("blobs"))
+
+
+def _read_threads() -> int:
+    return sum(t.name.startswith(READ_THREAD_PREFIX) for t in threading.enumerate())
+
+
+def test_a_dirty_capture_on_threads_stores_and_counts_what_one_thread_would(
+        tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = trees.make_many_files(data_dir, 400)
+    changed = paths[::3] + [data_dir / "big.bin"]
+    trees.write(data_dir / "noted.txt", b"x")
+    os.link(data_dir / "noted.txt", data_dir / "linked.txt")
+    dirty = [os.fsencode(p.relative_to(data_dir)) for p in changed] + [b"noted.txt"]
+    results = {}
+    for name, warm_min in [("here", 10**6), ("threads", capture.WARM_AHEAD_MIN)]:
+        monkeypatch.setattr(capture, "WARM_AHEAD_MIN", warm_min)
+        (data_dir / "big.bin").write_bytes(b"big" * (1 << 20))  # streamed in pieces
+        trees.settle()
+        readers: list[int] = []
+        with Store.open(tmp_path / name, create=True) as s:
+            first = capture_resource(s.objects, data_dir, CaptureState(), NO_EXCLUDES)
+            s.objects.make_durable()
+            for p in changed:
+                p.write_bytes(f"{p.name} changed for {name[:4]}".encode())
+            os.setxattr(data_dir / "noted.txt", "user.origin", name[:4].encode())
+            result = capture_resource(s.objects, data_dir, first.state, NO_EXCLUDES, dirty,
+                                      on_file=lambda size: readers.append(_read_threads()))
+            assert max(readers) == (0 if name == "here" else capture.DIRTY_READ_THREADS)
+            assert _read_threads() == 0  # none outlives its capture
+            assert result.root == capture_resource(s.objects, data_dir, first.state,
+                                                   NO_EXCLUDES).root
+            blobs = {oid for kind, oid in s.objects.log.written if kind == "blobs"}
+            assert all(s.objects.verify("blobs", oid) for oid in blobs)
+            counters = dataclasses.replace(result.counters, warmed=0)
+            results[name] = (result.changed_files, counters, s.objects.log.objects_written,
+                             len(result.state.files))
+    assert results["here"] == results["threads"]
+    assert results["here"][0] == len(changed)
+
+
+def test_a_dirty_capture_failing_on_threads_leaves_no_file_open(
+        store: Store, data_dir: Path) -> None:
+    from dwsd.errors import StoreError
+    paths = trees.make_many_files(data_dir, 300)
+    trees.settle()
+    first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    for p in paths:
+        p.write_bytes(b"changed")
+
+    class FullStore(trees.HookedStore):
+        stored = 0
+
+        def store_bytes(self, kind: Any, data: bytes) -> Any:
+            self.stored += 1
+            if self.stored > 5:
+                raise StoreError("the store is full")
+            return super().store_bytes(kind, data)
+    before = sorted(os.listdir("/proc/self/fd"))
+    full = FullStore(store.objects.root)
+    dirty = [os.fsencode(p.relative_to(data_dir)) for p in paths]
+    with pytest.raises(StoreError, match="the store is full"):
+        capture_resource(full, data_dir, first.state, NO_EXCLUDES, dirty)
+    full.close()
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    assert _read_threads() == 0
 
 
 def test_dirty_mode_keeps_unmarked_directories_metadata_without_reading_it(

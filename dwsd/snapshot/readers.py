@@ -1,11 +1,16 @@
-"""Where a capture's file reads run: on the walking thread, or in reader processes.
+"""Where a capture's file reads run: on the walking thread, on threads, or in reader
+processes.
 
-Both take open files (`submit(fd, size)`: the fd is theirs from then on) and give a
+All take open files (`submit(fd, size)`: the fd is theirs from then on) and give a
 `concurrent.futures.Future` of each file's `ReadOutcome`.
 
-- `InlineReaders` read each file at once on the calling thread. A capture starts with
-  them: a dirty-path capture or a full walk that finds little to read is done sooner
-  than reader processes could start (about 0.1 s).
+- `InlineReaders` read each file at once on the calling thread. A full walk starts with
+  them: one that finds little to read is done sooner than reader processes could start
+  (about 0.1 s), and its reads come after its lstats, mostly from the page cache.
+- `ThreadReaders` read on a few threads of this process. A dirty-path capture of more
+  than a few paths starts with them: its reads are mostly waits for the disk when the
+  change is not cached (the files, the store's fan-out directories), and threads
+  overlap the waits.
 - `ReaderProcesses` read in child processes (reader_process.py), a batch of files per
   message. Why processes and not threads: on a 2-core machine, eight reader threads and
   the walker handed the GIL to each other at every system call. The bench set's first
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import errno
+import functools
 import logging
 import os
 import pickle
@@ -46,7 +52,8 @@ log = logging.getLogger(__name__)
 BATCH_FILES = 32          # files per request...
 BATCH_BYTES = 8 << 20     # ...or fewer, once their sizes add up to this
 BATCHES_IN_FLIGHT = 3     # per process: one being read, two waiting, so none idles
-STOP_TIMEOUT_S = 30.0     # for a process to answer its last batch and end
+STOP_TIMEOUT_S = 30.0
+READ_THREAD_PREFIX = "capture-read-thread"     # for a process to answer its last batch and end
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
@@ -87,6 +94,33 @@ class InlineReaders:
 
     def close(self) -> None:
         pass
+
+
+class ThreadReaders:
+    """Reads on up to `threads` threads of this process, each file when a thread is
+    free. Meant for the first files of a capture, few and small: their reads are mostly
+    waits (for a file not in the page cache, for a lookup in the store's fan-out
+    directories), and threads overlap the waits. Many reads are for processes: threads
+    hand the GIL to each other at every system call."""
+
+    def __init__(self, objects: ObjectStore, threads: int) -> None:
+        self.objects = objects
+        self._pool = cf.ThreadPoolExecutor(threads, thread_name_prefix=READ_THREAD_PREFIX)
+
+    def submit(self, fd: int, size: int) -> "cf.Future[ReadOutcome]":
+        try:
+            future = self._pool.submit(read_open_file, self.objects, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        future.add_done_callback(functools.partial(_close_if_cancelled, fd))
+        return future
+
+    def start(self, future: "cf.Future[ReadOutcome]") -> None:
+        pass
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ReaderProcesses:
@@ -265,6 +299,12 @@ class _Child:
             self.thread.join()
         self.requests.close()
         self.replies.close()
+
+
+def _close_if_cancelled(fd: int, future: "cf.Future[ReadOutcome]") -> None:
+    """A read cancelled before it started never closes its file (see `close`)."""
+    if future.cancelled():
+        os.close(fd)
 
 
 def _fail(futures: list["cf.Future[ReadOutcome]"], why: str) -> None:
