@@ -106,10 +106,11 @@ def test_dirty_mode_stats_only_dirty_paths(store: Store, data_dir: Path) -> None
     full = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES)
     assert second.root == full.root
     assert second.counters.files_opened == len(changed) + 1
-    # Each dirty path once, plus the one file inside the new directory; and, to fill
-    # the caches first, each dirty path once more on the warming threads.
+    # Each dirty path once, plus the one file inside the new directory; and a sample of
+    # them timed first, found cached: nothing more is lstat'ed ahead.
     assert second.counters.lstats == len(dirty) + 1
-    assert len(dirty) >= capture.WARM_AHEAD_MIN and second.counters.warmed == len(dirty)
+    assert len(dirty) >= capture.WARM_AHEAD_MIN
+    assert second.counters.warmed == capture.COLD_SAMPLE
     assert second.state.files.keys() == full.state.files.keys()
 
 
@@ -250,6 +251,7 @@ def test_a_dirty_capture_on_threads_stores_and_counts_what_one_thread_would(
     results = {}
     for name, warm_min in [("here", 10**6), ("threads", capture.WARM_AHEAD_MIN)]:
         monkeypatch.setattr(capture, "WARM_AHEAD_MIN", warm_min)
+        monkeypatch.setattr(capture, "COLD_LSTAT_S", 0.0)  # the paths count as not cached
         (data_dir / "big.bin").write_bytes(b"big" * (1 << 20))  # streamed in pieces
         trees.settle()
         readers: list[int] = []
@@ -275,8 +277,9 @@ def test_a_dirty_capture_on_threads_stores_and_counts_what_one_thread_would(
 
 
 def test_a_dirty_capture_failing_on_threads_leaves_no_file_open(
-        store: Store, data_dir: Path) -> None:
+        store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from dwsd.errors import StoreError
+    monkeypatch.setattr(capture, "COLD_LSTAT_S", 0.0)  # the paths count as not cached
     paths = trees.make_many_files(data_dir, 300)
     trees.settle()
     first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)

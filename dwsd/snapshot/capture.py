@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import errno
+import itertools
 import logging
 import os
 import stat as stat_mod
 import sys
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,11 +68,14 @@ SUBMIT_BATCH = 256
 # first snapshot of it is read in half the time by two processes (readers.py).
 PROCESSES_AFTER = 512
 PROCESSES_AFTER_BYTES = 64 << 20
-# A dirty-path capture of at least WARM_AHEAD_MIN paths first lstats them on
-# WARM_THREADS threads, then reads on DIRTY_READ_THREADS threads (until processes take
-# over). Measured on the bench set's 1% change (202 files), cold, 3 runs each: 0.16-0.22 s
-# on one thread, 0.14-0.18 s with both; the gain grows with the disk's latency.
+# A dirty-path capture of at least WARM_AHEAD_MIN paths that finds COLD_SAMPLE of them
+# slower than COLD_LSTAT_S an lstat lstats them all on WARM_THREADS threads, then reads
+# on DIRTY_READ_THREADS threads (until processes take over). Warm (what a daemon mostly
+# sees: files just written) threads cost more than they save, so the sample decides.
+# Figures: bench/ab_dirty.py and the stop-10 note.
 WARM_AHEAD_MIN = 8
+COLD_SAMPLE = 4
+COLD_LSTAT_S = 30e-6
 WARM_THREADS = 8
 DIRTY_READ_THREADS = 8
 TREE_CACHE_ENTRIES = 50_000  # about 15 MB
@@ -87,7 +92,7 @@ class CaptureCounters:
     files_opened: int = 0
     bytes_read: int = 0
     dirs_listed: int = 0
-    warmed: int = 0  # dirty paths lstat'ed ahead, in parallel, only to fill the caches
+    warmed: int = 0  # dirty paths lstat'ed ahead only to fill the caches (a sample, or all)
 
 
 @dataclass
@@ -357,13 +362,27 @@ class _Walker:
         """Capture only `dirty` paths on top of the previous root tree."""
         self.state = self.prev.copy()
         paths = set(dirty) | self._link_partners(prev_root, dirty)
-        if len(paths) >= WARM_AHEAD_MIN:
-            # The paths may not be cached (a change made before a restart, a busy
-            # machine): their inodes, and the store's fan-out directories the new blobs
-            # go to, are waits for the disk, and threads overlap them.
+        if len(paths) >= WARM_AHEAD_MIN and self._looks_cold(root_fd, paths):
+            # Not cached (a change made before a restart, a busy machine): the paths'
+            # inodes, the files' pages and the store's fan-out directories the new blobs
+            # go to are waits for the disk, and threads overlap them.
             self.counters.warmed += _warm_inodes(root_fd, paths)
             self.readers = ThreadReaders(self.objects, DIRTY_READ_THREADS)
         return self._update_dir(root_fd, b"", None, prev_root, _Trie.build(paths))
+
+    def _looks_cold(self, dfd: int, paths: Collection[bytes]) -> bool:
+        """Whether lstats of `paths` wait for the disk, judged from COLD_SAMPLE of them
+        timed here (counted as warmed): from the caches an lstat takes a few µs, from
+        the disk 100 µs or more."""
+        sample = list(itertools.islice(paths, COLD_SAMPLE))
+        self.counters.warmed += len(sample)
+        started = time.perf_counter()
+        for path in sample:
+            try:
+                os.stat(path, dir_fd=dfd, follow_symlinks=False)
+            except OSError:
+                pass
+        return time.perf_counter() - started > COLD_LSTAT_S * len(sample)
 
     def _link_partners(self, prev_root: ObjectId, dirty: Collection[bytes]) -> set[bytes]:
         """The other names of hard-linked files among `dirty`: a write through one name
