@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from dataset import GEN_A, GEN_B, Dataset  # noqa: E402
+from harness import drop_caches, prime  # noqa: E402
 
 from dwsd.snapshot import capture  # noqa: E402
 from dwsd.workspace import Workspace  # noqa: E402
@@ -60,12 +61,9 @@ def main() -> None:
 def prepare(ds: Dataset, cache: str) -> None:
     os.sync()
     if cache == "cold":
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return
-    for d, dirs, files in os.walk(ds.root):
-        for name in dirs + files:
-            os.lstat(os.path.join(d, name))
+        drop_caches()
+    else:
+        prime(ds.root)
 
 
 if __name__ == "__main__":

@@ -100,8 +100,7 @@ class Bench:
         if self._can_drop is False:
             return
         try:
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("3\n")
+            drop_caches()
             self._can_drop = True
         except OSError as exc:
             self._can_drop = False
@@ -116,9 +115,7 @@ class Bench:
         return f"-{self.rep}" if self.rep else ""
 
     def prime(self) -> None:
-        for d, dirs, files in os.walk(self.ds.root):
-            for name in dirs + files:
-                os.lstat(os.path.join(d, name))
+        prime(self.ds.root)
 
     # commands
     @contextlib.contextmanager
@@ -262,6 +259,19 @@ def wait_quiet(limit_s: float, window_s: float = 3.0, max_busy: float = 0.1) -> 
             break
     return time.perf_counter() - t0
 
+
+
+def prime(root: Path) -> None:
+    """Warm the dentries and inodes of every entry below `root`."""
+    for d, dirs, files in os.walk(root):
+        for name in dirs + files:
+            os.lstat(os.path.join(d, name))
+
+
+def drop_caches() -> None:
+    """Drop the page cache, dentries and inodes (root only: raises OSError otherwise)."""
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
 
 
 def du(path: Path) -> tuple[int, int]:

@@ -90,7 +90,10 @@ def test_incremental_full_walk_opens_only_changed_files(store: Store, data_dir: 
     assert second.changed_files == 10
 
 
-def test_dirty_mode_stats_only_dirty_paths(store: Store, data_dir: Path) -> None:
+def test_dirty_mode_stats_only_dirty_paths(store: Store, data_dir: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # Cached, a sample of lstats takes a few µs each: a margin for a busy machine.
+    monkeypatch.setattr(capture, "COLD_LSTAT_S", 1e-3)
     paths = trees.make_many_files(data_dir, 20_000)
     trees.settle()
     first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
@@ -263,7 +266,7 @@ def test_a_dirty_capture_on_threads_stores_and_counts_what_one_thread_would(
             os.setxattr(data_dir / "noted.txt", "user.origin", name[:4].encode())
             result = capture_resource(s.objects, data_dir, first.state, NO_EXCLUDES, dirty,
                                       on_file=lambda size: readers.append(_read_threads()))
-            assert max(readers) == (0 if name == "here" else capture.DIRTY_READ_THREADS)
+            assert (max(readers) == 0) if name == "here" else (max(readers) > 0)
             assert _read_threads() == 0  # none outlives its capture
             assert result.root == capture_resource(s.objects, data_dir, first.state,
                                                    NO_EXCLUDES).root

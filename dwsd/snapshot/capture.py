@@ -14,9 +14,10 @@ Everything is relative to directory fds (`dir_fd=`, `O_NOFOLLOW`), so no path is
 followed through a symlink and paths longer than PATH_MAX work. Names stay bytes.
 
 Files are opened `O_NOFOLLOW|O_NONBLOCK` on the walking thread, with a WILLNEED hint so
-the kernel fetches them while the walk goes on, and read on that thread (a full walk) or
-on threads (a dirty-path capture, whose paths are lstat'ed on threads first) until the
-walk has found PROCESSES_AFTER files to read, then in reader processes (readers.py). A
+the kernel fetches them while the walk goes on, and read on that thread (or, in a
+dirty-path capture whose paths are not cached, on threads, after its paths are lstat'ed
+on threads) until the walk has found PROCESSES_AFTER files to read, then in reader
+processes (readers.py). A
 file's fstat before and after the read must agree; if not, it is read again (up to
 READ_ATTEMPTS times) and flagged as `unstable` (see fileread.py). If it never holds
 still, its previous version is kept (or it is left out when there is none): a torn mix of
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -378,10 +380,7 @@ class _Walker:
         self.counters.warmed += len(sample)
         started = time.perf_counter()
         for path in sample:
-            try:
-                os.stat(path, dir_fd=dfd, follow_symlinks=False)
-            except OSError:
-                pass
+            _lstat_quietly(dfd, path)
         return time.perf_counter() - started > COLD_LSTAT_S * len(sample)
 
     def _link_partners(self, prev_root: ObjectId, dirty: Collection[bytes]) -> set[bytes]:
@@ -568,15 +567,18 @@ def _warm_inodes(dfd: int, paths: Collection[bytes]) -> int:
     inodes of each path and its directories to be cached before the walk needs them, in
     the order it needs them; returns how many were lstat'ed. Failures do not matter here:
     the walk meets them again."""
-    def lstat(path: bytes) -> None:
-        try:
-            os.stat(path, dir_fd=dfd, follow_symlinks=False)
-        except OSError:
-            pass
     with cf.ThreadPoolExecutor(WARM_THREADS, thread_name_prefix="capture-warm") as pool:
-        for _ in pool.map(lstat, paths):
+        for _ in pool.map(functools.partial(_lstat_quietly, dfd), paths):
             pass
     return len(paths)
+
+
+def _lstat_quietly(dfd: int, path: bytes) -> None:
+    """lstat only to fill the caches: a failure is the walk's to meet and report."""
+    try:
+        os.stat(path, dir_fd=dfd, follow_symlinks=False)
+    except OSError:
+        pass
 
 
 def _entry_from_stat(name: bytes, kind: bytes, st: os.stat_result) -> Entry:

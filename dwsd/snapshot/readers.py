@@ -7,10 +7,10 @@ All take open files (`submit(fd, size)`: the fd is theirs from then on) and give
 - `InlineReaders` read each file at once on the calling thread. A full walk starts with
   them: one that finds little to read is done sooner than reader processes could start
   (about 0.1 s), and its reads come after its lstats, mostly from the page cache.
-- `ThreadReaders` read on a few threads of this process. A dirty-path capture of more
-  than a few paths starts with them: its reads are mostly waits for the disk when the
-  change is not cached (the files, the store's fan-out directories), and threads
-  overlap the waits.
+- `ThreadReaders` read on a few threads of this process. A dirty-path capture whose
+  paths turn out not to be cached starts with them: its reads are then mostly waits for
+  the disk (the files, the store's fan-out directories), and threads overlap the waits.
+  Cached, they cost more than they save, and it reads inline.
 - `ReaderProcesses` read in child processes (reader_process.py), a batch of files per
   message. Why processes and not threads: on a 2-core machine, eight reader threads and
   the walker handed the GIL to each other at every system call. The bench set's first
