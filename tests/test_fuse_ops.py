@@ -11,7 +11,7 @@ import pyfuse3
 import pytest
 import trio
 
-from dwsd.fuse.ops import ROOT_TIMEOUT, SNAPSHOT_TIMEOUT, ViewOps
+from dwsd.fuse.ops import ROOT_TIMEOUT, SNAPSHOT_TIMEOUT, ViewOps, read_if_cached
 from dwsd.fuse.vfs import LATEST, ROOT
 from dwsd.store.ids import ObjectId
 from dwsd.store.store import Store
@@ -118,6 +118,61 @@ async def test_lookup_open_and_read_a_file(ops: ViewOps) -> None:
         assert info.keep_cache and not info.direct_io
         assert await ops.read(info.fh, 1, 3) == b"eta"
         await ops.release(info.fh)
+
+
+class PageStore:
+    """A store_pages stand-in: records (inode, offset, data) (the kernel's page cache
+    exists only inside a mount)."""
+
+    def __init__(self) -> None:
+        self.pushed: list[tuple[int, int, bytes]] = []
+
+    def __call__(self, inode: int, offset: int, data: bytes) -> None:
+        self.pushed.append((inode, offset, bytes(data)))
+
+
+async def test_a_small_files_open_pushes_its_content_unless_the_inode_is_open(
+        shared_store: Path, listing: Listing) -> None:
+    pages = PageStore()
+    ops = ViewOps(Store.open(shared_store, readonly=True), readdir_reply=listing,
+                  store_pages=pages)
+    ops.show_catalog(ops.store.catalog)
+    with trio.fail_after(TIMEOUT):
+        b_txt = await resolve(ops, b"v1", b"data", b"sub", b"b.txt")
+        first = await ops.open(b_txt, os.O_RDONLY)
+        assert pages.pushed == [(b_txt, 0, b"beta\n")]
+        # Open already: the kernel may be reading it, holding pages locked.
+        second = await ops.open(b_txt, os.O_RDONLY)
+        assert len(pages.pushed) == 1
+        await ops.release(first.fh)
+        third = await ops.open(b_txt, os.O_RDONLY)
+        assert len(pages.pushed) == 1  # the second handle is still open
+        await ops.release(second.fh)
+        await ops.release(third.fh)
+        assert await read_file(ops, b_txt) == b"beta\n"
+        assert pages.pushed == [(b_txt, 0, b"beta\n")] * 2
+        assert ops.counters.pushed == 2
+        assert not ops._inode_handles
+
+
+async def test_a_small_blob_read_before_is_read_at_open_without_a_thread(
+        own_ops: ViewOps) -> None:
+    ops = own_ops
+    with trio.fail_after(TIMEOUT):
+        a_txt = await resolve(ops, b"v1", b"data", b"a.txt")
+        assert await read_file(ops, a_txt) == b"alpha\n"
+        assert (ops.counters.opened_in_thread, ops.counters.opened_inline) == (1, 0)
+        blob_fd = ops.store.objects.open_blob(ops.vfs.blob(a_txt))
+        try:
+            # RWF_NOWAIT reads need a filesystem that supports them (tmpfs does not)
+            cached_reads = read_if_cached(blob_fd, 0, 6) is not None
+        finally:
+            os.close(blob_fd)
+        assert await read_file(ops, a_txt) == b"alpha\n"
+        if cached_reads:
+            assert (ops.counters.opened_in_thread, ops.counters.opened_inline) == (1, 1)
+        else:
+            assert (ops.counters.opened_in_thread, ops.counters.opened_inline) == (2, 0)
 
 
 async def test_timeouts_are_short_at_the_root_and_long_below(ops: ViewOps) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from dwsd.errors import CorruptObjectError, StoreError, StoreLockedError
 from dwsd.snapshot import capture
-from dwsd.store.fsutil import TEMP_PREFIX
+from dwsd.store.fsutil import TEMP_PREFIX, open_cached
 from dwsd.store.ids import ObjectId
 from dwsd.store.store import Store
 from dwsd.workspace import Workspace
@@ -313,3 +313,19 @@ def test_trees_are_buffered_then_committed_in_one_batch(tmp_path: Path) -> None:
             assert not objects.has("trees", lost) and not reader.has(lost)
         finally:
             reader.close()
+
+
+def test_open_cached_opens_a_cached_path_and_refuses_a_missing_one(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"cached")
+    os.stat(path)  # its dentry and inode are cached now
+    fd = open_cached(str(path))
+    assert fd is not None  # openat2 with RESOLVE_CACHED: Linux 5.12 and later
+    try:
+        assert os.pread(fd, 10, 0) == b"cached"
+    finally:
+        os.close(fd)
+    missing = tmp_path / "missing"
+    assert not missing.exists()  # the miss is cached now (a negative dentry)
+    with pytest.raises(FileNotFoundError):
+        open_cached(str(missing))

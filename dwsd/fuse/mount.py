@@ -63,7 +63,7 @@ async def serve_view(store_path: Path | str, mountpoint: Path | str, *,
         functools.partial(Store.open, store_path, readonly=True))
     mountpoint = Path(mountpoint).absolute()
     await prepare_mountpoint(mountpoint)
-    ops = ViewOps(store, invalidate=_invalidate_entry)
+    ops = ViewOps(store, invalidate=_invalidate_entry, store_pages=pyfuse3.notify_store)
     first_key = await trio.to_thread.run_sync(catalog_key, store.catalog.path)
     await ops.reload_catalog()
     try:

@@ -13,7 +13,10 @@ reads through `read`. Everything else runs on the trio thread and never blocks; 
 docs/concurrency.md for the places that rely on there being no await between two lines.
 
 Content is immutable, so below the snapshots the kernel may cache it all: files open with
-`keep_cache`, entries and attributes carry long timeouts. The root's names change with
+`keep_cache`, entries and attributes carry long timeouts. A small file's open pushes its
+verified content into the kernel's page cache (`store_pages`), so reading it needs no
+further request; a small blob read before is read at open on the trio thread when the
+page cache holds it (no worker-thread round trip). The root's names change with
 the catalog: they get short timeouts, and `show_catalog` invalidates the ones that
 changed, so new snapshots, moved tags and `latest` show at once.
 """
@@ -63,6 +66,7 @@ READY_BYTES = 16 << 20      # ...and at most this many bytes of them
 P = ParamSpec("P")
 T = TypeVar("T")
 Invalidate = Callable[[Inode, bytes], None]
+StorePages = Callable[[int, int, bytes], None]
 ReaddirReply = Callable[[Any, bytes, pyfuse3.EntryAttributes, int], bool]
 
 
@@ -87,12 +91,22 @@ def _fuse_errors(handler: Callable[Concatenate["ViewOps", P], Awaitable[T]]
 
 
 @dataclass
+class ViewCounters:
+    """Work the view did, for tests and the bench (counting, not timing)."""
+
+    pushed: int = 0          # small files whose content open pushed to the page cache
+    opened_inline: int = 0   # small blobs read at open on the trio thread (cached)
+    opened_in_thread: int = 0  # small blobs read at open in a worker thread
+
+
+@dataclass
 class _OpenFile:
     """An open blob: a small one's verified content (`fd` None), or a larger one's fd.
     The fd is closed by whichever comes last: release or the last read in flight (so a
     released fd number is never reused under a running pread)."""
 
     fd: int | None
+    inode: int
     blob: ObjectId
     size: int
     content: bytes = b""
@@ -106,7 +120,7 @@ class _OpenFile:
 
 @dataclass
 class _OpenDir:
-    inode: Inode
+    inode: int
     names: list[bytes]   # frozen at opendir: offsets index into it, so restart works
 
 
@@ -116,6 +130,8 @@ class ViewOps(pyfuse3.Operations):
     `invalidate` is called as (parent inode, name) for every kernel entry a catalog
     change made stale, from `init` on: `mount.py` passes pyfuse3's asynchronous
     invalidation; tests calling handlers directly (no mount) pass a recorder or None.
+    `store_pages(inode, offset, data)` puts data in the kernel's page cache of an inode:
+    `mount.py` passes pyfuse3.notify_store; tests pass a recorder or None.
     `readdir_reply` is a seam for the same tests (a real ReaddirToken exists only inside
     a mount).
     """
@@ -124,6 +140,7 @@ class ViewOps(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, store: Store, *, invalidate: Invalidate | None = None,
+                 store_pages: StorePages | None = None,
                  readdir_reply: ReaddirReply = pyfuse3.readdir_reply,
                  tree_cache_entries: int | None = None) -> None:
         super().__init__()
@@ -133,6 +150,9 @@ class ViewOps(pyfuse3.Operations):
         self.vfs = View(uid=os.getuid(), gid=os.getgid(), **kwargs)
         self._notify = invalidate
         self._invalidate: Invalidate | None = None  # set by init(): see there
+        self._store_pages = store_pages
+        self.counters = ViewCounters()
+        self._inode_handles: dict[int, int] = {}  # open file handles per inode
         self._readdir_reply = readdir_reply
         self._handles = itertools.count(1)
         self._files: dict[int, _OpenFile] = {}
@@ -315,13 +335,33 @@ class ViewOps(pyfuse3.Operations):
         blob = self.vfs.blob(inode)
         size = self.vfs.getattr(inode).size
         if size <= SMALL_BLOB:
-            handle = _OpenFile(None, blob, size, await self._small_content(blob, size))
+            handle = _OpenFile(None, inode, blob, size,
+                               await self._small_content(blob, size))
+            self._push_pages(handle)
         else:
-            handle = _OpenFile(await self._open_blob(blob, size), blob, size)
+            handle = _OpenFile(await self._open_blob(blob, size), inode, blob, size)
         fh = next(self._handles)  # no await since the fd was opened: nothing leaks it
         self._files[fh] = handle
+        self._inode_handles[inode] = self._inode_handles.get(inode, 0) + 1
         self._read_ahead(inode)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    def _push_pages(self, handle: _OpenFile) -> None:
+        """Put a small file's content in the kernel's page cache before its open is
+        answered: its reads then need no request (one round trip less per file). Only
+        when no other handle of the inode is open: the kernel holds a page locked while
+        it waits for our answer to a read of it, and storing into that page from the
+        trio thread, which must answer, would deadlock. With no handle, no read of the
+        inode can be in flight. Never blocks; a failed push only costs the reads."""
+        if self._store_pages is None or self._inode_handles.get(handle.inode) \
+                or not handle.content:
+            return
+        try:
+            self._store_pages(handle.inode, 0, handle.content)
+        except OSError as exc:
+            log.debug("view: pushing inode %d's pages: %s", handle.inode, exc)
+            return
+        self.counters.pushed += 1
 
     async def _small_content(self, blob: ObjectId, size: int) -> bytes:
         """The verified content of a small blob: taken from what the read-ahead holds, or
@@ -335,8 +375,25 @@ class ViewOps(pyfuse3.Operations):
                 return content
             if not await self._waited_for_first_use(blob):
                 break
+        if blob in self._verified:
+            content = self._read_small_cached(blob, size)
+            if content is not None:
+                self.counters.opened_inline += 1
+                return content
+        self.counters.opened_in_thread += 1
         return await self._first_use(blob, functools.partial(
             self._read_small, blob, size, blob not in self._verified))
+
+    def _read_small_cached(self, blob: ObjectId, size: int) -> bytes | None:
+        """A verified small blob's content if the kernel's caches hold its file and all
+        its pages, else None; never blocks on the disk. Raises ObjectMissingError."""
+        fd = self.store.objects.open_blob_cached(blob)
+        if fd is None:
+            return None
+        try:
+            return read_if_cached(fd, 0, size)
+        finally:
+            os.close(fd)
 
     def _read_small(self, blob: ObjectId, size: int, verify: bool = True) -> bytes | None:
         """Read a small blob whole (blocks); None when `verify` finds its hash wrong. One
@@ -434,6 +491,9 @@ class ViewOps(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         handle = self._files.pop(fh, None)
         if handle is not None:
+            left = self._inode_handles.pop(handle.inode) - 1
+            if left:
+                self._inode_handles[handle.inode] = left
             handle.released = True
             handle.close_if_idle()
 
@@ -448,11 +508,13 @@ class ViewOps(pyfuse3.Operations):
         an unmount the kernel sends no release) and every blob opened ahead. Handlers
         must not run after this."""
         self._invalidate = None
+        self._store_pages = None
         self._closed = True
         for handle in self._files.values():
             handle.released = True
             handle.close_if_idle()
         self._files.clear()
+        self._inode_handles.clear()
         self._ready.clear()
         self._ready_bytes = 0
 

@@ -22,7 +22,7 @@ from typing import Iterable, Iterator, Literal
 
 from dwsd.crashpoints import crash_point
 from dwsd.errors import CorruptObjectError, ObjectMissingError, StoreError
-from dwsd.store.fsutil import clean_temps, fsync_dir, syncfs, temp_name
+from dwsd.store.fsutil import clean_temps, fsync_dir, open_cached, syncfs, temp_name
 from dwsd.store.ids import Hasher, ObjectId, hash_bytes, validate_object_id
 from dwsd.store.treedb import FILENAME as TREE_DB, TreeDB
 
@@ -291,6 +291,18 @@ class ObjectStore:
             return os.open(self._path("blobs", oid), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ObjectMissingError(f"blob {oid} is missing from the store") from None
+
+    def open_blob_cached(self, oid: ObjectId) -> int | None:
+        """`open_blob` if the kernel can find the blob's file from its caches alone, else
+        None: never blocks on the disk, so an event loop may call it. Raises
+        ObjectMissingError."""
+        try:
+            fd = open_cached(self._path("blobs", oid))
+        except FileNotFoundError:
+            raise ObjectMissingError(f"blob {oid} is missing from the store") from None
+        if fd is not None:
+            self.reads["blobs"] += 1
+        return fd
 
     def verify(self, kind: Kind, oid: ObjectId) -> bool:
         """Re-hash an object; False when its content no longer matches its id."""
