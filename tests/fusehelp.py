@@ -51,6 +51,16 @@ def require_fuse() -> None:
     pytest.skip(reason)
 
 
+def abort_fuse_connection(device: int) -> None:
+    """Abort the FUSE connection of the mount whose st_dev is `device` (through fusectl,
+    mounted here when it is not): its requests in flight fail at once, freeing the
+    clients of a hung server, which `fusermount3 -u` and kill -9 cannot."""
+    control = Path("/sys/fs/fuse/connections")
+    if not any(control.iterdir()):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(control)], check=False)
+    (control / str(os.minor(device)) / "abort").write_text("1")
+
+
 def take_snapshot(store: Path, resources: Mapping[str, Path], tags: Sequence[str] = (),
                   time: dt.datetime | None = None) -> SnapshotRecord:
     """Capture `resources` into `store` (created when missing) as one manual snapshot:

@@ -3,6 +3,7 @@ open readers of deleted snapshots, other users, signals, crashes and outside unm
 Each test runs its own `dwsd mount` subprocess over a small store."""
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import os
 import signal
@@ -16,9 +17,9 @@ import pytest
 from dwsd.store.store import Store
 from tests import trees
 from tests.conftest import WriteConfig
-from tests.fusehelp import REPO, STOP_TIMEOUT, ViewServer, delete_snapshot, \
-    is_mounted, require_fuse, run, serving, tag_snapshot, take_snapshot, unmount, \
-    untag_snapshot, wait_until
+from tests.fusehelp import REPO, STOP_TIMEOUT, ViewServer, abort_fuse_connection, \
+    delete_snapshot, is_mounted, require_fuse, run, serving, tag_snapshot, take_snapshot, \
+    unmount, untag_snapshot, wait_until
 
 NOBODY = 65534
 # The standalone server follows catalog.json through inotify; its fallback check runs
@@ -119,6 +120,38 @@ def test_an_open_reader_survives_the_deletion_of_its_snapshot(
                        "an empty root")
             rest = f.read()
         assert len(head + rest) == 1 << 20
+
+
+def test_many_readers_of_the_same_small_files_at_once_all_get_their_bytes(
+        store: Path, source: Path, mountpoint: Path) -> None:
+    """An open pushes a small file's pages into the kernel's cache only while no other
+    handle of it is open: a push into a page that a concurrent read holds locked, while
+    it waits for the server, would hang the server. Dropping the pages before each read
+    makes every read a request, so opens and reads of one file interleave."""
+    names = ["public.txt", "other.txt"]
+    want = {name: (source / name).read_bytes() for name in names}
+
+    def reader(worker: int) -> int:
+        for i in range(200):
+            name = names[(worker + i) % len(names)]
+            fd = os.open(mountpoint / "v1" / "data" / name, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                assert os.pread(fd, 4096, 0) == want[name]
+            finally:
+                os.close(fd)
+        return 200
+
+    with serving(store, mountpoint):
+        device = os.stat(mountpoint).st_dev  # while the server answers
+        pool = concurrent.futures.ThreadPoolExecutor(8)
+        reads = [pool.submit(reader, worker) for worker in range(8)]
+        done, hung = concurrent.futures.wait(reads, timeout=30)
+        if hung:
+            abort_fuse_connection(device)  # frees the readers stuck in the kernel
+        pool.shutdown(wait=True)
+        assert not hung, "readers hung: the server stopped answering"
+        assert sum(f.result() for f in done) == 1600
 
 
 def test_a_flipped_byte_in_one_blob_is_eio_for_that_file_only(
