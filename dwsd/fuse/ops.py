@@ -15,8 +15,9 @@ docs/concurrency.md for the places that rely on there being no await between two
 Content is immutable, so below the snapshots the kernel may cache it all: files open with
 `keep_cache`, entries and attributes carry long timeouts. A small file's open pushes its
 verified content into the kernel's page cache (`store_pages`), so reading it needs no
-further request; a small blob read before is read at open on the trio thread when the
-page cache holds it (no worker-thread round trip). The root's names change with
+further request; a small blob whose pages are cached (read before, or just written by a
+snapshot) is read, and verified if new, at open on the trio thread: no worker-thread
+round trip. The root's names change with
 the catalog: they get short timeouts, and `show_catalog` invalidates the ones that
 changed, so new snapshots, moved tags and `latest` show at once.
 """
@@ -54,6 +55,8 @@ META_THREADS = 4
 PREFETCH_THREADS = 2        # read-ahead batches of blobs in flight; more are skipped
 VERIFIED_IDS_KEPT = 65536
 SMALL_BLOB = 1 << 20        # read and verified whole at open, then served from memory
+INLINE_HASH_MAX = 128 << 10  # a cached blob up to this size is hashed on the trio thread
+                             # (~50 µs at most here, less than a worker-thread hop)
 REPORTED_KEPT = 1024
 SUBTREES_AHEAD = 256        # child trees queued when a directory is opened or entered
 TREES_BATCH = 16            # trees loaded ahead per thread hop (one batch in flight)
@@ -334,16 +337,20 @@ class ViewOps(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         blob = self.vfs.blob(inode)
         size = self.vfs.getattr(inode).size
+        cached = False
         if size <= SMALL_BLOB:
-            handle = _OpenFile(None, inode, blob, size,
-                               await self._small_content(blob, size))
+            content, cached = await self._small_content(blob, size)
+            handle = _OpenFile(None, inode, blob, size, content)
             self._push_pages(handle)
         else:
             handle = _OpenFile(await self._open_blob(blob, size), inode, blob, size)
         fh = next(self._handles)  # no await since the fd was opened: nothing leaks it
         self._files[fh] = handle
         self._inode_handles[inode] = self._inode_handles.get(inode, 0) + 1
-        self._read_ahead(inode)
+        if not cached:
+            # Found in the page cache, the next files likely are too: reading them
+            # ahead in a thread would cost more than it saves.
+            self._read_ahead(inode)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
     def _push_pages(self, handle: _OpenFile) -> None:
@@ -363,30 +370,35 @@ class ViewOps(pyfuse3.Operations):
             return
         self.counters.pushed += 1
 
-    async def _small_content(self, blob: ObjectId, size: int) -> bytes:
-        """The verified content of a small blob: taken from what the read-ahead holds, or
-        read whole (and hashed on its first use in this process) in one thread hop.
-        Concurrent first reads of one blob wait for one. Raises ObjectMissingError,
-        CorruptObjectError."""
+    async def _small_content(self, blob: ObjectId, size: int) -> tuple[bytes, bool]:
+        """The verified content of a small blob, and whether the page cache had it: taken
+        from what the read-ahead holds, or from the page cache on this thread (hashed
+        here on its first use in this process if it is small enough), or else read
+        whole (and hashed on its first use) in one thread hop. Concurrent first reads
+        of one blob wait for one. Raises ObjectMissingError, CorruptObjectError."""
         while True:
             content = self._ready.pop(blob, None)
             if content is not None:
                 self._ready_bytes -= len(content)
-                return content
+                return content, False
             if not await self._waited_for_first_use(blob):
                 break
-        if blob in self._verified:
+        verified = blob in self._verified
+        if verified or size <= INLINE_HASH_MAX:
             content = self._read_small_cached(blob, size)
-            if content is not None:
+            if content is not None and (verified or hash_bytes(content) == blob):
+                self._remember_verified(blob)
                 self.counters.opened_inline += 1
-                return content
+                return content, True
+            # Not cached, or corrupt: a worker thread reads it (and marks it corrupt).
         self.counters.opened_in_thread += 1
         return await self._first_use(blob, functools.partial(
-            self._read_small, blob, size, blob not in self._verified))
+            self._read_small, blob, size, blob not in self._verified)), False
 
     def _read_small_cached(self, blob: ObjectId, size: int) -> bytes | None:
-        """A verified small blob's content if the kernel's caches hold its file and all
-        its pages, else None; never blocks on the disk. Raises ObjectMissingError."""
+        """A small blob's content (not verified here) if the kernel's caches hold its
+        file and all its pages, else None; never blocks on the disk. Raises
+        ObjectMissingError."""
         fd = self.store.objects.open_blob_cached(blob)
         if fd is None:
             return None
