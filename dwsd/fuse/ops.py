@@ -13,13 +13,14 @@ reads through `read`. Everything else runs on the trio thread and never blocks; 
 docs/concurrency.md for the places that rely on there being no await between two lines.
 
 Content is immutable, so below the snapshots the kernel may cache it all: files open with
-`keep_cache`, entries and attributes carry long timeouts. A small file's open pushes its
-verified content into the kernel's page cache (`store_pages`), so reading it needs no
-further request; a small blob whose pages are cached (read before, or just written by a
-snapshot) is read, and verified if new, at open on the trio thread: no worker-thread
-round trip. The root's names change with
+`keep_cache`, entries and attributes carry long timeouts. The root's names change with
 the catalog: they get short timeouts, and `show_catalog` invalidates the ones that
 changed, so new snapshots, moved tags and `latest` show at once.
+
+A small file's open pushes its verified content into the kernel's page cache
+(`store_pages`), so reading it needs no further request. A small blob whose pages are
+cached (read before, or just written by a snapshot) is read, and verified if new, at open
+on the trio thread: no worker-thread round trip.
 """
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ class _OpenFile:
 
 @dataclass
 class _OpenDir:
-    inode: int
+    inode: Inode
     names: list[bytes]   # frozen at opendir: offsets index into it, so restart works
 
 

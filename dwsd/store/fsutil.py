@@ -93,7 +93,10 @@ class _OpenHow(ctypes.Structure):
                 ("resolve", ctypes.c_uint64)]
 
 
-_SYS_OPENAT2 = 437        # the same number on every architecture (generic table)
+# openat2's number where the syscall table is the unified one (alpha and mips offset it;
+# there open_cached just says "not cached").
+_SYS_OPENAT2 = 437 if os.uname().machine in (
+    "x86_64", "aarch64", "i686", "armv7l", "riscv64", "ppc64le", "s390x") else None
 _RESOLVE_CACHED = 0x20    # Linux 5.12
 _AT_FDCWD = -100
 _NOT_CACHED = (errno.EAGAIN, errno.ENOSYS, errno.EINVAL, errno.E2BIG)
@@ -101,9 +104,12 @@ _NOT_CACHED = (errno.EAGAIN, errno.ENOSYS, errno.EINVAL, errno.E2BIG)
 
 def open_cached(path: str) -> int | None:
     """Open `path` read-only if the kernel can resolve it from its caches alone, else
-    None without blocking on I/O (openat2 with RESOLVE_CACHED; None too on kernels
-    without it). An event loop may call this: a cold lookup would stall it on the disk.
+    None without blocking on I/O (openat2 with RESOLVE_CACHED; None too on kernels or
+    architectures without it). An event loop may call this: a cold lookup would stall it
+    on the disk.
     Raises OSError (FileNotFoundError...) for what a plain open would refuse."""
+    if _SYS_OPENAT2 is None:
+        return None
     how = _OpenHow(os.O_RDONLY | os.O_CLOEXEC, 0, _RESOLVE_CACHED)
     fd = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(_AT_FDCWD),
                        os.fsencode(path), ctypes.byref(how),
