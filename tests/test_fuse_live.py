@@ -4,7 +4,9 @@ Each test runs its own `dwsd mount` subprocess over a small store."""
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import errno
+import mmap
 import os
 import signal
 import subprocess
@@ -120,6 +122,32 @@ def test_an_open_reader_survives_the_deletion_of_its_snapshot(
                        "an empty root")
             rest = f.read()
         assert len(head + rest) == 1 << 20
+
+
+def cached_pages(path: Path) -> tuple[int, int]:
+    """(pages of `path` in the page cache, pages of `path`), asked with mincore(2) of a
+    mapping that is never touched: asking reads nothing. Run as root (mincore reports
+    the page cache only to a file's owner or writer)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        pages = -(-size // mmap.PAGESIZE)
+        with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mapping:
+            start = ctypes.c_char.from_buffer(mapping)
+            vec = (ctypes.c_ubyte * pages)()
+            ok = libc.mincore(ctypes.byref(start), ctypes.c_size_t(size), vec)
+            del start  # the mapping cannot close while exported
+            assert ok == 0, os.strerror(ctypes.get_errno())
+    return sum(v & 1 for v in vec), pages
+
+
+def test_opening_a_small_file_puts_its_content_in_the_kernels_cache(
+        store: Path, mountpoint: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mincore(2) reports the page cache only to a file's owner")
+    with serving(store, mountpoint):
+        # Never read before through this mount: only the open can have put it there.
+        assert cached_pages(mountpoint / "v1" / "data" / "big.bin") == (256, 256)
 
 
 def test_many_readers_of_the_same_small_files_at_once_all_get_their_bytes(

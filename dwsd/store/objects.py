@@ -290,7 +290,7 @@ class ObjectStore:
         try:
             return os.open(self._path("blobs", oid), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise ObjectMissingError(f"blob {oid} is missing from the store") from None
+            raise _missing_blob(oid) from None
 
     def open_blob_cached(self, oid: ObjectId) -> int | None:
         """`open_blob` if the kernel can find the blob's file from its caches alone, else
@@ -299,7 +299,7 @@ class ObjectStore:
         try:
             fd = open_cached(self._path("blobs", oid))
         except FileNotFoundError:
-            raise ObjectMissingError(f"blob {oid} is missing from the store") from None
+            raise _missing_blob(oid) from None
         if fd is not None:
             self.reads["blobs"] += 1
         return fd
@@ -343,6 +343,10 @@ class ObjectStore:
     def clean_temps(self) -> int:
         """Remove temp files left by a crash; only safe while holding the writer lock."""
         return sum(clean_temps(self.root / "blobs" / fan) for fan in _FANOUT)
+
+
+def _missing_blob(oid: ObjectId) -> ObjectMissingError:
+    return ObjectMissingError(f"blob {oid} is missing from the store")
 
 
 def hash_fd(fd: int) -> ObjectId:
