@@ -39,6 +39,25 @@ def test_odd_tree_round_trips_through_the_store(store: Store, odd_tree: Path) ->
         assert stored[path] == source[path], path
 
 
+def test_a_file_dated_after_2262_is_captured_with_the_latest_time_a_tree_holds(
+        store: Store, data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    trees.write(data_dir / "far" / "future.txt", b"from 2400")
+    trees.write(data_dir / "now.txt", b"today")
+    year_2400_ns = 13_569_465_600 * 10**9
+    for path in (data_dir / "far" / "future.txt", data_dir / "far"):
+        os.utime(path, ns=(year_2400_ns, year_2400_ns))
+    assert os.stat(data_dir / "far").st_mtime_ns == year_2400_ns  # the fs keeps it
+    result = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    stored = trees.describe_snapshot(store.objects, result.root)
+    assert stored[b"far"]["mtime_ns"] == stored[b"far/future.txt"]["mtime_ns"] == 2**63 - 1
+    source = trees.describe_source(data_dir)
+    assert stored[b"now.txt"] == source[b"now.txt"]
+    assert stored[b"far/future.txt"]["sha256"] == source[b"far/future.txt"]["sha256"]
+    assert sorted(r.getMessage().split(" is ")[0] for r in caplog.records) == [
+        "the mtime of b'far'", "the mtime of b'future.txt'"]
+    caplog.clear()
+
+
 def test_odd_tree_has_what_it_promises(odd_tree: Path) -> None:
     # Guards the fixture itself: the round-trip test is only as good as this tree.
     names = set(trees.describe_source(odd_tree))

@@ -30,6 +30,20 @@ def test_round_trip_keeps_every_field() -> None:
     assert decode_tree(encode_tree(items)) == sorted(items, key=lambda e: e.name)
 
 
+def test_a_time_beyond_64_bit_nanoseconds_is_stored_as_the_nearest_one(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # ext4 keeps mtimes up to 2446, past what signed 64-bit nanoseconds reach (2262).
+    late, early = entry(b"late", mtime_ns=2**64), entry(b"early", mtime_ns=-(2**64))
+    kept = entry(b"kept", mtime_ns=2**63 - 1)
+    decoded = {e.name: e for e in decode_tree(encode_tree([late, early, kept]))}
+    assert decoded[b"late"] == late._replace(mtime_ns=2**63 - 1)
+    assert decoded[b"early"] == early._replace(mtime_ns=-(2**63))
+    assert decoded[b"kept"] == kept
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and "b'late'" in warned[1] and "out of range" in warned[1]
+    caplog.clear()
+
+
 @pytest.mark.parametrize("name", [b"", b".", b"..", b"a/b", b"a\0b"])
 def test_bad_names_are_refused(name: bytes) -> None:
     with pytest.raises(ValueError, match="invalid entry name"):

@@ -10,9 +10,13 @@ Layout: MAGIC, then per entry
             ino, target length, xattr count
     name, [32-byte ref for files and directories], target, then per xattr
     struct ">HI" name length, value length, name, value.
+A time outside what 64-bit nanoseconds hold (before 1677-09-21 or after 2262-04-11; ext4
+takes mtimes up to 2446) is stored as the nearest one they do, with a warning, so one odd
+file does not fail the snapshot of its whole resource.
 """
 from __future__ import annotations
 
+import logging
 import stat as stat_mod
 import struct
 from typing import Iterable, NamedTuple
@@ -26,7 +30,10 @@ FILE, DIR, SYMLINK, FIFO, SOCKET, CHAR, BLOCK = (b"f", b"d", b"l", b"p", b"s", b
 KINDS = (FILE, DIR, SYMLINK, FIFO, SOCKET, CHAR, BLOCK)
 _WITH_REF = (FILE, DIR)
 
+log = logging.getLogger(__name__)
+
 _HEADER = struct.Struct(">cHIIIqQQQHH")
+_NS_MIN, _NS_MAX = -(2**63), 2**63 - 1
 _XATTR = struct.Struct(">HI")
 
 Xattrs = tuple[tuple[bytes, bytes], ...]
@@ -93,8 +100,13 @@ def encode_tree(entries: Iterable[Entry]) -> bytes:
     append, pack, with_ref = parts.append, _HEADER.pack, _WITH_REF
     for e in ordered:
         name, kind, target, xattrs = e.name, e.kind, e.target, e.xattrs
-        append(pack(kind, len(name), e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.rdev,
-                    e.ino, len(target), len(xattrs)))
+        try:
+            header = pack(kind, len(name), e.mode, e.uid, e.gid, e.mtime_ns, e.size,
+                          e.rdev, e.ino, len(target), len(xattrs))
+        except struct.error:  # off the hot path: only an out-of-range time gets here
+            header = pack(kind, len(name), e.mode, e.uid, e.gid, _clamped_time(e),
+                          e.size, e.rdev, e.ino, len(target), len(xattrs))
+        append(header)
         append(name)
         if kind in with_ref:
             if e.ref is None:
@@ -133,6 +145,13 @@ def check_name(name: bytes) -> None:
     """Raise ValueError unless `name` is a single, non-special path component."""
     if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
         raise ValueError(f"invalid entry name {name!r}")
+
+
+def _clamped_time(e: Entry) -> int:
+    clamped = min(max(e.mtime_ns, _NS_MIN), _NS_MAX)
+    if clamped != e.mtime_ns:
+        log.warning("the mtime of %r is out of range; stored as %d ns", e.name, clamped)
+    return clamped
 
 
 def decode_tree(data: bytes, oid: str = "?") -> list[Entry]:
