@@ -87,8 +87,11 @@ class ObjectStore:
     def _path(self, kind: Kind, oid: str) -> str:
         # str, not Path: this runs for every file of every capture.
         assert kind == "blobs", "trees are rows of the tree database, not files"
-        oid = validate_object_id(oid)
-        return f"{self._root}/{kind}/{oid[:2]}/{oid[2:]}"
+        return self._blob_file(validate_object_id(oid))
+
+    def _blob_file(self, oid: ObjectId) -> str:
+        """The file of a blob whose id this process computed (so needs no validation)."""
+        return f"{self._root}/blobs/{oid[:2]}/{oid[2:]}"
 
     def has(self, kind: Kind, oid: ObjectId) -> bool:
         if kind == "trees":
@@ -110,13 +113,14 @@ class ObjectStore:
     def store_bytes(self, kind: Literal["blobs"], data: bytes) -> tuple[ObjectId, bool]:
         """Store a blob; also says whether it was new (written by this call)."""
         oid = hash_bytes(data)
-        if self.has(kind, oid):
+        target = self._blob_file(oid)
+        if os.path.exists(target):
             return oid, False
-        tmp = Path(f"{self._root}/{kind}/{oid[:2]}/{temp_name()}")
+        tmp = f"{self._root}/blobs/{oid[:2]}/{temp_name()}"
         self._write_new(tmp, data)
-        return oid, self._publish(kind, oid, tmp, len(data))
+        return oid, self._publish(oid, tmp, len(data), target)
 
-    def put_stream(self, kind: Kind, fd: int, buf: bytearray
+    def put_stream(self, kind: Literal["blobs"], fd: int, buf: bytearray
                    ) -> tuple[ObjectId, int, bool]:
         """Copy everything readable from `fd` into a new object, hashing as it goes.
 
@@ -124,8 +128,7 @@ class ObjectStore:
         dropped and `new` is False. `buf` is the caller's reusable read buffer.
         """
         hasher = Hasher()
-        staging = self.root / kind / "00"
-        tmp = staging / temp_name()
+        tmp = f"{self._root}/blobs/00/{temp_name()}"  # staged: its id is not known yet
         out = self._open_new(tmp)
         length = 0
         try:
@@ -146,10 +149,11 @@ class ObjectStore:
             raise
         os.close(out)
         oid = hasher.object_id()
-        if self.has(kind, oid):
+        target = self._blob_file(oid)
+        if os.path.exists(target):
             os.unlink(tmp)
             return oid, length, False
-        return oid, length, self._publish(kind, oid, tmp, length)
+        return oid, length, self._publish(oid, tmp, length, target)
 
     def _log_trees(self, written: list[tuple[ObjectId, int]]) -> None:
         if not written:
@@ -159,13 +163,13 @@ class ObjectStore:
                 self.log.add("trees", oid, length)
         crash_point("objects-written")
 
-    def _open_new(self, tmp: Path) -> int:
+    def _open_new(self, tmp: str | Path) -> int:
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
         except OSError as exc:
             raise self._translate(exc, "creating an object") from exc
 
-    def _write_new(self, tmp: Path, data: bytes) -> None:
+    def _write_new(self, tmp: str, data: bytes) -> None:
         out = self._open_new(tmp)
         try:
             write_all(out, memoryview(data))
@@ -177,13 +181,12 @@ class ObjectStore:
             raise
         os.close(out)
 
-    def _publish(self, kind: Kind, oid: ObjectId, tmp: Path, length: int) -> bool:
-        """Give a finished temp file its object name; True if it was new.
+    def _publish(self, oid: ObjectId, tmp: str | Path, length: int, target: str) -> bool:
+        """Give a finished temp file the name `target` of blob `oid`; True if it was new.
 
         link(2), unlike rename(2), refuses to replace an existing name, so a durable
         object is never swapped for a not-yet-synced copy, and two workers storing the
         same content need no lock: the second one's link fails with EEXIST."""
-        target = self._path(kind, oid)
         try:
             os.link(tmp, target)
         except FileExistsError:
@@ -193,7 +196,7 @@ class ObjectStore:
         finally:
             os.unlink(tmp)
         with self._publish_lock:  # only the bookkeeping is shared between workers
-            self.log.add(kind, oid, length)
+            self.log.add("blobs", oid, length)
             self._unsynced.add(target)
         crash_point("objects-written")
         return True
@@ -374,7 +377,7 @@ def write_all(fd: int, view: memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
-def _discard(fd: int, tmp: Path) -> None:
+def _discard(fd: int, tmp: str | Path) -> None:
     os.close(fd)
     try:
         os.unlink(tmp)
