@@ -16,6 +16,7 @@ from typing import Iterator
 
 import pytest
 
+from dwsd.fuse.mount import READ_AHEAD_KB, mount_device
 from dwsd.store.store import Store
 from tests import trees
 from tests.conftest import WriteConfig
@@ -148,6 +149,35 @@ def test_opening_a_small_file_puts_its_content_in_the_kernels_cache(
     with serving(store, mountpoint):
         # Never read before through this mount: only the open can have put it there.
         assert cached_pages(mountpoint / "v1" / "data" / "big.bin") == (256, 256)
+
+
+def test_the_view_reads_ahead_in_windows_of_read_ahead_kb(store: Path,
+                                                        mountpoint: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root may set a device's read-ahead")
+    with serving(store, mountpoint):
+        device = os.stat(mountpoint).st_dev
+        setting = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}"
+                       "/read_ahead_kb")
+        # Set once the kernel's INIT is answered, which the stat above waited for.
+        wait_until(lambda: int(setting.read_text()) == READ_AHEAD_KB, UPDATE_TIMEOUT,
+                   f"read_ahead_kb = {READ_AHEAD_KB}")
+        with open(mountpoint / "v1" / "data" / "big.bin", "rb") as f:
+            assert f.read() == (store.parent / "src" / "big.bin").read_bytes()
+
+
+def test_mount_device_finds_a_mount_whose_path_mountinfo_escapes(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    where = tmp_path / "a b\\c\td"
+    where.mkdir()
+    trees.mount_tmpfs(where)
+    try:
+        device = os.stat(where).st_dev
+        assert mount_device(where) == f"{os.major(device)}:{os.minor(device)}"
+    finally:
+        trees.unmount(where)
+    assert mount_device(where) is None
 
 
 def test_many_readers_of_the_same_small_files_at_once_all_get_their_bytes(

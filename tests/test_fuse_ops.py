@@ -10,8 +10,10 @@ from typing import Any
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
-from dwsd.fuse.ops import ROOT_TIMEOUT, SNAPSHOT_TIMEOUT, ViewOps, read_if_cached
+from dwsd.fuse.ops import (ROOT_TIMEOUT, SMALL_BLOB, SNAPSHOT_TIMEOUT, ViewOps,
+                           read_if_cached)
 from dwsd.fuse.vfs import LATEST, ROOT
 from dwsd.store.ids import ObjectId
 from dwsd.store.store import Store
@@ -499,6 +501,44 @@ async def test_trees_load_breadth_first_ahead_of_a_walk(tmp_path: Path,
         await ops.releasedir(fh)
     # Only `data` was opened, yet all 9 trees below it are cached.
     assert len(ops.vfs.trees) == 9
+    ops.shutdown()
+
+
+async def test_no_trees_load_ahead_while_a_larger_file_is_read_for_its_first_open(
+        tmp_path: Path, listing: Listing) -> None:
+    """A reader waits on that whole-blob read: loading trees ahead would take the disk
+    from it. The trees wanted meanwhile load once it is done."""
+    source = tmp_path / "src"
+    trees.write(source / "big.bin", os.urandom(SMALL_BLOB + 1))
+    trees.write(source / "a" / "x" / "f.txt", b"deep\n")
+    take_snapshot(tmp_path / "store", {"data": source}, tags=["v1"])
+    # Room for 4 entries: loading ahead for the lookups stops at `a` (half full).
+    ops = make_ops(tmp_path / "store", listing, tree_cache_entries=4)
+    with trio.fail_after(TIMEOUT):
+        big = await resolve(ops, b"v1", b"data", b"big.bin")
+        a = await resolve(ops, b"v1", b"data", b"a")
+        while ops._loading_ahead:
+            await trio.lowlevel.checkpoint()
+        a_tree = ops.vfs.node(a).tree
+        assert a_tree is not None and a_tree in ops.vfs.trees  # loaded ahead
+        x_tree = next(e.ref for e in ops.vfs.trees.get(a_tree) if e.name == b"x")
+        assert x_tree is not None and x_tree not in ops.vfs.trees
+        # Hold the verify threads, so the open waits in its first use.
+        holders = [object() for _ in range(int(ops.verify_limiter.total_tokens))]
+        for holder in holders:
+            await ops.verify_limiter.acquire_on_behalf_of(holder)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ops.open, big, os.O_RDONLY)
+            await trio.testing.wait_all_tasks_blocked()
+            fh = await ops.opendir(a)  # wants x's tree, first in line
+            await trio.testing.wait_all_tasks_blocked()
+            assert x_tree not in ops.vfs.trees and x_tree not in ops._loading
+            for holder in holders:
+                ops.verify_limiter.release_on_behalf_of(holder)
+        while ops._loading_ahead:
+            await trio.lowlevel.checkpoint()
+        assert x_tree in ops.vfs.trees
+        await ops.releasedir(fh)
     ops.shutdown()
 
 

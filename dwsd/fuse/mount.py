@@ -9,6 +9,7 @@ import functools
 import gc
 import logging
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -29,6 +30,11 @@ log = logging.getLogger(__name__)
 # allocations) a walk of the bench set (21,327 entries) ran ~180 collections that freed
 # next to nothing, 0.07 s of CPU; with these thresholds it runs ~75, 0.025 s.
 VIEW_GC_THRESHOLD = (5000, 20, 20)
+
+# The kernel reads a FUSE file ahead 128 KiB at a time by default, one request each.
+# 4 MiB windows let it ask for 1 MiB per request: a cold read of a 256 MB file through
+# the view went from 684-767 to 745-988 MB/s (alternating runs on one mount).
+READ_AHEAD_KB = 4096
 
 
 def tune_gc_for_view() -> None:
@@ -75,6 +81,7 @@ async def serve_view(store_path: Path | str, mountpoint: Path | str, *,
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_run_fuse, mountpoint, nursery.cancel_scope)
+            nursery.start_soon(_widen_read_ahead_once_initialized, ops, mountpoint)
             if follow:
                 nursery.start_soon(follow_catalog, ops, first_key)
             task_status.started(ops)
@@ -90,6 +97,44 @@ async def _run_fuse(mountpoint: Path, scope: trio.CancelScope) -> None:
     await pyfuse3.main()
     log.info("the view at %s was unmounted from outside", mountpoint)
     scope.cancel()
+
+
+async def _widen_read_ahead_once_initialized(ops: ViewOps, mountpoint: Path) -> None:
+    # Not before: the kernel sets the window from the answer to its INIT.
+    await ops.initialized.wait()
+    widen_read_ahead(mountpoint)
+
+
+def widen_read_ahead(mountpoint: Path) -> None:
+    """Set the read-ahead window of the FUSE mount at `mountpoint` to READ_AHEAD_KB
+    (its backing device's `read_ahead_kb` in sysfs; root only, else left as it is).
+    Never stats the mount point: its server may not be answering yet."""
+    device = mount_device(mountpoint)
+    if device is None:
+        log.debug("no mount at %s in /proc/self/mountinfo", mountpoint)
+        return
+    try:
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
+            f.write(str(READ_AHEAD_KB))
+    except OSError as exc:
+        log.debug("read-ahead of the view left as it is: %s", exc.strerror)
+
+
+def mount_device(mountpoint: Path) -> str | None:
+    """The "major:minor" of the last mount at `mountpoint`, from /proc/self/mountinfo,
+    or None."""
+    found = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split(b" ")
+            if _unescape(fields[4]) == os.fsencode(mountpoint):
+                found = fields[2].decode()
+    return found
+
+
+def _unescape(field: bytes) -> bytes:
+    # mountinfo writes space, tab, newline and backslash in paths as octal escapes.
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
 
 
 def _invalidate_entry(parent: Inode, name: bytes) -> None:

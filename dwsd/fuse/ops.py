@@ -169,6 +169,7 @@ class ViewOps(pyfuse3.Operations):
         self._prefetches = 0
         self._trees_ahead: deque[ObjectId] = deque()
         self._loading_ahead = False
+        self._large_first_uses = 0  # larger blobs being read for their first open
         self._closed = False
         self._corrupt: set[ObjectId] = set()
         self._reported: set[str] = set()
@@ -178,11 +179,16 @@ class ViewOps(pyfuse3.Operations):
         self.meta_limiter = trio.CapacityLimiter(META_THREADS)
         self.prefetch_limiter = trio.CapacityLimiter(PREFETCH_THREADS)
         self.tree_ahead_limiter = trio.CapacityLimiter(1)
+        self.initialized = trio.Event()
 
     def init(self) -> None:
-        """pyfuse3 calls this once the kernel's INIT is answered; invalidations sent
-        before that fail with ENOSYS (and are pointless: the kernel has cached nothing)."""
+        """pyfuse3 calls this on the kernel's INIT, just before answering it; invalidations
+        sent before that fail with ENOSYS (and are pointless: the kernel has cached
+        nothing). `initialized` is set: a task waiting on it runs once the answer is sent
+        (pyfuse3 sends it before its task awaits), when the kernel has applied the
+        mount's settings from it."""
         self._invalidate = self._notify
+        self.initialized.set()
 
     # -- the catalog --------------------------------------------------------------------
 
@@ -431,7 +437,15 @@ class ViewOps(pyfuse3.Operations):
                                                      limiter=self.meta_limiter)
             if not await self._waited_for_first_use(blob):
                 break
-        return await self._first_use(blob, functools.partial(self._open_verified, blob))
+        # A reader waits on this whole-blob read: trees are not loaded ahead meanwhile
+        # (on a fresh mount that took the disk and doubled a 256 MB file's open).
+        self._large_first_uses += 1
+        try:
+            return await self._first_use(blob, functools.partial(self._open_verified,
+                                                                 blob))
+        finally:
+            self._large_first_uses -= 1
+            self._load_trees_ahead()
 
     async def _waited_for_first_use(self, blob: ObjectId) -> bool:
         """Raise CorruptObjectError if `blob` is known to be corrupt. If another task is
@@ -567,9 +581,9 @@ class ViewOps(pyfuse3.Operations):
         self._load_trees_ahead()
 
     def _load_trees_ahead(self) -> None:
-        """Start loading the next batch of queued trees, unless a batch is in flight.
-        Never blocks."""
-        if self._loading_ahead or self._closed:
+        """Start loading the next batch of queued trees, unless a batch is in flight or
+        a larger blob is being read for its first open. Never blocks."""
+        if self._loading_ahead or self._closed or self._large_first_uses:
             return
         batch: list[ObjectId] = []
         while self._trees_ahead and len(batch) < TREES_BATCH:
