@@ -4,7 +4,9 @@ subprocess that is always torn down with `fusermount3 -u -z`."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as dt
+import mmap
 import os
 import selectors
 import shutil
@@ -198,3 +200,20 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
+
+
+def cached_pages(path: Path) -> tuple[int, int]:
+    """(pages of `path` in the page cache, pages of `path`), asked with mincore(2) of a
+    mapping that is never touched: asking reads nothing. Run as root (mincore reports
+    the page cache only to a file's owner or writer)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        pages = -(-size // mmap.PAGESIZE)
+        with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mapping:
+            start = ctypes.c_char.from_buffer(mapping)
+            vec = (ctypes.c_ubyte * pages)()
+            ok = libc.mincore(ctypes.byref(start), ctypes.c_size_t(size), vec)
+            del start  # the mapping cannot close while exported
+            assert ok == 0, os.strerror(ctypes.get_errno())
+    return sum(v & 1 for v in vec), pages

@@ -4,9 +4,7 @@ Each test runs its own `dwsd mount` subprocess over a small store."""
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import errno
-import mmap
 import os
 import signal
 import subprocess
@@ -21,8 +19,8 @@ from dwsd.store.store import Store
 from tests import trees
 from tests.conftest import WriteConfig
 from tests.fusehelp import REPO, STOP_TIMEOUT, ViewServer, abort_fuse_connection, \
-    delete_snapshot, is_mounted, require_fuse, run, serving, tag_snapshot, take_snapshot, \
-    unmount, untag_snapshot, wait_until
+    cached_pages, delete_snapshot, is_mounted, require_fuse, run, serving, tag_snapshot, \
+    take_snapshot, unmount, untag_snapshot, wait_until
 
 NOBODY = 65534
 # The standalone server follows catalog.json through inotify; its fallback check runs
@@ -123,23 +121,6 @@ def test_an_open_reader_survives_the_deletion_of_its_snapshot(
                        "an empty root")
             rest = f.read()
         assert len(head + rest) == 1 << 20
-
-
-def cached_pages(path: Path) -> tuple[int, int]:
-    """(pages of `path` in the page cache, pages of `path`), asked with mincore(2) of a
-    mapping that is never touched: asking reads nothing. Run as root (mincore reports
-    the page cache only to a file's owner or writer)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        pages = -(-size // mmap.PAGESIZE)
-        with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mapping:
-            start = ctypes.c_char.from_buffer(mapping)
-            vec = (ctypes.c_ubyte * pages)()
-            ok = libc.mincore(ctypes.byref(start), ctypes.c_size_t(size), vec)
-            del start  # the mapping cannot close while exported
-            assert ok == 0, os.strerror(ctypes.get_errno())
-    return sum(v & 1 for v in vec), pages
 
 
 def test_opening_a_small_file_puts_its_content_in_the_kernels_cache(
@@ -263,8 +244,14 @@ def test_after_kill_9_the_next_start_clears_the_dead_mount(
     crashed = ViewServer(store, mountpoint)
     try:
         crashed.start()
+        assert crashed.proc is not None
+        helpers = children(crashed.proc.pid)
+        assert len(helpers) == 1, helpers  # the warmer
     finally:
         crashed.kill()  # the mount stays behind, dead (the fixture clears it at the end)
+    # The warmer ends with the end of its input, the pipe from the server.
+    wait_until(lambda: not Path(f"/proc/{helpers[0]}").exists(), STOP_TIMEOUT,
+               "the warmer gone")
     with pytest.raises(OSError) as exc:
         os.statvfs(mountpoint)  # stat may still be answered from the attribute cache
     assert exc.value.errno == errno.ENOTCONN
@@ -274,15 +261,32 @@ def test_after_kill_9_the_next_start_clears_the_dead_mount(
         assert "cleared a dead mount" in server.log()
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (zombies included: reaped ones are gone)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_unmounts_cleanly(store: Path, mountpoint: Path, signum: int) -> None:
     server = ViewServer(store, mountpoint)
     try:
         server.start()
         assert server.proc is not None
+        helpers = children(server.proc.pid)
         server.proc.send_signal(signum)
         assert server.proc.wait(timeout=STOP_TIMEOUT) == 0, server.log()
         assert not is_mounted(mountpoint)
+        # The warmer ended and was reaped before the server exited.
+        assert helpers and not any(Path(f"/proc/{pid}").exists() for pid in helpers)
     finally:
         server.close()
 

@@ -5,7 +5,7 @@ import errno
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pyfuse3
 import pytest
@@ -462,6 +462,91 @@ async def test_a_corrupt_blob_found_ahead_is_eio_when_opened_with_one_log_line(
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(errors) == 1 and blob in errors[0] and "corrupt" in errors[0]
     caplog.clear()
+
+
+class WarmRecorder:
+    """A `warm` stand-in that reads the files into the page cache itself, as the warmer
+    process would, and keeps each batch of paths it got."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.gone = False
+
+    def __call__(self, paths: Sequence[str]) -> bool:
+        if self.gone:
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+        self.batches.append(list(paths))
+        for path in paths:
+            with open(path, "rb") as f:
+                f.read()
+        return True
+
+
+@pytest.fixture
+def many_files(tmp_path: Path, listing: Listing) -> tuple[ViewOps, WarmRecorder]:
+    """Handlers with a WarmRecorder over a store of one directory of 20 small files."""
+    source = tmp_path / "src"
+    for i in range(20):
+        trees.write(source / "many" / f"f{i:02}.txt", f"file {i}\n".encode())
+    take_snapshot(tmp_path / "store", {"data": source}, tags=["v1"])
+    warm = WarmRecorder()
+    return make_ops(tmp_path / "store", listing, warm=warm), warm
+
+
+async def open_many(ops: ViewOps, *indexes: int) -> list[ObjectId]:
+    """Read files f<index> of `many` in this order; their blobs."""
+    blobs = []
+    for i in indexes:
+        inode = await resolve(ops, b"v1", b"data", b"many", f"f{i:02}.txt".encode())
+        assert await read_file(ops, inode) == f"file {i}\n".encode()
+        blobs.append(ops.vfs.blob(inode))
+    return blobs
+
+
+async def test_the_warmer_gets_the_next_small_files_a_batch_at_a_time(
+        many_files: tuple[ViewOps, WarmRecorder]) -> None:
+    ops, warm = many_files
+    with trio.fail_after(TIMEOUT):
+        blobs = await open_many(ops, *range(20))
+    files = [ops.store.objects.blob_file(blob) for blob in blobs]
+    # The first open (cold, in a thread) sends the next 16; the open of the middle one
+    # of those (f09) sends the rest. Nothing is read ahead in a thread.
+    assert warm.batches == [files[1:17], files[17:]]
+    assert ops.counters.opened_in_thread == 1 and ops.counters.opened_inline == 19
+    assert not ops._ready and ops._prefetches == 0
+    ops.shutdown()
+
+
+async def test_files_found_cached_without_the_warmer_are_not_sent_to_it(
+        many_files: tuple[ViewOps, WarmRecorder]) -> None:
+    ops, warm = many_files
+    with trio.fail_after(TIMEOUT):
+        first = await resolve(ops, b"v1", b"data", b"many", b"f00.txt")
+        if not cached_reads_work(ops, ops.vfs.blob(first)):
+            pytest.skip("inline opens need RWF_NOWAIT reads (not on tmpfs)")
+        for blob in ops.store.objects.iter_ids("blobs"):
+            set_blob_cached(ops, blob, True)
+        await open_many(ops, 0, 1, 2)
+    assert warm.batches == [] and ops.counters.opened_inline == 3
+    ops.shutdown()
+
+
+async def test_when_the_warmer_is_gone_files_are_read_ahead_in_threads(
+        many_files: tuple[ViewOps, WarmRecorder], caplog: pytest.LogCaptureFixture
+        ) -> None:
+    ops, warm = many_files
+    warm.gone = True
+    with trio.fail_after(TIMEOUT):
+        await open_many(ops, 0)
+        following = ops.vfs.blob(await resolve(ops, b"v1", b"data", b"many", b"f01.txt"))
+        await read_ahead_done(ops, following)
+        assert following in ops._ready  # read and verified ahead in a thread
+        assert warm.batches == []
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "view: the warmer process is gone (Broken pipe); reading ahead in threads "
+        "from now on"]
+    caplog.clear()
+    ops.shutdown()
 
 
 async def test_shutdown_drops_the_contents_read_ahead(ops: ViewOps) -> None:

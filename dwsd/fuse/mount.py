@@ -21,6 +21,7 @@ from dwsd.errors import MountError
 from dwsd.fuse.follow import catalog_key, follow_catalog
 from dwsd.fuse.ops import ViewOps
 from dwsd.fuse.vfs import Inode
+from dwsd.fuse.warmer import Warmer
 from dwsd.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -69,28 +70,46 @@ async def serve_view(store_path: Path | str, mountpoint: Path | str, *,
         functools.partial(Store.open, store_path, readonly=True))
     mountpoint = Path(mountpoint).absolute()
     await prepare_mountpoint(mountpoint)
-    ops = ViewOps(store, invalidate=_invalidate_entry, store_pages=pyfuse3.notify_store)
-    first_key = await trio.to_thread.run_sync(catalog_key, store.catalog.path)
-    await ops.reload_catalog()
+    warmer = start_warmer()
     try:
-        pyfuse3.init(ops, str(mountpoint), mount_options(allow_other))
-    except RuntimeError as exc:
-        raise MountError(f"cannot mount the view at {mountpoint}: {exc}") from exc
-    log.info("view of %s mounted at %s%s", store.root, mountpoint,
-             " (allow_other)" if allow_other else "")
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_run_fuse, mountpoint, nursery.cancel_scope)
-            nursery.start_soon(_widen_read_ahead_once_initialized, ops, mountpoint)
-            if follow:
-                nursery.start_soon(follow_catalog, ops, first_key)
-            task_status.started(ops)
+        ops = ViewOps(store, invalidate=_invalidate_entry,
+                      store_pages=pyfuse3.notify_store,
+                      warm=None if warmer is None else warmer.warm)
+        first_key = await trio.to_thread.run_sync(catalog_key, store.catalog.path)
+        await ops.reload_catalog()
+        try:
+            pyfuse3.init(ops, str(mountpoint), mount_options(allow_other))
+        except RuntimeError as exc:
+            raise MountError(f"cannot mount the view at {mountpoint}: {exc}") from exc
+        log.info("view of %s mounted at %s%s", store.root, mountpoint,
+                 " (allow_other)" if allow_other else "")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_run_fuse, mountpoint, nursery.cancel_scope)
+                nursery.start_soon(_widen_read_ahead_once_initialized, ops, mountpoint)
+                if follow:
+                    nursery.start_soon(follow_catalog, ops, first_key)
+                task_status.started(ops)
+        finally:
+            ops.shutdown()
+            # Blocks briefly (umount2, or fusermount3 when not root); it must run even
+            # when cancelled, and nothing else is served by now.
+            pyfuse3.close(unmount=True)
+            log.info("view at %s unmounted", mountpoint)
     finally:
-        ops.shutdown()
-        # Blocks briefly (umount2, or fusermount3 when not root); it must run even when
-        # cancelled, and nothing else is served by now.
-        pyfuse3.close(unmount=True)
-        log.info("view at %s unmounted", mountpoint)
+        if warmer is not None:
+            warmer.close()  # blocks briefly: the helper ends at the end of its input
+
+
+def start_warmer() -> Warmer | None:
+    """The page-cache warmer for the view's opens; None (the view reads ahead in
+    threads instead) when it cannot be started."""
+    try:
+        return Warmer()
+    except OSError as exc:
+        log.warning("cannot start the view's warmer process (%s); reading ahead in "
+                    "threads", exc.strerror)
+        return None
 
 
 async def _run_fuse(mountpoint: Path, scope: trio.CancelScope) -> None:

@@ -20,7 +20,9 @@ changed, so new snapshots, moved tags and `latest` show at once.
 A small file's open pushes its verified content into the kernel's page cache
 (`store_pages`), so reading it needs no further request. A small blob whose pages are
 cached (read before, or just written by a snapshot) is read, and verified if new, at open
-on the trio thread: no worker-thread round trip.
+on the trio thread: no worker-thread round trip. So the next small files of a sequential
+reader are put in the page cache by a helper process (`warm`, `warmer.py`), which shares
+no GIL with this one; without it, a worker thread reads and verifies them ahead.
 """
 from __future__ import annotations
 
@@ -66,11 +68,13 @@ FILES_AHEAD = 16            # small files verified ahead of a sequential reader.
 FILES_BATCH = 8             # ...this many per thread hop
 READY_KEPT = 64             # small blobs read and verified ahead, waiting for their open...
 READY_BYTES = 16 << 20      # ...and at most this many bytes of them
+WARMED_KEPT = 4096          # blobs remembered as handed to the warmer (not sent again)
 
 P = ParamSpec("P")
 T = TypeVar("T")
 Invalidate = Callable[[Inode, bytes], None]
 StorePages = Callable[[int, int, bytes], None]
+Warm = Callable[[Sequence[str]], bool]
 ReaddirReply = Callable[[Any, bytes, pyfuse3.EntryAttributes, int], bool]
 
 
@@ -138,6 +142,10 @@ class ViewOps(pyfuse3.Operations):
     `mount.py` passes pyfuse3.notify_store; tests pass a recorder or None.
     `readdir_reply` is a seam for the same tests (a real ReaddirToken exists only inside
     a mount).
+    `warm(paths)` queues store files to be read into the page cache by another process
+    without blocking (False: not queued, its queue is full; OSError: it is gone, and
+    the view reads ahead in threads from then on): `mount.py` passes
+    `Warmer.warm`; with None (tests) the view reads ahead in threads.
     """
 
     supports_dot_lookup = True
@@ -146,6 +154,7 @@ class ViewOps(pyfuse3.Operations):
     def __init__(self, store: Store, *, invalidate: Invalidate | None = None,
                  store_pages: StorePages | None = None,
                  readdir_reply: ReaddirReply = pyfuse3.readdir_reply,
+                 warm: Warm | None = None,
                  tree_cache_entries: int | None = None) -> None:
         super().__init__()
         self.store = store
@@ -155,6 +164,9 @@ class ViewOps(pyfuse3.Operations):
         self._notify = invalidate
         self._invalidate: Invalidate | None = None  # set by init(): see there
         self._store_pages = store_pages
+        self._warm = warm
+        # Blobs handed to `warm` -> whether opening it should send the next batch.
+        self._warmed: OrderedDict[ObjectId, bool] = OrderedDict()
         self.counters = ViewCounters()
         self._inode_handles: dict[int, int] = {}  # open file handles per inode
         self._readdir_reply = readdir_reply
@@ -354,7 +366,12 @@ class ViewOps(pyfuse3.Operations):
         fh = next(self._handles)  # no await since the fd was opened: nothing leaks it
         self._files[fh] = handle
         self._inode_handles[inode] = self._inode_handles.get(inode, 0) + 1
-        if not cached:
+        if self._warm is not None:
+            # Found in the page cache by chance, the next files likely are too; put
+            # there by the warmer, the next batch is due at the middle of this one.
+            if not cached or self._warmed.get(blob):
+                self._warm_ahead(inode)
+        elif not cached:
             # Found in the page cache, the next files likely are too: reading them
             # ahead in a thread would cost more than it saves.
             self._read_ahead(inode)
@@ -619,6 +636,33 @@ class ViewOps(pyfuse3.Operations):
             self._start_prefetch(self._verifying, [blob for blob, _ in wanted],
                                  self._read_blobs, wanted, self.prefetch_limiter,
                                  self._blob_batch_done)
+
+    def _warm_ahead(self, file_inode: int) -> None:
+        """After the open of `file_inode` by a sequential reader (as `_read_ahead`
+        tells one): have the helper process read the next small files into the page
+        cache, a batch at a time, so their opens find them there. Never blocks."""
+        assert self._warm is not None
+        previous, following = self.vfs.neighbour_files(file_inode, FILES_AHEAD)
+        if previous is not None and previous not in self._verified:
+            return
+        wanted = [blob for blob, size in following if size <= SMALL_BLOB
+                  and blob not in self._verified and blob not in self._warmed]
+        if not wanted or (len(wanted) < FILES_BATCH and len(following) == FILES_AHEAD):
+            return
+        try:
+            queued = self._warm([self.store.objects.blob_file(blob) for blob in wanted])
+        except OSError as exc:
+            log.warning("view: the warmer process is gone (%s); reading ahead in "
+                        "threads from now on", exc.strerror)
+            self._warm = None
+            self._read_ahead(file_inode)
+            return
+        if queued:
+            for blob in wanted:
+                self._warmed[blob] = False
+            self._warmed[wanted[len(wanted) // 2]] = True
+            while len(self._warmed) > WARMED_KEPT:
+                self._warmed.popitem(last=False)
 
     def _blob_batch_done(self) -> None:
         self._prefetches -= 1

@@ -87,10 +87,11 @@ class ObjectStore:
     def _path(self, kind: Kind, oid: str) -> str:
         # str, not Path: this runs for every file of every capture.
         assert kind == "blobs", "trees are rows of the tree database, not files"
-        return self._blob_file(validate_object_id(oid))
+        return self.blob_file(validate_object_id(oid))
 
-    def _blob_file(self, oid: ObjectId) -> str:
-        """The file of a blob whose id this process computed (so needs no validation)."""
+    def blob_file(self, oid: ObjectId) -> str:
+        """The file of blob `oid`, an id known to be valid (computed, or decoded from a
+        tree): not validated again."""
         return f"{self._root}/blobs/{oid[:2]}/{oid[2:]}"
 
     def has(self, kind: Kind, oid: ObjectId) -> bool:
@@ -113,7 +114,7 @@ class ObjectStore:
     def store_bytes(self, kind: Literal["blobs"], data: bytes) -> tuple[ObjectId, bool]:
         """Store a blob; also says whether it was new (written by this call)."""
         oid = hash_bytes(data)
-        target = self._blob_file(oid)
+        target = self.blob_file(oid)
         if os.path.exists(target):
             return oid, False
         tmp = f"{self._root}/blobs/{oid[:2]}/{temp_name()}"
@@ -149,7 +150,7 @@ class ObjectStore:
             raise
         os.close(out)
         oid = hasher.object_id()
-        target = self._blob_file(oid)
+        target = self.blob_file(oid)
         if os.path.exists(target):
             os.unlink(tmp)
             return oid, length, False
