@@ -108,16 +108,9 @@ class Server:
     def pids(self) -> list[int]:
         """The serving process and its children (dwsd's page-cache warmer): what the
         server costs is theirs together."""
-        found = [self.proc.pid]
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    stat = Path(f"/proc/{entry}/stat").read_text()
-                except OSError:
-                    continue
-                if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
-                    found.append(int(entry))
-        return found
+        tasks = Path(f"/proc/{self.proc.pid}/task").iterdir()
+        return [self.proc.pid, *(int(child) for task in tasks
+                                 for child in (task / "children").read_text().split())]
 
     def cpu_s(self) -> float:
         """User + system CPU seconds the serving processes used so far (all threads)."""

@@ -262,17 +262,9 @@ def test_after_kill_9_the_next_start_clears_the_dead_mount(
 
 
 def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (zombies included: reaped ones are gone)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rpartition(")")[2].split()[1]) == pid:
-                found.append(int(entry))
-    return found
+    """The child processes of `pid`, started by any of its threads."""
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
