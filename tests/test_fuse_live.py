@@ -245,8 +245,7 @@ def test_after_kill_9_the_next_start_clears_the_dead_mount(
     try:
         crashed.start()
         assert crashed.proc is not None
-        helpers = children(crashed.proc.pid)
-        assert len(helpers) == 1, helpers  # the warmer
+        helpers = start_the_warmer(store, mountpoint, crashed.proc.pid)
     finally:
         crashed.kill()  # the mount stays behind, dead (the fixture clears it at the end)
     # The warmer ends with the end of its input, the pipe from the server.
@@ -261,6 +260,20 @@ def test_after_kill_9_the_next_start_clears_the_dead_mount(
         assert "cleared a dead mount" in server.log()
 
 
+def start_the_warmer(store: Path, mountpoint: Path, server: int) -> list[int]:
+    """Read the first file of the snapshot cold, so that the server hands the next ones
+    to its warmer process, which starts then; return the server's children."""
+    for blob in (store / "objects" / "blobs").glob("*/*"):
+        fd = os.open(blob, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    assert children(server) == []  # not started with the server
+    (mountpoint / "v1" / "data" / "big.bin").read_bytes()
+    helpers = children(server)
+    assert len(helpers) == 1, helpers
+    return helpers
+
+
 def children(pid: int) -> list[int]:
     """The child processes of `pid`, started by any of its threads."""
     return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
@@ -273,12 +286,12 @@ def test_a_signal_unmounts_cleanly(store: Path, mountpoint: Path, signum: int) -
     try:
         server.start()
         assert server.proc is not None
-        helpers = children(server.proc.pid)
+        helpers = start_the_warmer(store, mountpoint, server.proc.pid)
         server.proc.send_signal(signum)
         assert server.proc.wait(timeout=STOP_TIMEOUT) == 0, server.log()
         assert not is_mounted(mountpoint)
         # The warmer ended and was reaped before the server exited.
-        assert helpers and not any(Path(f"/proc/{pid}").exists() for pid in helpers)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in helpers)
     finally:
         server.close()
 

@@ -543,8 +543,7 @@ async def test_when_the_warmer_is_gone_files_are_read_ahead_in_threads(
         assert following in ops._ready  # read and verified ahead in a thread
         assert warm.batches == []
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
-        "view: the warmer process is gone (Broken pipe); reading ahead in threads "
-        "from now on"]
+        "view: no warmer process (Broken pipe); reading ahead in threads from now on"]
     caplog.clear()
     ops.shutdown()
 

@@ -53,6 +53,8 @@ def test_handed_files_end_up_in_the_page_cache_past_odd_ones(tmp_path: Path,
 def test_a_warmer_that_is_behind_refuses_a_batch_without_blocking(
         tmp_path: Path, warmer: Warmer) -> None:
     paths = [str(p) for p in uncached_files(tmp_path, 2)]
+    assert warmer.warm(paths)  # started by its first paths
+    assert warmer.pid is not None
     os.kill(warmer.pid, signal.SIGSTOP)
     try:
         # The pipe holds 64 KiB: it fills within a few hundred batches.
@@ -62,5 +64,11 @@ def test_a_warmer_that_is_behind_refuses_a_batch_without_blocking(
     assert results[0] and not results[-1]
 
 
-def test_the_warmer_ends_by_itself_when_its_input_does(warmer: Warmer) -> None:
+def test_no_process_starts_before_the_first_paths(warmer: Warmer) -> None:
+    assert warmer.pid is None and warmer.close() == 0
+
+
+def test_the_warmer_ends_by_itself_when_its_input_does(tmp_path: Path,
+                                                       warmer: Warmer) -> None:
+    assert warmer.warm([str(tmp_path / "missing")])
     assert warmer.close() == 0  # not killed after close's wait

@@ -70,11 +70,10 @@ async def serve_view(store_path: Path | str, mountpoint: Path | str, *,
         functools.partial(Store.open, store_path, readonly=True))
     mountpoint = Path(mountpoint).absolute()
     await prepare_mountpoint(mountpoint)
-    warmer = start_warmer()
+    warmer = Warmer()
     try:
         ops = ViewOps(store, invalidate=_invalidate_entry,
-                      store_pages=pyfuse3.notify_store,
-                      warm=None if warmer is None else warmer.warm)
+                      store_pages=pyfuse3.notify_store, warm=warmer.warm)
         first_key = await trio.to_thread.run_sync(catalog_key, store.catalog.path)
         await ops.reload_catalog()
         try:
@@ -97,19 +96,7 @@ async def serve_view(store_path: Path | str, mountpoint: Path | str, *,
             pyfuse3.close(unmount=True)
             log.info("view at %s unmounted", mountpoint)
     finally:
-        if warmer is not None:
-            warmer.close()  # blocks briefly: the helper ends at the end of its input
-
-
-def start_warmer() -> Warmer | None:
-    """The page-cache warmer for the view's opens; None (the view reads ahead in
-    threads instead) when it cannot be started."""
-    try:
-        return Warmer()
-    except OSError as exc:
-        log.warning("cannot start the view's warmer process (%s); reading ahead in "
-                    "threads", exc.strerror)
-        return None
+        warmer.close()  # blocks briefly: the helper ends at the end of its input
 
 
 async def _run_fuse(mountpoint: Path, scope: trio.CancelScope) -> None:

@@ -143,8 +143,8 @@ class ViewOps(pyfuse3.Operations):
     `readdir_reply` is a seam for the same tests (a real ReaddirToken exists only inside
     a mount).
     `warm(paths)` queues store files to be read into the page cache by another process
-    without blocking (False: not queued, its queue is full; OSError: it is gone, and
-    the view reads ahead in threads from then on): `mount.py` passes
+    without blocking (False: not queued, its queue is full; OSError: it is gone or
+    cannot start, and the view reads ahead in threads from then on): `mount.py` passes
     `Warmer.warm`; with None (tests) the view reads ahead in threads.
     """
 
@@ -652,8 +652,8 @@ class ViewOps(pyfuse3.Operations):
         try:
             queued = self._warm([self.store.objects.blob_file(blob) for blob in wanted])
         except OSError as exc:
-            log.warning("view: the warmer process is gone (%s); reading ahead in "
-                        "threads from now on", exc.strerror)
+            log.warning("view: no warmer process (%s); reading ahead in threads from "
+                        "now on", exc.strerror)
             self._warm = None
             self._read_ahead(file_inode)
             return

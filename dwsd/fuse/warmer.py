@@ -25,40 +25,49 @@ READ_SIZE = 1 << 20
 
 
 class Warmer:
-    """The server's end: starts the helper process and hands it paths without blocking.
-    Raises OSError when the process cannot be started."""
+    """The server's end: hands the helper process paths without blocking. The process
+    starts with the first paths, not with the server: a view that nobody reads needs
+    none, and its start would slow the server's own (both import Python cold)."""
 
     def __init__(self) -> None:
-        # Started before the FUSE device is opened, and with close_fds: the helper must
-        # hold nothing that keeps the mount or the store's lock alive.
-        self._proc = subprocess.Popen([sys.executable, "-m", "dwsd.fuse.warmer"],
-                                      stdin=subprocess.PIPE, close_fds=True)
-        assert self._proc.stdin is not None
-        self._fd = self._proc.stdin.fileno()
-        os.set_blocking(self._fd, False)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._fd = -1
 
     @property
-    def pid(self) -> int:
-        return self._proc.pid
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
 
     def warm(self, paths: Sequence[str]) -> bool:
         """Queue `paths` to be read, in order. False, with nothing queued, when the
-        helper is behind and its pipe is full; BrokenPipeError when it is gone. A write
-        of at most PIPE_BUF bytes to a pipe is all or nothing, so longer lists go in
-        parts."""
+        helper is behind and its pipe is full; OSError when it is gone or cannot be
+        started. A write of at most PIPE_BUF bytes to a pipe is all or nothing, so
+        longer lists go in parts."""
         data = b"".join(os.fsencode(p) + b"\0" for p in paths)
         if len(data) > select.PIPE_BUF and len(paths) > 1:
             half = len(paths) // 2
             return self.warm(paths[:half]) and self.warm(paths[half:])
+        if self._proc is None:
+            self._start()
         try:
             os.write(self._fd, data)
         except BlockingIOError:
             return False
         return True
 
+    def _start(self) -> None:
+        # close_fds: the helper must hold nothing of the server's (the FUSE device
+        # would keep a dead server's mount alive).
+        self._proc = subprocess.Popen([sys.executable, "-m", "dwsd.fuse.warmer"],
+                                      stdin=subprocess.PIPE, close_fds=True)
+        assert self._proc.stdin is not None
+        self._fd = self._proc.stdin.fileno()
+        os.set_blocking(self._fd, False)
+
     def close(self) -> int:
-        """End the helper (it stops at the end of its input), reap it (blocks briefly)
-        and return its exit status."""
+        """End the helper if started (it stops at the end of its input), reap it
+        (blocks briefly) and return its exit status (0 if never started)."""
+        if self._proc is None:
+            return 0
         assert self._proc.stdin is not None
         try:
             self._proc.stdin.close()
