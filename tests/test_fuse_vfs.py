@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from dwsd.fuse.vfs import LATEST, ROOT, Attributes, NoAttribute, NoEntry, NotADirectory, \
-    TreeCache, TreeNotLoaded, View, WrongKind, root_items, safe_name, time_ns
+from dwsd.fuse.vfs import AHEAD_ENTRIES_VISITED, LATEST, ROOT, Attributes, NoAttribute, \
+    NoEntry, NotADirectory, TreeCache, TreeNotLoaded, View, WrongKind, root_items, \
+    safe_name, time_ns
 from dwsd.store.catalog import Catalog, SnapshotRecord
 from dwsd.store.ids import ObjectId
 from dwsd.store.tree import DIR, FILE, SYMLINK, Entry
@@ -273,6 +274,40 @@ def test_uncached_subtrees_names_the_child_trees_not_loaded(view: View) -> None:
     assert view.uncached_subtrees(tree, 0) == []
     walk(view, b"v1", b"data", b"sub", b"b.txt")
     assert view.uncached_subtrees(tree, 10) == []
+
+
+def file_entry(name: bytes, blob: ObjectId, size: int = 1) -> Entry:
+    return Entry(name, FILE, 0o644, 0, 0, 1, size=size, ref=blob)
+
+
+def dir_entry(name: bytes, tree: ObjectId) -> Entry:
+    return Entry(name, DIR, 0o755, 0, 0, 1, ref=tree)
+
+
+def test_the_files_after_a_directorys_last_go_on_in_copying_order(view: View) -> None:
+    x1, x2, y1, w1, z = [ObjectId(c * 64) for c in "5678a"]
+    d1, d2, d3, sub = [ObjectId(c * 64) for c in "bcde"]
+    view.add_tree(ROOT_TREE, [dir_entry(b"d1", d1), dir_entry(b"d2", d2),
+                              dir_entry(b"d3", d3), file_entry(b"z.txt", z)])
+    view.add_tree(d1, [file_entry(b"x1", x1), file_entry(b"x2", x2)])
+    view.add_tree(d2, [dir_entry(b"sub", sub), file_entry(b"y1", y1)])
+    view.add_tree(sub, [file_entry(b"w1", w1)])  # d3's tree is not cached: passed over
+    last = walk(view, b"v1", b"data", b"d1", b"x2")
+    assert view.neighbour_files(last, 10) == (x1, [(w1, 1), (y1, 1), (z, 1)])
+    assert view.neighbour_files(last, 2) == (x1, [(w1, 1), (y1, 1)])
+
+
+@pytest.mark.parametrize("empty_dirs", [AHEAD_ENTRIES_VISITED - 10,
+                                        AHEAD_ENTRIES_VISITED + 10])
+def test_the_files_after_one_are_looked_for_in_a_bounded_number_of_entries(
+        view: View, empty_dirs: int) -> None:
+    first, last, empty = [ObjectId(c * 64) for c in "567"]
+    view.add_tree(empty, [])
+    view.add_tree(ROOT_TREE, [file_entry(b"a", first)]
+                  + [dir_entry(b"e%04d" % i, empty) for i in range(empty_dirs)]
+                  + [file_entry(b"z", last)])
+    following = view.neighbour_files(walk(view, b"v1", b"data", b"a"), 10).following
+    assert following == ([(last, 1)] if empty_dirs < AHEAD_ENTRIES_VISITED else [])
 
 
 def test_neighbour_files_skip_other_kinds_and_stop_at_ahead(view: View) -> None:

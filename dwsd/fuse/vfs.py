@@ -47,6 +47,7 @@ LATEST = b"latest"
 NAME_MAX = 255
 DIR_MODE = 0o755
 DEFAULT_TREE_CACHE_ENTRIES = 65536
+AHEAD_ENTRIES_VISITED = 256  # entries `neighbour_files` looks at past a file, at most
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
@@ -389,9 +390,11 @@ class View:
         return needed
 
     def neighbour_files(self, inode: int, ahead: int) -> Neighbours:
-        """The regular files next to file `inode` in its directory: the blob of the one
-        before it and (blob, size) of up to `ahead` after it. Nothing when the
-        directory's tree is not cached."""
+        """The regular files next to file `inode`: the blob of the one before it in its
+        directory, and (blob, size) of up to `ahead` after it in the order a reader
+        copying the resource meets them (depth first, by name: `cp -r`, `tar`, sorted
+        paths), into the subdirectories after it and on past its directory's end. Trees
+        not cached are passed over. Nothing when its directory's tree is not cached."""
         node = self.node(inode)
         parent = self._nodes.get(node.parent)
         if parent is None or parent.tree is None or parent.tree not in self.trees:
@@ -400,13 +403,39 @@ class View:
         i = bisect.bisect_left(entries, node.name, key=entry_name)
         previous = next((e.ref for e in reversed(entries[max(0, i - 8):i])
                          if e.kind == FILE and e.ref is not None), None)
-        following: list[tuple[ObjectId, int]] = []
-        for entry in itertools.islice(entries, i + 1, None):
-            if len(following) == ahead:
-                break
-            if entry.kind == FILE and entry.ref is not None:
-                following.append((entry.ref, entry.size))
-        return Neighbours(previous, following)
+        after = self._files_after(parent, i + 1)
+        return Neighbours(previous, list(itertools.islice(after, ahead)))
+
+    def _files_after(self, directory: Node, start: int) -> Iterator[tuple[ObjectId, int]]:
+        """(blob, size) of the files from position `start` of tree directory
+        `directory` on, depth first, then of those after it in its parents' trees up to
+        its resource's root. Looks at AHEAD_ENTRIES_VISITED entries at most: a tree of
+        empty directories must not make one open scan thousands."""
+        visited = 0
+        while True:
+            assert directory.tree is not None
+            stack: list[Iterator[Entry]] = [
+                itertools.islice(self.trees.get(directory.tree), start, None)]
+            while stack:
+                entry = next(stack[-1], None)
+                if entry is None:
+                    stack.pop()
+                    continue
+                visited += 1
+                if visited > AHEAD_ENTRIES_VISITED:
+                    return
+                if entry.ref is None:
+                    continue
+                if entry.kind == FILE:
+                    yield entry.ref, entry.size
+                elif entry.kind == DIR and entry.ref in self.trees:
+                    stack.append(iter(self.trees.get(entry.ref)))
+            parent = self._nodes.get(directory.parent)
+            if parent is None or parent.tree is None or parent.tree not in self.trees:
+                return
+            start = bisect.bisect_right(self.trees.get(parent.tree), directory.name,
+                                        key=entry_name)
+            directory = parent
 
     def listdir(self, inode: int) -> list[bytes]:
         """The names in directory `inode`, sorted (a new list: callers may keep it)."""
