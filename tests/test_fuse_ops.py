@@ -18,7 +18,7 @@ from dwsd.fuse.vfs import LATEST, ROOT
 from dwsd.store.ids import ObjectId
 from dwsd.store.store import Store
 from tests import trees
-from tests.fusehelp import delete_snapshot, take_snapshot, tag_snapshot
+from tests.fusehelp import cached_pages, delete_snapshot, take_snapshot, tag_snapshot
 
 TIMEOUT = 10
 
@@ -494,6 +494,20 @@ def many_files(tmp_path: Path, listing: Listing) -> tuple[ViewOps, WarmRecorder]
     return make_ops(tmp_path / "store", listing, warm=warm), warm
 
 
+async def make_first_cold(ops: ViewOps) -> None:
+    """Make sure f00's open finds nothing in the page cache, so it goes to a thread
+    and starts the reading ahead. fadvise(DONTNEED) passes over pages still in another
+    CPU's LRU batch, so it is tried until mincore(2) finds none (a probing read would
+    start the kernel's read-ahead)."""
+    blob = ops.vfs.blob(await resolve(ops, b"v1", b"data", b"many", b"f00.txt"))
+    for _ in range(100):
+        set_blob_cached(ops, blob, False)
+        if cached_pages(ops.store.objects.path("blobs", blob))[0] == 0:
+            return
+        await trio.sleep(0.01)
+    pytest.skip("the page cache keeps the blob's pages")
+
+
 async def open_many(ops: ViewOps, *indexes: int) -> list[ObjectId]:
     """Read files f<index> of `many` in this order; their blobs."""
     blobs = []
@@ -508,12 +522,14 @@ async def test_the_warmer_gets_the_next_small_files_a_batch_at_a_time(
         many_files: tuple[ViewOps, WarmRecorder]) -> None:
     ops, warm = many_files
     with trio.fail_after(TIMEOUT):
+        await make_first_cold(ops)
         blobs = await open_many(ops, *range(20))
     files = [ops.store.objects.blob_file(blob) for blob in blobs]
     # The first open (cold, in a thread) sends the next 16; the open of the middle one
     # of those (f09) sends the rest. Nothing is read ahead in a thread.
     assert warm.batches == [files[1:17], files[17:]]
-    assert ops.counters.opened_in_thread == 1 and ops.counters.opened_inline == 19
+    if cached_reads_work(ops, blobs[-1]):
+        assert ops.counters.opened_in_thread == 1 and ops.counters.opened_inline == 19
     assert not ops._ready and ops._prefetches == 0
     ops.shutdown()
 
@@ -538,6 +554,7 @@ async def test_when_the_warmer_is_gone_files_are_read_ahead_in_threads(
     ops, warm = many_files
     warm.gone = True
     with trio.fail_after(TIMEOUT):
+        await make_first_cold(ops)
         await open_many(ops, 0)
         following = ops.vfs.blob(await resolve(ops, b"v1", b"data", b"many", b"f01.txt"))
         await read_ahead_done(ops, following)
