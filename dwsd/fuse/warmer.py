@@ -38,10 +38,10 @@ class Warmer:
         return None if self._proc is None else self._proc.pid
 
     def warm(self, paths: Sequence[str]) -> bool:
-        """Queue `paths` to be read, in order. False, with nothing queued, when the
-        helper is behind and its pipe is full; OSError when it is gone or cannot be
-        started. A write of at most PIPE_BUF bytes to a pipe is all or nothing, so
-        longer lists go in parts."""
+        """Queue `paths` to be read, in order. False when the helper is behind and its
+        pipe is full; OSError when it is gone or cannot be started. A write of at most
+        PIPE_BUF bytes to a pipe is all or nothing, so longer lists go in parts (and on
+        False, the parts before the refused one are queued)."""
         data = b"".join(os.fsencode(p) + b"\0" for p in paths)
         if len(data) > select.PIPE_BUF and len(paths) > 1:
             half = len(paths) // 2
