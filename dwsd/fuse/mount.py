@@ -108,7 +108,7 @@ async def _run_fuse(mountpoint: Path, scope: trio.CancelScope) -> None:
 async def _widen_read_ahead_once_initialized(ops: ViewOps, mountpoint: Path) -> None:
     # Not before: the kernel sets the window from the answer to its INIT.
     await ops.initialized.wait()
-    widen_read_ahead(mountpoint)
+    await trio.to_thread.run_sync(widen_read_ahead, mountpoint)
 
 
 def widen_read_ahead(mountpoint: Path) -> None:

@@ -33,8 +33,8 @@ import logging
 import os
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Concatenate, Coroutine, NoReturn, \
-    ParamSpec, Sequence, TypeVar, cast
+from typing import Any, Awaitable, Callable, Concatenate, Container, Coroutine, \
+    NoReturn, ParamSpec, Sequence, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -617,20 +617,12 @@ class ViewOps(pyfuse3.Operations):
         self._load_trees_ahead()
 
     def _read_ahead(self, file_inode: int) -> None:
-        """After the open of `file_inode`: if the file before it was opened too (a
-        sequential reader), or there is none (where a reader entering the directory
-        starts), start reading and verifying the small files after it, a batch at a
-        time. Never blocks."""
+        """After the open of `file_inode` by a sequential reader: start reading and
+        verifying the small files after it in a thread, a batch at a time. Never
+        blocks."""
         if self._prefetches >= PREFETCH_THREADS or self._closed:
             return
-        previous, following = self.vfs.neighbour_files(file_inode, FILES_AHEAD)
-        if previous is not None and previous not in self._verified:
-            return
-        wanted = [(blob, size) for blob, size in following if size <= SMALL_BLOB
-                  and blob not in self._verified and blob not in self._verifying
-                  and blob not in self._corrupt and blob not in self._ready]
-        if len(wanted) < FILES_BATCH and len(following) == FILES_AHEAD:
-            return  # wait for a full batch: one thread hop per file would cost more
+        wanted = self._wanted_ahead(file_inode, self._verifying, self._ready)
         if wanted:
             self._prefetches += 1
             self._start_prefetch(self._verifying, [blob for blob, _ in wanted],
@@ -638,16 +630,12 @@ class ViewOps(pyfuse3.Operations):
                                  self._blob_batch_done)
 
     def _warm_ahead(self, file_inode: int) -> None:
-        """After the open of `file_inode` by a sequential reader (as `_read_ahead`
-        tells one): have the helper process read the next small files into the page
-        cache, a batch at a time, so their opens find them there. Never blocks."""
+        """After the open of `file_inode` by a sequential reader: have the helper
+        process read the next small files into the page cache, a batch at a time, so
+        their opens find them there. Never blocks."""
         assert self._warm is not None
-        previous, following = self.vfs.neighbour_files(file_inode, FILES_AHEAD)
-        if previous is not None and previous not in self._verified:
-            return
-        wanted = [blob for blob, size in following if size <= SMALL_BLOB
-                  and blob not in self._verified and blob not in self._warmed]
-        if not wanted or (len(wanted) < FILES_BATCH and len(following) == FILES_AHEAD):
+        wanted = [blob for blob, _ in self._wanted_ahead(file_inode, self._warmed)]
+        if not wanted:
             return
         try:
             queued = self._warm([self.store.objects.blob_file(blob) for blob in wanted])
@@ -663,6 +651,23 @@ class ViewOps(pyfuse3.Operations):
             self._warmed[wanted[len(wanted) // 2]] = True
             while len(self._warmed) > WARMED_KEPT:
                 self._warmed.popitem(last=False)
+
+    def _wanted_ahead(self, file_inode: int, *taken: Container[ObjectId]
+                      ) -> list[tuple[ObjectId, int]]:
+        """(blob, size) of the small files after `file_inode` to read ahead, none of
+        them verified, corrupt or in `taken`. Empty unless the reader is sequential
+        (the file before it was opened too, or there is none: where a reader entering
+        the directory starts), and until there is a full batch: one hand-off per file
+        would cost more than it saves."""
+        previous, following = self.vfs.neighbour_files(file_inode, FILES_AHEAD)
+        if previous is not None and previous not in self._verified:
+            return []
+        wanted = [(blob, size) for blob, size in following if size <= SMALL_BLOB
+                  and blob not in self._verified and blob not in self._corrupt
+                  and not any(blob in t for t in taken)]
+        if len(wanted) < FILES_BATCH and len(following) == FILES_AHEAD:
+            return []
+        return wanted
 
     def _blob_batch_done(self) -> None:
         self._prefetches -= 1
