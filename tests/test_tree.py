@@ -5,7 +5,7 @@ import pytest
 
 from dwsd.errors import CorruptObjectError, InvalidIdError
 from dwsd.store.ids import hash_bytes, validate_object_id
-from dwsd.store.tree import DIR, FILE, SYMLINK, Entry, decode_tree, encode_tree
+from dwsd.store.tree import DIR, FILE, MAGIC, SYMLINK, Entry, decode_tree, encode_tree
 
 BLOB = hash_bytes(b"content")
 
@@ -63,9 +63,34 @@ def test_decode_refuses_a_tree_with_a_slash_in_a_name() -> None:
         decode_tree(data)
 
 
-def test_decode_refuses_truncated_data() -> None:
-    with pytest.raises(CorruptObjectError):
-        decode_tree(encode_tree([entry(b"x")])[:-3])
+@pytest.mark.parametrize("cut", [3, 20, 40])
+def test_decode_refuses_truncated_data(cut: int) -> None:
+    data = encode_tree([entry(b"x", xattrs=((b"user.a", b"1"),)), entry(b"y")])
+    with pytest.raises(CorruptObjectError, match="truncated|unpack"):
+        decode_tree(data[:-cut])
+
+
+def _renamed(data: bytes, old: bytes, new: bytes) -> bytes:
+    """`data` with the name `old` overwritten by `new` (same length), as a bad store
+    might hold it."""
+    assert len(old) == len(new) and data.count(old) == 1
+    return data.replace(old, new)
+
+
+@pytest.mark.parametrize("new, message", [
+    (b"..", "invalid entry name"), (b"a\0", "invalid entry name"),
+    (b"aa", "duplicate name b'aa'"), (b"zz", "out of order")])
+def test_decode_refuses_bad_names_and_order(new: bytes, message: str) -> None:
+    data = _renamed(encode_tree([entry(b"aa"), entry(b"mm"), entry(b"qq")]), b"mm", new)
+    with pytest.raises(CorruptObjectError, match=message):
+        decode_tree(data)
+
+
+def test_decode_refuses_an_unknown_kind() -> None:
+    data = encode_tree([entry(b"l", kind=SYMLINK, ref=None, target=b"t", size=1)])
+    bad = data[:len(MAGIC)] + b"q" + data[len(MAGIC) + 1:]
+    with pytest.raises(CorruptObjectError, match="unknown kind"):
+        decode_tree(bad)
 
 
 @pytest.mark.parametrize("text", ["", "abc", "../" + "0" * 61, "A" * 64, "0" * 65])

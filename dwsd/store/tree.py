@@ -21,8 +21,8 @@ import stat as stat_mod
 import struct
 from typing import Iterable, NamedTuple
 
-from dwsd.errors import CorruptObjectError, InvalidIdError
-from dwsd.store.ids import ObjectId, id_from_raw, raw_id
+from dwsd.errors import CorruptObjectError
+from dwsd.store.ids import ObjectId, raw_id
 
 MAGIC = b"dwsd-tree-1\n"
 
@@ -158,41 +158,52 @@ def decode_tree(data: bytes, oid: str = "?") -> list[Entry]:
     """Decode a tree; raise CorruptObjectError on any malformation (names included)."""
     try:
         return _decode(data)
-    except (struct.error, ValueError, KeyError, IndexError, InvalidIdError) as exc:
+    except (struct.error, ValueError) as exc:
         raise CorruptObjectError(f"tree {oid} is corrupt: {exc}") from exc
 
 
 def _decode(data: bytes) -> list[Entry]:
+    # The view decodes every tree a walk enters, so the loop does only the unpacking:
+    # the names are checked once per tree, all together, after it (as in encode_tree).
     if not data.startswith(MAGIC):
         raise ValueError("bad magic")
     entries: list[Entry] = []
-    pos = len(MAGIC)
-    view = memoryview(data)
-    while pos < len(data):
+    names: list[bytes] = []
+    append, add_name = entries.append, names.append
+    unpack, header, with_ref = _HEADER.unpack_from, _HEADER.size, _WITH_REF
+    pos, end = len(MAGIC), len(data)
+    while pos < end:
         (kind, nlen, mode, uid, gid, mtime, size, rdev, ino, tlen,
-         nx) = _HEADER.unpack_from(view, pos)
-        if kind not in KINDS:
-            raise ValueError(f"unknown kind {kind!r}")
-        pos += _HEADER.size
-        name = bytes(view[pos:pos + nlen])
+         nx) = unpack(data, pos)
+        pos += header
+        name = data[pos:pos + nlen]
         pos += nlen
-        check_name(name)
-        if entries and name <= entries[-1].name:
-            raise ValueError("names out of order")
         ref = None
-        if kind in _WITH_REF:
-            ref = id_from_raw(bytes(view[pos:pos + 32]))
+        if kind in with_ref:
+            ref = ObjectId(data[pos:pos + 32].hex())
             pos += 32
-        target = bytes(view[pos:pos + tlen])
+        elif kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}")
+        target = data[pos:pos + tlen] if tlen else b""
         pos += tlen
-        xattrs = []
-        for _ in range(nx):
-            xl, vl = _XATTR.unpack_from(view, pos)
-            pos += _XATTR.size
-            xattrs.append((bytes(view[pos:pos + xl]), bytes(view[pos + xl:pos + xl + vl])))
-            pos += xl + vl
-        if pos > len(data):
+        xattrs: Xattrs = ()
+        if nx:
+            pos, xattrs = _decode_xattrs(data, pos, nx)
+        if pos > end:
             raise ValueError("truncated")
-        entries.append(Entry(name, kind, mode, uid, gid, mtime, size, ref, target, rdev, ino,
-                             tuple(xattrs)))
+        add_name(name)
+        append(Entry(name, kind, mode, uid, gid, mtime, size, ref, target, rdev, ino, xattrs))
+    _check_names(names)
+    if names != sorted(names):
+        raise ValueError("names out of order")
     return entries
+
+
+def _decode_xattrs(data: bytes, pos: int, count: int) -> tuple[int, Xattrs]:
+    xattrs = []
+    for _ in range(count):
+        xl, vl = _XATTR.unpack_from(data, pos)
+        pos += _XATTR.size
+        xattrs.append((data[pos:pos + xl], data[pos + xl:pos + xl + vl]))
+        pos += xl + vl
+    return pos, tuple(xattrs)
