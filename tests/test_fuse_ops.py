@@ -250,7 +250,9 @@ async def test_readdir_counts_lookups_only_for_entries_taken(ops: ViewOps,
     with trio.fail_after(TIMEOUT):
         sub = await resolve(ops, b"v1", b"data", b"sub")
         listing.room = 1
+        before = len(ops.vfs)
         await listdir(ops, listing, sub)
+        assert len(ops.vfs) == before + 1  # the refused entry's node is gone again
         taken = listing.entries[0][1]
         assert ops.vfs.node(taken).lookups == 1
         live = len(ops.vfs)

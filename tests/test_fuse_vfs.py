@@ -160,20 +160,22 @@ def test_forget_of_an_unknown_inode_or_the_root_is_harmless(view: View) -> None:
 
 
 def root_child(view: View, name: bytes) -> Attributes:
-    """The attributes `children` gives for one root name (no reference counted)."""
+    """The attributes `children` gives for one root name (one reference counted)."""
     ((_, _, attrs),) = view.children(ROOT, [name], 0)
     return attrs
 
 
-def test_children_count_nothing_until_remembered(view: View) -> None:
+def test_children_count_a_reference_that_refused_takes_back(view: View) -> None:
     before = len(view)
     attrs = root_child(view, b"v1")
-    view.discard(attrs.inode)
+    view.refused(attrs.inode)
     assert len(view) == before
     attrs = root_child(view, b"v1")
-    view.remember(attrs.inode)
-    view.discard(attrs.inode)
+    root_child(view, b"v1")
+    view.refused(attrs.inode)
     assert view.getattr(attrs.inode) == attrs
+    view.forget(attrs.inode, 1)
+    assert len(view) == before
 
 
 def test_children_are_what_lookup_gives_from_any_position(view: View) -> None:
@@ -182,7 +184,7 @@ def test_children_are_what_lookup_gives_from_any_position(view: View) -> None:
     names = view.listdir(resource)
     listed = list(view.children(resource, names, 1))
     assert [(i, name) for i, name, _ in listed] == [(1, b"link"), (2, b"sub")]
-    assert [n.lookups for n in map(view.node, (a.inode for _, _, a in listed))] == [0, 0]
+    assert [n.lookups for n in map(view.node, (a.inode for _, _, a in listed))] == [1, 1]
     assert [attrs for _, _, attrs in listed] == [view.lookup(resource, n) for n in names[1:]]
 
 

@@ -246,13 +246,16 @@ class ViewOps(pyfuse3.Operations):
 
     # -- names and attributes -----------------------------------------------------------
 
-    def entry_attributes(self, attrs: Attributes) -> pyfuse3.EntryAttributes:
+    def entry_attributes(self, attrs: Attributes, timeout: float | None = None
+                         ) -> pyfuse3.EntryAttributes:
         """pyfuse3 attributes with timeouts: short for the root and its names, long below
-        (an inode's attributes never change; see vfs)."""
+        (an inode's attributes never change; see vfs). `timeout`, when given, is
+        the one for every name in the inode's directory."""
         out = pyfuse3.EntryAttributes()
         out.st_ino = attrs.inode
         out.generation = 0
-        timeout = ROOT_TIMEOUT if self.vfs.volatile(attrs.inode) else SNAPSHOT_TIMEOUT
+        if timeout is None:
+            timeout = ROOT_TIMEOUT if self.vfs.volatile(attrs.inode) else SNAPSHOT_TIMEOUT
         out.entry_timeout = timeout
         out.attr_timeout = timeout
         out.st_mode = attrs.mode
@@ -329,13 +332,15 @@ class ViewOps(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._dir(fh)
         await self._ensure_tree(handle.inode)
+        # One timeout for all the names of a directory: the root's follow the catalog,
+        # the rest are below a snapshot (vfs.volatile). A walk meets every name here.
+        timeout = ROOT_TIMEOUT if handle.inode == ROOT else SNAPSHOT_TIMEOUT
+        reply, attributes = self._readdir_reply, self.entry_attributes
         # A root name gone since opendir is skipped: "may or may not be returned".
         for index, name, attrs in self.vfs.children(handle.inode, handle.names, start_id):
-            if not self._readdir_reply(token, name, self.entry_attributes(attrs),
-                                       index + 1):
-                self.vfs.discard(attrs.inode)
+            if not reply(token, name, attributes(attrs, timeout), index + 1):
+                self.vfs.refused(attrs.inode)
                 return
-            self.vfs.remember(attrs.inode)
 
     @_fuse_errors
     async def releasedir(self, fh: int) -> None:
