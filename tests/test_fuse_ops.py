@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+from dwsd.fuse import ops as ops_module
 from dwsd.fuse.ops import (ROOT_TIMEOUT, SMALL_BLOB, SNAPSHOT_TIMEOUT, ViewOps,
                            read_if_cached)
 from dwsd.fuse.vfs import LATEST, ROOT
@@ -187,6 +188,39 @@ async def test_a_small_files_open_pushes_its_content_unless_the_inode_is_open(
         assert pages.pushed == [(b_txt, 0, b"beta\n")] * 2
         assert ops.counters.pushed == 2
         assert not ops._inode_handles
+
+
+async def test_files_up_to_small_blob_are_pushed_whole_while_open_ones_hold_little(
+        tmp_path: Path, listing: Listing, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file of several MiB is read, verified and pushed whole at open (no reads
+    reach the view). The content open handles hold is bounded: past the bound, an open
+    takes the larger blobs' path, and a release makes room again."""
+    source = tmp_path / "src"
+    one, two = os.urandom(SMALL_BLOB), os.urandom(3 << 20)
+    trees.write(source / "one.bin", one)
+    trees.write(source / "two.bin", two)
+    take_snapshot(tmp_path / "store", {"data": source}, tags=["v1"])
+    monkeypatch.setattr(ops_module, "OPEN_CONTENT_MAX", SMALL_BLOB + (1 << 20))
+    pages = PageStore()
+    ops = make_ops(tmp_path / "store", listing, store_pages=pages)
+    with trio.fail_after(TIMEOUT):
+        one_ino = await resolve(ops, b"v1", b"data", b"one.bin")
+        two_ino = await resolve(ops, b"v1", b"data", b"two.bin")
+        first = await ops.open(one_ino, os.O_RDONLY)
+        assert pages.pushed == [(one_ino, 0, one)]
+        assert ops._files[first.fh].fd is None
+        # 8 MiB held: 3 more would pass the bound.
+        second = await ops.open(two_ino, os.O_RDONLY)
+        assert ops._files[second.fh].fd is not None and len(pages.pushed) == 1
+        assert await ops.read(second.fh, 0, 3 << 20) == two
+        await ops.release(second.fh)
+        await ops.release(first.fh)
+        assert ops._open_content == 0
+        third = await ops.open(two_ino, os.O_RDONLY)
+        assert ops._files[third.fh].fd is None and pages.pushed[-1] == (two_ino, 0, two)
+        assert await ops.read(third.fh, (1 << 20) - 1, 2) == two[(1 << 20) - 1:(1 << 20) + 1]
+        await ops.release(third.fh)
+    ops.shutdown()
 
 
 async def test_a_small_blob_in_the_page_cache_is_read_at_open_without_a_thread(
