@@ -374,12 +374,12 @@ class ViewOps(pyfuse3.Operations):
         if size <= SMALL_BLOB and self._open_content + size <= OPEN_CONTENT_MAX:
             content, cached = await self._small_content(blob, size)
             handle = _OpenFile(None, inode, blob, size, content)
-            self._open_content += len(content)
             self._push_pages(handle)
         else:
             handle = _OpenFile(await self._open_blob(blob, size), inode, blob, size)
         fh = next(self._handles)  # no await since the fd was opened: nothing leaks it
         self._files[fh] = handle
+        self._open_content += len(handle.content)  # release takes it back
         self._inode_handles[inode] = self._inode_handles.get(inode, 0) + 1
         if self._warm is not None:
             # Found in the page cache by chance, the next files likely are too; put
