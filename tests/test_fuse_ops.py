@@ -294,6 +294,27 @@ async def test_readdir_counts_lookups_only_for_entries_taken(ops: ViewOps,
         assert len(ops.vfs) == live - 1
 
 
+async def test_readdir_whose_reply_fails_counts_no_lookup_for_it(
+        ops: ViewOps, listing: Listing, caplog: pytest.LogCaptureFixture) -> None:
+    def failing(token: Any, name: bytes, attrs: pyfuse3.EntryAttributes,
+                next_id: int) -> bool:
+        if listing.entries:
+            raise RuntimeError("reply buffer gone")
+        return listing(token, name, attrs, next_id)
+
+    with trio.fail_after(TIMEOUT):
+        sub = await resolve(ops, b"v1", b"data", b"sub")
+        before = len(ops.vfs)
+        ops._readdir_reply = failing
+        with pytest.raises(pyfuse3.FUSEError):
+            await listdir(ops, listing, sub)
+        assert len(ops.vfs) == before + 1  # the one entry taken
+        assert ops.vfs.node(listing.entries[0][1]).lookups == 1
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        "view: unexpected error in readdir(1, 0, None)"]
+    caplog.clear()
+
+
 async def test_root_readdir_loads_no_tree(ops: ViewOps, listing: Listing) -> None:
     with trio.fail_after(TIMEOUT):
         names = await listdir(ops, listing, ROOT)

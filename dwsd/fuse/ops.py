@@ -347,7 +347,13 @@ class ViewOps(pyfuse3.Operations):
         reply, attributes = self._readdir_reply, self.entry_attributes
         # A root name gone since opendir is skipped: "may or may not be returned".
         for index, name, attrs in self.vfs.children(handle.inode, handle.names, start_id):
-            if not reply(token, name, attributes(attrs, timeout), index + 1):
+            # children counted the kernel's reference; it has none unless it took it.
+            try:
+                taken = reply(token, name, attributes(attrs, timeout), index + 1)
+            except BaseException:
+                self.vfs.refused(attrs.inode)
+                raise
+            if not taken:
                 self.vfs.refused(attrs.inode)
                 return
 

@@ -20,9 +20,10 @@ target; a resource directory by (snapshot directory name, snapshot id, resource)
 a resource a node is keyed by (parent inode, name), except hard links (entries with the
 same non-zero `ino` in one resource of one snapshot directory), which share the key
 (resource key, ino) and so one inode. Keys that do not contain an inode number keep their
-inode number even after the kernel forgets the node. A node lives while the kernel holds a lookup count on it
-(`lookup` and `children` raise it, `forget` and `refused` lower it); nodes of a deleted snapshot keep
-working until forgotten, as long as their objects exist.
+inode number even after the kernel forgets the node. A node lives while the kernel holds
+a lookup count on it (`lookup` and `children` raise it, `forget` and `refused` lower
+it); nodes of a deleted snapshot keep working until forgotten, as long as their objects
+exist.
 """
 from __future__ import annotations
 
