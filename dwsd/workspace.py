@@ -340,12 +340,15 @@ class Workspace:
             self.store.objects.make_durable()  # the states name these objects
         for name, capture in captures.items():
             before = self._states.get(name)
-            self._states[name] = capture.state
-            self._captured_here.add(name)
             # An idle full walk writes nothing; comparing is O(files), which a
             # dirty-path snapshot (saved only every STATE_SAVE_EVERY) need not pay.
+            # Compared before `keep`, which writes a dirty-path capture's changes into
+            # the files `before` holds.
             if not walked or before is None or before != capture.state:
                 self._unsaved.add(name)
+            capture.state.keep()
+            self._states[name] = capture.state
+            self._captured_here.add(name)
         read = sum(c.counters.files_opened for c in captures.values())
         if read >= SAVE_AFTER_READING or time.monotonic() - self._saved_at >= STATE_SAVE_EVERY:
             self.save_states()

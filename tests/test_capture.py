@@ -648,13 +648,27 @@ def test_the_tree_cache_is_bounded_by_entries() -> None:
 def test_capture_state_totals_follow_every_change() -> None:
     def cached(size: int) -> CachedFile:
         return CachedFile(size, 0, 0, 0, ObjectId("0" * 64), ())
-    state = CaptureState(files={b"a": cached(1), b"d/x": cached(10), b"d/y": cached(100)})
+    files = {b"a": cached(1), b"d/x": cached(10), b"d/y": cached(100)}
+    state = CaptureState(files=files)
     assert state.totals() == (3, 111)
-    copy = state.copy()
-    copy.put(b"a", cached(5))
-    copy.put(b"new", cached(1000))
-    copy.drop(b"missing")
-    copy.drop_under(b"d")
-    assert copy.totals() == (2, 1005) == (len(copy.files),
-                                          sum(f.size for f in copy.files.values()))
-    assert state.totals() == (3, 111)  # the copy is independent
+    derived = state.derive()
+    derived.put(b"a", cached(5))
+    derived.put(b"new", cached(1000))
+    derived.drop(b"missing")
+    derived.drop_under(b"d")
+    assert derived.totals() == (2, 1005) == (len(derived.files),
+                                             sum(f.size for f in derived.files.values()))
+    assert sorted(derived.files) == [b"a", b"new"] and b"d/x" not in derived.files
+    # Untouched until the derived state is kept: a failed snapshot drops it.
+    assert state.totals() == (3, 111) and files == {b"a": cached(1), b"d/x": cached(10),
+                                                     b"d/y": cached(100)}
+    derived.keep()
+    # Kept, its changes went into the same dict: no copy of the whole cache, ever.
+    assert derived.files is files and files == {b"a": cached(5), b"new": cached(1000)}
+    again = derived.derive()
+    again.drop(b"a")
+    assert again.files.get(b"a") is None and derived.files[b"a"] == cached(5)
+    assert again.derive().totals() == (1, 1000)  # deriving keeps the state first
+    assert files == {b"new": cached(1000)}
+
+

@@ -94,6 +94,32 @@ def test_dirty_mode_matches_a_full_walk(ws: Workspace, tmp_path: Path) -> None:
     assert dirty is not None and full is not None and dirty.hash == full.hash
 
 
+def test_dirty_path_snapshots_update_the_stat_cache_in_place_and_failed_ones_not_at_all(
+        ws: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dirty-path snapshot's cost must follow the change: the stat cache is not
+    copied (the same dict, changed in place), and a snapshot that fails leaves it as it
+    was, so the next one still sees the change."""
+    ws.snapshot()
+    files = ws._states["code"].files
+    target = tmp_path / "code" / "sub" / "b.txt"
+    target.write_bytes(b"edited")
+    ws.snapshot(dirty={"code": [b"sub/b.txt"]})
+    assert ws._states["code"].files is files and files[b"sub/b.txt"].size == 6
+    target.write_bytes(b"edited again")
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ws, "_record", fail)
+    with pytest.raises(OSError):
+        ws.snapshot(dirty={"code": [b"sub/b.txt"]})
+    assert files[b"sub/b.txt"].size == 6
+    monkeypatch.undo()
+    result = ws.snapshot(dirty={"code": [b"sub/b.txt"]})
+    assert result.counters.files_opened == 1 and files[b"sub/b.txt"].size == 12
+    full = ws.snapshot(tags=["full"]).record
+    assert result.record is not None and full is not None and result.record.hash == full.hash
+
+
 def test_tags_are_checked_before_any_work(ws: Workspace, tmp_path: Path) -> None:
     ws.snapshot(tags=["v1"])
     (tmp_path / "data" / "a.txt").write_bytes(b"changed")

@@ -362,7 +362,7 @@ class _Walker:
 
     def update(self, root_fd: int, prev_root: ObjectId, dirty: Collection[bytes]) -> _DirJob:
         """Capture only `dirty` paths on top of the previous root tree."""
-        self.state = self.prev.copy()
+        self.state = self.prev.derive()
         paths = set(dirty) | self._link_partners(prev_root, dirty)
         if len(paths) >= WARM_AHEAD_MIN and self._looks_cold(root_fd, paths):
             # Not cached (a change made before a restart, a busy machine): the paths'

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import marshal
 import time
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -43,6 +44,55 @@ class CachedFile(NamedTuple):
     xattrs: Xattrs
 
 
+class _Changes(MutableMapping[bytes, CachedFile]):
+    """The files of a state derived from another (`CaptureState.derive`): the changes
+    made since, over the other state's dict, which stays untouched until `apply`."""
+
+    def __init__(self, base: dict[bytes, CachedFile]) -> None:
+        self.base = base
+        self.changed: dict[bytes, CachedFile | None] = {}  # None: dropped
+
+    def get(self, key: bytes, default: CachedFile | None = None  # type: ignore[override]
+            ) -> CachedFile | None:
+        # The hot path (every name of a walk): two dict lookups at most.
+        if key in self.changed:
+            value = self.changed[key]
+            return default if value is None else value
+        return self.base.get(key, default)
+
+    def __getitem__(self, key: bytes) -> CachedFile:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key: bytes, value: CachedFile) -> None:
+        self.changed[key] = value
+
+    def __delitem__(self, key: bytes) -> None:
+        self[key]  # KeyError if absent
+        self.changed[key] = None
+
+    def __iter__(self) -> Iterator[bytes]:  # O(files): saving, drop_under
+        changed = self.changed
+        yield from (k for k in self.base if k not in changed)
+        yield from (k for k, v in changed.items() if v is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def apply(self) -> dict[bytes, CachedFile]:
+        """Write the changes into the base dict (O(changes)) and return it."""
+        base = self.base
+        for key, value in self.changed.items():
+            if value is None:
+                base.pop(key, None)
+            else:
+                base[key] = value
+        self.changed = {}
+        return base
+
+
 @dataclass
 class CaptureState:
     """The stat cache of one resource and its root tree. Change `files` through `put`,
@@ -50,7 +100,7 @@ class CaptureState:
     however large the resource (a dirty-path snapshot must not sum 100,000 sizes)."""
 
     root: ObjectId | None = None
-    files: dict[bytes, CachedFile] = field(default_factory=dict)
+    files: MutableMapping[bytes, CachedFile] = field(default_factory=dict)
     # The tree id of each directory at this capture, by relative path: a hint that lets
     # the next full walk keep an unchanged directory's id without encoding it again (it
     # is checked against that tree's entries). In memory only, never saved.
@@ -65,10 +115,23 @@ class CaptureState:
             self._bytes = sum(f.size for f in self.files.values())
         return self._count, self._bytes
 
-    def copy(self) -> "CaptureState":
-        """A new state with the same files (O(files), no sums)."""
+    def derive(self) -> "CaptureState":
+        """A new state with the same files, for a capture of changes on top of this one.
+        O(changes), not O(files): its changes are kept apart (a dirty-path snapshot of
+        100,000 files spent 2 ms copying them), and this state is untouched unless the
+        new one is kept (`keep`), so a failed snapshot can drop it. A state derived
+        itself is kept first (see `keep`)."""
+        self.keep()
         count, size = self.totals()
-        return CaptureState(self.root, dict(self.files), dict(self.dirs), count, size)
+        files = self.files if isinstance(self.files, dict) else dict(self.files)
+        return CaptureState(self.root, _Changes(files), dict(self.dirs), count, size)
+
+    def keep(self) -> None:
+        """Make this state stand alone: a derived state's changes are written into the
+        files of the state it was derived from (O(changes)), which must not be used
+        after this. Nothing to do for any other state."""
+        if isinstance(self.files, _Changes):
+            self.files = self.files.apply()
 
     def put(self, relpath: bytes, cached: CachedFile) -> None:
         self.totals()
