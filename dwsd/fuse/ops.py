@@ -58,12 +58,12 @@ META_THREADS = 4
 PREFETCH_THREADS = 2        # read-ahead batches of blobs in flight; more are skipped
 VERIFIED_IDS_KEPT = 65536
 # A blob up to SMALL_BLOB is read and verified whole at open, pushed to the page cache
-# and served from memory. At 1 MiB, the bench set's 200 files of 1-8 MiB were read cold
-# in 2.0-5.3 s: verified by one read, then served by 1 MiB reads from the page cache,
-# each byte was copied three times on a machine short of memory bandwidth. Read whole
-# and pushed, they take 1.5-2.2 s (3 alternating rounds of cold reads of large/, then
-# medium/, through `dwsd mount`). Open handles hold at most OPEN_CONTENT_MAX bytes of
-# content; past that, opens take the larger blobs' path.
+# and served from memory. At 1 MiB, the bench set's 200 files of 1-8 MiB, read cold
+# after its 256 MB ones, took 2.9-5.3 s: verified by one read, then served by 1 MiB
+# reads from the page cache, each byte was copied three times on a machine short of
+# memory bandwidth. Read whole and pushed, they take 1.9-2.2 s (3 alternating rounds of
+# cold reads of large/, then medium/, through `dwsd mount`). Open handles hold at most
+# OPEN_CONTENT_MAX bytes of content; past that, opens take the larger blobs' path.
 SMALL_BLOB = 8 << 20
 OPEN_CONTENT_MAX = 128 << 20
 INLINE_HASH_MAX = 128 << 10  # a cached blob up to this size is hashed on the trio thread
