@@ -1,14 +1,16 @@
 """Catalog: references, tag rules, merging, atomic commit."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import json
 from pathlib import Path
 
 import pytest
 
 from dwsd.errors import RefError, TagError
-from dwsd.store.catalog import Catalog, SnapshotRecord, check_tag, manifest_hash, \
-    snapshot_id_for
+from dwsd.store.catalog import Catalog, Counts, SnapshotRecord, check_tag, \
+    manifest_hash, snapshot_id_for
 from dwsd.store.ids import hash_bytes
 
 T0 = dt.datetime(2026, 11, 22, 10, 30, 5, tzinfo=dt.timezone.utc)
@@ -88,6 +90,21 @@ def test_commit_and_load_round_trip(cat: Catalog) -> None:
     assert again.history() == cat.history()
     assert again.next_number == 4
     assert [r.number for r in again.history()] == [3, 2, 1]
+
+
+def test_a_record_as_json_has_every_field_and_reads_back() -> None:
+    """to_json is written field by field (for speed): a field added to the record or
+    its counts must not be left out of the catalog file."""
+    roots = {"data": hash_bytes(b"d"), "code": hash_bytes(b"c")}
+    rec = SnapshotRecord("20261122T103005Z", manifest_hash(roots), 7, "periodic",
+                         ("v1", "best"), "a message", "host", T0, roots,
+                         Counts(files=3, bytes=40, changed_files=2, added_bytes=30),
+                         {"data": (0o755, 1000, 100, 17), "code": (0o700, 0, 0, -5)})
+    doc = rec.to_json()
+    assert set(doc) == {f.name for f in dataclasses.fields(rec)}
+    assert doc["counts"] == dataclasses.asdict(rec.counts)
+    assert doc["time"] == "2026-11-22T10:30:05Z" and doc["root_meta"]["code"] == [448, 0, 0, -5]
+    assert SnapshotRecord.from_json(json.loads(json.dumps(doc))) == rec
 
 
 def test_history_filters_and_limits(cat: Catalog) -> None:
