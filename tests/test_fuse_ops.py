@@ -223,6 +223,36 @@ async def test_files_up_to_small_blob_are_pushed_whole_while_open_ones_hold_litt
     ops.shutdown()
 
 
+async def test_concurrent_opens_stay_within_the_bound_on_open_content(
+        tmp_path: Path, listing: Listing, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cold opens wait for their reads in threads: the content they will hold counts
+    from before that wait, or two of them would both pass the bound."""
+    source = tmp_path / "src"
+    first, second = os.urandom(3 << 20), os.urandom(3 << 20)
+    trees.write(source / "a.bin", first)
+    trees.write(source / "b.bin", second)
+    take_snapshot(tmp_path / "store", {"data": source}, tags=["v1"])
+    monkeypatch.setattr(ops_module, "OPEN_CONTENT_MAX", 4 << 20)
+    ops = make_ops(tmp_path / "store", listing)  # blobs dropped: reads go to threads
+    infos: list[pyfuse3.FileInfo] = []
+
+    async def open_one(inode: int) -> None:
+        infos.append(await ops.open(inode, os.O_RDONLY))
+
+    with trio.fail_after(TIMEOUT):
+        a = await resolve(ops, b"v1", b"data", b"a.bin")
+        b = await resolve(ops, b"v1", b"data", b"b.bin")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_one, a)
+            nursery.start_soon(open_one, b)
+        assert sorted(ops._files[i.fh].fd is None for i in infos) == [False, True]
+        assert ops._open_content == 3 << 20
+        for info in infos:
+            await ops.release(info.fh)
+        assert ops._open_content == 0
+    ops.shutdown()
+
+
 async def test_a_small_blob_in_the_page_cache_is_read_at_open_without_a_thread(
         store: Path, listing: Listing) -> None:
     # A warmer that reads nothing: only what the test puts in the page cache is there.

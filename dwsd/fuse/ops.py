@@ -378,14 +378,20 @@ class ViewOps(pyfuse3.Operations):
         size = self.vfs.getattr(inode).size
         cached = False
         if size <= SMALL_BLOB and self._open_content + size <= OPEN_CONTENT_MAX:
-            content, cached = await self._small_content(blob, size)
+            # Counted before the read's await, so concurrent opens see it; release
+            # takes it back (`size` of a handle holding content).
+            self._open_content += size
+            try:
+                content, cached = await self._small_content(blob, size)
+            except BaseException:
+                self._open_content -= size
+                raise
             handle = _OpenFile(None, inode, blob, size, content)
             self._push_pages(handle)
         else:
             handle = _OpenFile(await self._open_blob(blob, size), inode, blob, size)
         fh = next(self._handles)  # no await since the fd was opened: nothing leaks it
         self._files[fh] = handle
-        self._open_content += len(handle.content)  # release takes it back
         self._inode_handles[inode] = self._inode_handles.get(inode, 0) + 1
         if self._warm is not None:
             # Found in the page cache by chance, the next files likely are too; put
@@ -556,7 +562,8 @@ class ViewOps(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         handle = self._files.pop(fh, None)
         if handle is not None:
-            self._open_content -= len(handle.content)
+            if handle.fd is None:
+                self._open_content -= handle.size
             left = self._inode_handles.pop(handle.inode) - 1
             if left:
                 self._inode_handles[handle.inode] = left
