@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -693,6 +694,71 @@ async def test_trees_load_breadth_first_ahead_of_a_walk(tmp_path: Path,
         await ops.releasedir(fh)
     # Only `data` was opened, yet all 9 trees below it are cached.
     assert len(ops.vfs.trees) == 9
+    ops.shutdown()
+
+
+def five_subdirectories(tmp_path: Path, listing: Listing) -> ViewOps:
+    source = tmp_path / "src"
+    for name in "abcde":
+        trees.write(source / name / "f.txt", name.encode())
+    take_snapshot(tmp_path / "store", {"data": source}, tags=["v1"])
+    return make_ops(tmp_path / "store", listing)
+
+
+async def test_trees_loaded_ahead_reach_the_view_in_one_hand_over_per_batch(
+        tmp_path: Path, listing: Listing) -> None:
+    """Each hand-over wakes the trio thread: a batch nobody waits for is one."""
+    ops = five_subdirectories(tmp_path, listing)
+    handed: list[int] = []
+    trees_loaded = ops._trees_loaded
+    ops._trees_loaded = lambda loaded: (handed.append(len(loaded)),  # type: ignore
+                                        trees_loaded(loaded))
+    with trio.fail_after(TIMEOUT):
+        fh = await ops.opendir(await resolve(ops, b"v1", b"data"))
+        while ops._loading_ahead:
+            await trio.lowlevel.checkpoint()
+        await ops.releasedir(fh)
+    assert handed == [5] and len(ops.vfs.trees) == 6
+    ops.shutdown()
+
+
+async def test_a_request_gets_the_tree_it_waits_for_before_its_batch_ends(
+        tmp_path: Path, listing: Listing) -> None:
+    ops = five_subdirectories(tmp_path, listing)
+    data = await resolve(ops, b"v1", b"data")
+    data_tree = ops.vfs.node(data).tree
+    assert data_tree is not None
+    first, *_, last = [e.ref for e in ops._load_tree(data_tree)]  # a ... e
+    gates = {first: threading.Event(), last: threading.Event()}
+    load_tree = ops._load_tree
+
+    def gated_load(oid: ObjectId) -> Any:
+        if oid in gates:
+            gates[oid].wait(TIMEOUT)
+        return load_tree(oid)
+
+    ops._load_tree = gated_load  # type: ignore[method-assign]
+    with trio.fail_after(TIMEOUT):
+        fh = await ops.opendir(data)  # the five subtrees load ahead, in one batch
+        async with trio.open_nursery() as nursery:
+            entered = trio.Event()
+
+            async def enter_a() -> None:
+                a = (await ops.lookup(data, b"a")).st_ino
+                await ops.releasedir(await ops.opendir(a))
+                entered.set()
+
+            nursery.start_soon(enter_a)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not entered.is_set()  # waiting for `a`'s tree, loaded ahead
+            gates[first].set()
+            await entered.wait()  # while the batch's last tree is still held back
+            assert last not in ops.vfs.trees
+            gates[last].set()
+        while ops._loading_ahead:
+            await trio.lowlevel.checkpoint()
+        assert last in ops.vfs.trees
+        await ops.releasedir(fh)
     ops.shutdown()
 
 

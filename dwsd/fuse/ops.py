@@ -185,6 +185,9 @@ class ViewOps(pyfuse3.Operations):
         self._verified: OrderedDict[ObjectId, None] = OrderedDict()
         self._verifying: dict[ObjectId, trio.Event] = {}
         self._loading: dict[ObjectId, trio.Event] = {}
+        # Trees a request waits for while a batch loads them ahead: read by that batch's
+        # thread (set membership is atomic under the GIL), to hand them over at once.
+        self._awaited: set[ObjectId] = set()
         self._ready: OrderedDict[ObjectId, bytes] = OrderedDict()
         self._ready_bytes = 0
         self._prefetches = 0
@@ -285,7 +288,11 @@ class ViewOps(pyfuse3.Operations):
         while (oid := self.vfs.tree_needed(inode)) is not None:
             pending = self._loading.get(oid)
             if pending is not None:
-                await pending.wait()  # then look again: that load may have failed
+                self._awaited.add(oid)
+                try:
+                    await pending.wait()  # then look again: that load may have failed
+                finally:
+                    self._awaited.discard(oid)
                 continue
             done = self._loading[oid] = trio.Event()
             try:
@@ -740,22 +747,32 @@ class ViewOps(pyfuse3.Operations):
             _call_safely(done)
 
     def _load_trees(self, oids: list[ObjectId], deliver: Callable[..., None]) -> None:
-        """Load trees for the cache (blocks); errors are left to the requests."""
+        """Load trees for the cache (blocks); errors are left to the requests. The
+        trees go to the trio thread together at the end, or at once when a request
+        waits for one of them: each hand-over wakes that thread, and one per tree cost
+        a walk more than the trees' decoding."""
+        loaded: list[tuple[ObjectId, list[Entry] | None]] = []
         for oid in oids:
             try:
                 entries: list[Entry] | None = self._load_tree(oid)
             except Exception as exc:
                 log.debug("view: prefetch of tree %s: %s", oid, exc)
                 entries = None
-            deliver(self._tree_loaded, oid, entries)
+            loaded.append((oid, entries))
+            if oid in self._awaited:
+                deliver(self._trees_loaded, loaded)
+                loaded = []
+        if loaded:
+            deliver(self._trees_loaded, loaded)
 
-    def _tree_loaded(self, oid: ObjectId, entries: list[Entry] | None) -> None:
-        event = self._loading.pop(oid, None)
-        if event is not None:
-            event.set()
-        if entries is not None:
-            self.vfs.add_tree(oid, entries)
-            self._want_subtrees(oid, urgent=False)
+    def _trees_loaded(self, loaded: list[tuple[ObjectId, list[Entry] | None]]) -> None:
+        for oid, entries in loaded:
+            event = self._loading.pop(oid, None)
+            if event is not None:
+                event.set()
+            if entries is not None:
+                self.vfs.add_tree(oid, entries)
+                self._want_subtrees(oid, urgent=False)
 
     def _read_blobs(self, blobs: list[tuple[ObjectId, int]],
                     deliver: Callable[..., None]) -> None:
