@@ -59,8 +59,11 @@ def reference_copy(odd: Path, dest: Path, record: SnapshotRecord) -> Path:
     `deep`, whose path is longer than PATH_MAX ("filename overflows max-path len" for
     rsync, "File name too long" for tar extracting); `deep` is compared by a dir-fd
     walk instead. rsync -a keeps the top directory's mode and mtime, which the view
-    shows as captured."""
-    res = run(["rsync", "-aHAX", "--exclude=/deep", f"{odd}/", f"{dest}/"])
+    shows as captured. --modify-window=-1: without it, rsync leaves a symlink it
+    creates within the same second as its source with the copy's own mtime (rsync
+    3.5 compares whole seconds first), and tar's bytes then differ."""
+    res = run(["rsync", "-aHAX", "--modify-window=-1", "--exclude=/deep", f"{odd}/",
+               f"{dest}/"])
     assert res.returncode == 0, res.stderr
     return dest
 
