@@ -203,7 +203,13 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0,
 
 
 def cached_pages(path: Path) -> tuple[int, int]:
-    """(pages of `path` in the page cache, pages of `path`), asked with mincore(2) of a
+    """(pages of `path` in the page cache, pages of `path`): see page_vector."""
+    vec = page_vector(path)
+    return sum(vec), len(vec)
+
+
+def page_vector(path: Path) -> list[bool]:
+    """Whether each page of `path` is in the page cache, asked with mincore(2) of a
     mapping that is never touched: asking reads nothing. Run as root (mincore reports
     the page cache only to a file's owner or writer)."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -216,4 +222,4 @@ def cached_pages(path: Path) -> tuple[int, int]:
             ok = libc.mincore(ctypes.byref(start), ctypes.c_size_t(size), vec)
             del start  # the mapping cannot close while exported
             assert ok == 0, os.strerror(ctypes.get_errno())
-    return sum(v & 1 for v in vec), pages
+    return [bool(v & 1) for v in vec]

@@ -21,7 +21,8 @@ from dwsd.fuse.vfs import LATEST, ROOT
 from dwsd.store.ids import ObjectId
 from dwsd.store.store import Store
 from tests import trees
-from tests.fusehelp import cached_pages, delete_snapshot, take_snapshot, tag_snapshot
+from tests.fusehelp import (cached_pages, delete_snapshot, page_vector, take_snapshot,
+                             tag_snapshot)
 
 TIMEOUT = 10
 
@@ -264,6 +265,7 @@ async def test_a_small_blob_in_the_page_cache_is_read_at_open_without_a_thread(
         assert await read_file(ops, a_txt) == b"alpha\n"  # not cached: a thread
         assert (ops.counters.opened_in_thread, ops.counters.opened_inline) == (1, 0)
         inline = cached_reads_work(ops, ops.vfs.blob(c_txt))
+        set_blob_cached(ops, ops.vfs.blob(a_txt), True)  # that read dropped its pages
         assert await read_file(ops, a_txt) == b"alpha\n"  # cached and verified
         assert await read_file(ops, c_txt) == b"gamma\n"  # cached, hashed at open
         assert ops.vfs.blob(c_txt) in ops._verified
@@ -271,6 +273,42 @@ async def test_a_small_blob_in_the_page_cache_is_read_at_open_without_a_thread(
             assert (ops.counters.opened_in_thread, ops.counters.opened_inline) == (1, 2)
         else:
             assert (ops.counters.opened_in_thread, ops.counters.opened_inline) == (3, 0)
+
+
+async def test_what_the_view_serves_leaves_the_blob_files_page_cache(
+        tmp_path: Path, listing: Listing) -> None:
+    """Served content is cached once, in the view's pages: a small blob's file pages go
+    at open (read from the cache or from the disk), a larger one's as READs serve
+    them, and only those."""
+    source = tmp_path / "src"
+    small, large = os.urandom(64 << 10), os.urandom(SMALL_BLOB + (1 << 20))
+    trees.write(source / "small.bin", small)
+    trees.write(source / "large.bin", large)
+    take_snapshot(tmp_path / "store", {"data": source}, tags=["v1"])
+    ops = make_ops(tmp_path / "store", listing, warm=lambda paths: True)
+    with trio.fail_after(TIMEOUT):
+        small_ino = await resolve(ops, b"v1", b"data", b"small.bin")
+        large_ino = await resolve(ops, b"v1", b"data", b"large.bin")
+        small_path, large_path = [ops.store.objects.path("blobs", ops.vfs.blob(inode))
+                                  for inode in (small_ino, large_ino)]
+        if not cached_reads_work(ops, ops.vfs.blob(small_ino)):
+            pytest.skip("the store's filesystem keeps no page cache apart (tmpfs)")
+        assert cached_pages(small_path) == (16, 16)
+        assert await read_file(ops, small_ino) == small  # from the cache, inline
+        assert ops.counters.opened_inline == 1 and cached_pages(small_path)[0] == 0
+        assert await read_file(ops, small_ino) == small  # from the disk, in a thread
+        assert ops.counters.opened_in_thread == 1 and cached_pages(small_path)[0] == 0
+
+        info = await ops.open(large_ino, os.O_RDONLY)  # verified: read whole
+        assert cached_pages(large_path)[0] > 0
+        assert await ops.read(info.fh, 1 << 20, 1 << 20) == large[1 << 20:2 << 20]
+        assert await ops.read(info.fh, 4 << 20, 1 << 20) == large[4 << 20:5 << 20]
+        vec = page_vector(large_path)
+        served = [*range(256, 512), *range(1024, 1280)]
+        assert not any(vec[page] for page in served)
+        assert any(vec[page] for page in range(len(vec)) if page not in served)
+        await ops.release(info.fh)
+    ops.shutdown()
 
 
 async def test_files_after_one_found_in_the_page_cache_are_not_read_ahead(
