@@ -8,15 +8,9 @@
 #   bench/ab_view.sh [OLD_REV] [ROUNDS]     (root: drops the page cache)
 # Uses the bench data set and store (/var/tmp/dwsd-bench; bench.py makes them).
 set -euo pipefail
-here=$(cd "$(dirname "$0")/.." && pwd)
+. "$(dirname "$0")/ab_mount.sh"
 old=${1:-HEAD~1}; rounds=${2:-2}
-bench=/var/tmp/dwsd-bench; work=/var/tmp/dwsd-ab-view; mnt=$bench/mnt/ab-view
-py=$here/.venv/bin/python
-rm -rf "$work"; mkdir -p "$work" "$mnt"
-git -C "$here" worktree add -q --detach "$work/old" "$old"
-sed "s|^mount: .*|mount: \"$mnt\"|" "$bench/dwsd/config.yaml" > "$work/view.yaml"
-trap 'fusermount3 -u -z "$mnt" 2>/dev/null || true
-      git -C "$here" worktree remove --force "$work/old"; rm -rf "$work"' EXIT
+ab_setup view "$old"
 "$py" - "$bench/data-full" > "$work/files" <<'PY'
 import os, sys
 for d, dirs, files in os.walk(sys.argv[1]):
@@ -26,12 +20,6 @@ for d, dirs, files in os.walk(sys.argv[1]):
         if os.path.getsize(path) < 100 << 10:
             print(os.path.relpath(path, sys.argv[1]))
 PY
-mount_view() {  # $1: source tree of dwsd to run
-  (cd "$1" && PYTHONPATH=$1 "$py" -m dwsd.cli.dwsd mount --config "$work/view.yaml" \
-     > "$work/mount.log" 2>&1 &)
-  for _ in $(seq 100); do mountpoint -q "$mnt" && return; sleep 0.1; done
-  cat "$work/mount.log"; exit 1
-}
 read_files() {  # prints µs per file
   "$py" - "$mnt/latest/data" "$work/files" <<'PY'
 import sys, time

@@ -171,25 +171,46 @@ class PageStore:
 
 
 async def test_a_small_files_open_pushes_its_content_unless_the_inode_is_open(
-        shared_store: Path, listing: Listing) -> None:
+        shared_store: Path, listing: Listing, monkeypatch: pytest.MonkeyPatch) -> None:
     pages = PageStore()
     ops = make_ops(shared_store, listing, store_pages=pages)
     with trio.fail_after(TIMEOUT):
         b_txt = await resolve(ops, b"v1", b"data", b"sub", b"b.txt")
-        first = await ops.open(b_txt, os.O_RDONLY)
-        assert pages.pushed == [(b_txt, 0, b"beta\n")]
+        monkeypatch.setattr(ops_module, "OPEN_CONTENT_MAX", 0)
+        first = await ops.open(b_txt, os.O_RDONLY)  # the larger blobs' path: no push
+        monkeypatch.undo()
         # Open already: the kernel may be reading it, holding pages locked.
         second = await ops.open(b_txt, os.O_RDONLY)
-        assert len(pages.pushed) == 1
+        assert ops._files[second.fh].content == b"beta\n" and pages.pushed == []
         await ops.release(first.fh)
-        third = await ops.open(b_txt, os.O_RDONLY)
-        assert len(pages.pushed) == 1  # the second handle is still open
         await ops.release(second.fh)
-        await ops.release(third.fh)
         assert await read_file(ops, b_txt) == b"beta\n"
-        assert pages.pushed == [(b_txt, 0, b"beta\n")] * 2
-        assert ops.counters.pushed == 2
+        assert pages.pushed == [(b_txt, 0, b"beta\n")] and ops.counters.pushed == 1
         assert not ops._inode_handles
+
+
+async def test_once_pushed_a_file_opens_without_reading_until_its_inode_is_forgotten(
+        shared_store: Path, listing: Listing) -> None:
+    """Its pages stay in the kernel's cache with its inode: opens read nothing, and a
+    read the kernel still sends (it dropped a page) opens the blob then."""
+    pages = PageStore()
+    ops = make_ops(shared_store, listing, store_pages=pages)
+    with trio.fail_after(TIMEOUT):
+        b_txt = await resolve(ops, b"v1", b"data", b"sub", b"b.txt")
+        assert await read_file(ops, b_txt) == b"beta\n"
+        read = (ops.counters.opened_inline, ops.counters.opened_in_thread)
+        info = await ops.open(b_txt, os.O_RDONLY)
+        handle = ops._files[info.fh]
+        assert (handle.fd, handle.content) == (None, None)
+        assert (ops.counters.opened_inline, ops.counters.opened_in_thread) == read
+        assert await ops.read(info.fh, 1, 100) == b"eta\n"  # opens the blob
+        assert handle.fd is not None
+        await ops.release(info.fh)
+        assert ops._open_content == 0 and len(pages.pushed) == 1
+        await ops.forget([(b_txt, ops.vfs.node(b_txt).lookups)])
+        b_txt = await resolve(ops, b"v1", b"data", b"sub", b"b.txt")
+        assert await read_file(ops, b_txt) == b"beta\n"
+        assert len(pages.pushed) == 2
 
 
 async def test_files_up_to_small_blob_are_pushed_whole_while_open_ones_hold_little(

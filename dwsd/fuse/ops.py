@@ -32,7 +32,10 @@ costs the kernel an allocation: on the bench machine, whose pages beyond about 3
 touched cost 37 us each instead of 3 us (a host fault under the VM), a cold read of
 the bench set went from 13-22 s to 8.5-10 s with the drop, small files from 11-15 s to
 6-7.6 s (6 alternating runs). Dropped pages are free for the next pages the view
-allocates; a re-read after the kernel dropped the view's own pages reads the disk.
+allocates; a re-read after the kernel dropped the view's own pages reads the disk. So
+a file whose content was pushed opens without reading anything while the kernel keeps
+its inode (`Node.content_pushed`): its pages are there, and a read of one the kernel
+dropped opens the blob then. (A new mount finds the blobs it served before uncached.)
 """
 from __future__ import annotations
 
@@ -127,15 +130,16 @@ class ViewCounters:
 
 @dataclass
 class _OpenFile:
-    """An open blob: a small one's verified content (`fd` None), or a larger one's fd.
-    The fd is closed by whichever comes last: release or the last read in flight (so a
-    released fd number is never reused under a running pread)."""
+    """An open blob: a small one's verified content, or a larger one's fd, or neither
+    (its content was pushed to the kernel's cache before: the blob is opened by the
+    first read, if any). The fd is closed by whichever comes last: release or the last
+    read in flight (so a released fd number is never reused under a running pread)."""
 
     fd: int | None
     inode: int
     blob: ObjectId
     size: int
-    content: bytes = b""
+    content: bytes | None = None
     reads: int = 0
     released: bool = False
 
@@ -393,6 +397,11 @@ class ViewOps(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         blob = self.vfs.blob(inode)
         size = self.vfs.getattr(inode).size
+        node = self.vfs.node(inode)
+        if node.content_pushed:
+            # Pushed at an earlier open: the kernel likely still has every page, and a
+            # read of one it dropped opens the blob then. Nothing to read or warm now.
+            return self._new_handle(_OpenFile(None, inode, blob, size))
         cached = False
         if size <= SMALL_BLOB and self._open_content + size <= OPEN_CONTENT_MAX:
             # Counted before the read's await, so concurrent opens see it; release
@@ -407,9 +416,7 @@ class ViewOps(pyfuse3.Operations):
             self._push_pages(handle)
         else:
             handle = _OpenFile(await self._open_blob(blob, size), inode, blob, size)
-        fh = next(self._handles)  # no await since the fd was opened: nothing leaks it
-        self._files[fh] = handle
-        self._inode_handles[inode] = self._inode_handles.get(inode, 0) + 1
+        info = self._new_handle(handle)  # no await since the fd was opened: nothing leaks it
         if self._warm is not None:
             # Found in the page cache by chance, the next files likely are too; put
             # there by the warmer, the next batch is due at the middle of this one.
@@ -419,6 +426,12 @@ class ViewOps(pyfuse3.Operations):
             # Found in the page cache, the next files likely are too: reading them
             # ahead in a thread would cost more than it saves.
             self._read_ahead(inode)
+        return info
+
+    def _new_handle(self, handle: _OpenFile) -> pyfuse3.FileInfo:
+        fh = next(self._handles)
+        self._files[fh] = handle
+        self._inode_handles[handle.inode] = self._inode_handles.get(handle.inode, 0) + 1
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
     def _push_pages(self, handle: _OpenFile) -> None:
@@ -436,6 +449,7 @@ class ViewOps(pyfuse3.Operations):
         except OSError as exc:
             log.debug("view: pushing inode %d's pages: %s", handle.inode, exc)
             return
+        self.vfs.node(handle.inode).content_pushed = True
         self.counters.pushed += 1
 
     async def _small_content(self, blob: ObjectId, size: int) -> tuple[bytes, bool]:
@@ -566,14 +580,20 @@ class ViewOps(pyfuse3.Operations):
     @_fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._file(fh)
-        if handle.fd is None:
+        if handle.content is not None:
             return _part(handle.content, off, size)
-        cached = read_if_cached(handle.fd, off, min(size, handle.size - off))
-        if cached is not None:
-            drop_cached_pages(handle.fd, off, len(cached))
-            return cached
         handle.reads += 1
         try:
+            if handle.fd is None:  # pushed before, and the kernel dropped this page
+                fd = await self._open_blob(handle.blob, handle.size)
+                if handle.fd is None:
+                    handle.fd = fd
+                else:  # a concurrent read opened it first
+                    os.close(fd)
+            cached = read_if_cached(handle.fd, off, min(size, handle.size - off))
+            if cached is not None:
+                drop_cached_pages(handle.fd, off, len(cached))
+                return cached
             return await trio.to_thread.run_sync(_pread_served, handle.fd, size, off,
                                                  limiter=self.read_limiter)
         finally:
@@ -584,7 +604,7 @@ class ViewOps(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         handle = self._files.pop(fh, None)
         if handle is not None:
-            if handle.fd is None:
+            if handle.content is not None:
                 self._open_content -= handle.size
             left = self._inode_handles.pop(handle.inode) - 1
             if left:

@@ -164,6 +164,9 @@ class Node:
     resource: NodeKey = None               # key of the resource directory it is in
     target: bytes = b""                    # LATEST
     lookups: int = 0
+    # The file's whole content was given to the kernel's page cache (ops: pushed at an
+    # open). Its pages go at the latest with the kernel's inode, and so does this node.
+    content_pushed: bool = False
 
 
 # -- root names ---------------------------------------------------------------------------
