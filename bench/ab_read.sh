@@ -1,0 +1,36 @@
+#!/bin/bash
+# Alternating cold reads of the whole bench set (every file in path order, 1 MiB reads,
+# as the bench's view_read step) through `dwsd mount` at an older revision and as
+# checked out, so machine drift hits each side alike. Fresh mount, page cache dropped
+# after mounting; prints seconds per class of file.
+#   bench/ab_read.sh [OLD_REV] [ROUNDS]     (root: drops the page cache)
+# Uses the bench data set and store (/var/tmp/dwsd-bench; bench.py makes them).
+set -euo pipefail
+. "$(dirname "$0")/ab_mount.sh"
+old=${1:-HEAD~1}; rounds=${2:-3}
+ab_setup read "$old"
+(cd "$bench/data-full" && find . -type f | sed 's|^\./||' | LC_ALL=C sort) > "$work/files"
+echo "cold read of all files: seconds for large/ medium/ small/ and in all"
+for i in $(seq "$rounds"); do
+  for side in old new; do
+    src=$here; [ "$side" = old ] && src=$work/old
+    mount_view "$src"
+    ls "$mnt" > /dev/null
+    sync; echo 3 > /proc/sys/vm/drop_caches
+    took=$("$py" - "$mnt/bench-first/data" "$work/files" <<'PY'
+import collections, sys, time
+top, names = sys.argv[1], open(sys.argv[2]).read().split("\n")[:-1]
+buf, took = bytearray(1 << 20), collections.Counter()
+for name in names:
+    t0 = time.perf_counter()
+    with open(f"{top}/{name}", "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+    took[name.split("/")[0]] += time.perf_counter() - t0
+print(" ".join(f"{k} {v:.2f}" for k, v in sorted(took.items())), f"all {sum(took.values()):.2f}")
+PY
+)
+    fusermount3 -u "$mnt"; wait "$server_pid" || true
+    echo "round $i $side ($( [ "$side" = old ] && echo "$old" || echo checked out )): $took"
+  done
+done
