@@ -7,17 +7,12 @@
 # Uses the bench data set and store (/var/tmp/dwsd-bench; bench.py makes them).
 set -euo pipefail
 . "$(dirname "$0")/ab_mount.sh"
-old=${1:-HEAD~1}; rounds=${2:-3}
-ab_setup read "$old"
+rounds=${2:-3}
+ab_setup read "${1:-HEAD~1}"
 (cd "$bench/data-full" && find . -type f | sed 's|^\./||' | LC_ALL=C sort) > "$work/files"
 echo "cold read of all files: seconds for large/ medium/ small/ and in all"
-for i in $(seq "$rounds"); do
-  for side in old new; do
-    src=$here; [ "$side" = old ] && src=$work/old
-    mount_view "$src"
-    ls "$mnt" > /dev/null
-    sync; echo 3 > /proc/sys/vm/drop_caches
-    took=$("$py" - "$mnt/bench-first/data" "$work/files" <<'PY'
+measure() {
+  "$py" - "$mnt/bench-first/data" "$work/files" <<'PY'
 import collections, sys, time
 top, names = sys.argv[1], open(sys.argv[2]).read().split("\n")[:-1]
 buf, took = bytearray(1 << 20), collections.Counter()
@@ -29,8 +24,5 @@ for name in names:
     took[name.split("/")[0]] += time.perf_counter() - t0
 print(" ".join(f"{k} {v:.2f}" for k, v in sorted(took.items())), f"all {sum(took.values()):.2f}")
 PY
-)
-    fusermount3 -u "$mnt"; wait "$server_pid" || true
-    echo "round $i $side ($( [ "$side" = old ] && echo "$old" || echo checked out )): $took"
-  done
-done
+}
+ab_cold_rounds "$rounds" measure

@@ -9,8 +9,8 @@
 # Uses the bench data set and store (/var/tmp/dwsd-bench; bench.py makes them).
 set -euo pipefail
 . "$(dirname "$0")/ab_mount.sh"
-old=${1:-HEAD~1}; rounds=${2:-2}
-ab_setup view "$old"
+rounds=${2:-2}
+ab_setup view "${1:-HEAD~1}"
 "$py" - "$bench/data-full" > "$work/files" <<'PY'
 import os, sys
 for d, dirs, files in os.walk(sys.argv[1]):

@@ -8,16 +8,11 @@
 # Uses the bench data set and store (/var/tmp/dwsd-bench; bench.py makes them).
 set -euo pipefail
 . "$(dirname "$0")/ab_mount.sh"
-old=${1:-HEAD~1}; rounds=${2:-3}
-ab_setup walk "$old"
+rounds=${2:-3}
+ab_setup walk "${1:-HEAD~1}"
 echo "cold walk of bench-first/data: seconds, server CPU seconds"
-for i in $(seq "$rounds"); do
-  for side in old new; do
-    src=$here; [ "$side" = old ] && src=$work/old
-    mount_view "$src"
-    ls "$mnt" > /dev/null
-    sync; echo 3 > /proc/sys/vm/drop_caches
-    took=$("$py" - "$mnt/bench-first/data" "$server_pid" <<'PY'
+measure() {
+  "$py" - "$mnt/bench-first/data" "$server_pid" <<'PY'
 import os, sys, time
 top, pid = sys.argv[1], sys.argv[2]
 def cpu() -> float:
@@ -32,8 +27,5 @@ while pending:
                 pending.append(entry.path)
 print(f"{time.perf_counter() - t0:.3f} s, CPU {cpu() - c0:.2f} s")
 PY
-)
-    fusermount3 -u "$mnt"; wait "$server_pid" || true
-    echo "round $i $side ($( [ "$side" = old ] && echo "$old" || echo checked out )): $took"
-  done
-done
+}
+ab_cold_rounds "$rounds" measure
