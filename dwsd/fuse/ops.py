@@ -145,7 +145,8 @@ class _OpenFile:
 
     def close_if_idle(self) -> None:
         if self.fd is not None and self.released and self.reads == 0:
-            os.close(self.fd)
+            fd, self.fd = self.fd, None  # closed once, whoever calls again
+            os.close(fd)
 
 
 @dataclass
