@@ -397,8 +397,8 @@ class ViewOps(pyfuse3.Operations):
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EROFS)
         blob = self.vfs.blob(inode)
-        size = self.vfs.getattr(inode).size
         node = self.vfs.node(inode)
+        size = node.attrs.size
         if node.content_pushed:
             # Pushed at an earlier open: the kernel likely still has every page, and a
             # read of one it dropped opens the blob then. Nothing to read or warm now.

@@ -117,8 +117,9 @@ class CaptureState:
 
     def derive(self) -> "CaptureState":
         """A new state with the same files, for a capture of changes on top of this one.
-        O(changes), not O(files): its changes are kept apart (a dirty-path snapshot of
-        100,000 files spent 2 ms copying them), and this state is untouched unless the
+        O(changes) in files, not O(files): its changes are kept apart (a dirty-path
+        snapshot of 100,000 files spent 2 ms copying them; only the map of directories,
+        some 20 times smaller, is copied), and this state is untouched unless the
         new one is kept (`keep`), so a failed snapshot can drop it. A state derived
         itself is kept first (see `keep`)."""
         self.keep()
