@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import signal
 import threading
@@ -672,3 +673,57 @@ def test_capture_state_totals_follow_every_change() -> None:
     assert files == {b"new": cached(1000)}
 
 
+
+
+def test_a_state_summed_late_gives_the_same_totals() -> None:
+    """A full walk fills a new state without running totals; they are summed when
+    asked, and kept running after that."""
+    state = CaptureState()
+    for i in range(5):
+        state.put(b"f%d" % i, CachedFile(i, 0, 0, 0, ObjectId("0" * 64), ()))
+    state.put(b"f4", CachedFile(40, 0, 0, 0, ObjectId("0" * 64), ()))
+    state.drop(b"f0")
+    assert state.totals() == (4, 1 + 2 + 3 + 40)
+    state.drop(b"f1")
+    state.put(b"g", CachedFile(7, 0, 0, 0, ObjectId("0" * 64), ()))
+    assert state.totals() == (4, 2 + 3 + 40 + 7)
+
+
+def test_the_garbage_collector_never_runs_during_a_capture(
+        store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A capture makes ~5 tuples a name and no cycles: the collector would only scan
+    them, again and again (a tenth of a walk that finds nothing changed)."""
+    for d in range(10):
+        (data_dir / f"d{d}").mkdir()
+        for f in range(30):
+            (data_dir / f"d{d}" / f"f{f}").write_bytes(b"%d/%d" % (d, f))
+    first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    collections: list[int] = []
+    on_while_finishing: list[bool] = []
+    real_finish = capture._Walker.finish
+
+    def finish(walker: Any, job: Any) -> ObjectId:
+        on_while_finishing.append(gc.isenabled())
+        return real_finish(walker, job)
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    monkeypatch.setattr(capture._Walker, "finish", finish)
+    old_threshold, was_on = gc.get_threshold(), gc.isenabled()
+    gc.set_threshold(50)  # a collection every 50 objects, were it on: some 30 here
+    gc.enable()
+    gc.collect()  # none due before the capture starts
+    gc.callbacks.append(count)
+    try:
+        again = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES)
+        assert len(collections) <= 1  # the one due as it ends
+        assert gc.isenabled()
+    finally:
+        gc.callbacks.remove(count)
+        gc.set_threshold(*old_threshold)
+        if not was_on:
+            gc.disable()
+    assert on_while_finishing == [False] * 11
+    assert again.root == first.root and again.counters.lstats == 310

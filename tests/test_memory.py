@@ -1,10 +1,14 @@
 """Freed memory goes back to the system: a long-running daemon keeps what it holds, not
-the high-water mark of its largest capture."""
+the high-water mark of its largest capture. The cyclic collector pauses for a capture."""
 from __future__ import annotations
 
+import gc
 import threading
+from typing import Iterator
 
-from dwsd.memory import release_free_memory, tune_allocator
+import pytest
+
+from dwsd.memory import paused_gc, release_free_memory, tune_allocator
 
 
 def resident_mib() -> float:
@@ -37,3 +41,41 @@ def test_freed_heap_memory_is_returned() -> None:
     assert churned - before > 50  # the churn did leave ~120 MB resident
     assert after < before + 20
     assert len(kept) == 938
+
+
+@pytest.fixture
+def collector_on() -> Iterator[None]:
+    was_on = gc.isenabled()
+    gc.enable()
+    yield
+    if not was_on:
+        gc.disable()
+
+
+def test_pauses_of_the_collector_nest_across_threads(collector_on: None) -> None:
+    outer_in = threading.Event()
+    outer_out = threading.Event()
+    seen: list[bool] = []
+
+    def outer() -> None:
+        with paused_gc():
+            outer_in.set()
+            outer_out.wait(5)
+            seen.append(gc.isenabled())
+
+    t = threading.Thread(target=outer)
+    t.start()
+    assert outer_in.wait(5)
+    with paused_gc():
+        assert not gc.isenabled()
+    assert not gc.isenabled()  # the other thread's pause still runs
+    outer_out.set()
+    t.join()
+    assert seen == [False] and gc.isenabled()
+
+
+def test_a_pause_leaves_a_collector_that_was_off_off(collector_on: None) -> None:
+    gc.disable()
+    with paused_gc():
+        pass
+    assert not gc.isenabled()

@@ -96,8 +96,9 @@ class _Changes(MutableMapping[bytes, CachedFile]):
 @dataclass
 class CaptureState:
     """The stat cache of one resource and its root tree. Change `files` through `put`,
-    `drop` and `drop_under`: they keep the running totals, so `totals()` costs nothing
-    however large the resource (a dirty-path snapshot must not sum 100,000 sizes)."""
+    `drop` and `drop_under`: once `totals()` has summed the files they keep it running,
+    so it costs nothing after, however large the resource (a dirty-path snapshot must
+    not sum 100,000 sizes; its state is derived, and so summed, first)."""
 
     root: ObjectId | None = None
     files: MutableMapping[bytes, CachedFile] = field(default_factory=dict)
@@ -135,19 +136,20 @@ class CaptureState:
             self.files = self.files.apply()
 
     def put(self, relpath: bytes, cached: CachedFile) -> None:
-        self.totals()
-        old = self.files.get(relpath)
-        if old is None:
-            self._count += 1
-        else:
-            self._bytes -= old.size
-        self._bytes += cached.size
+        # Totals not summed yet (a state a full walk fills) are summed when asked: the
+        # walk puts every file, and keeping them running cost it a call per file.
+        if self._count >= 0:
+            old = self.files.get(relpath)
+            if old is None:
+                self._count += 1
+            else:
+                self._bytes -= old.size
+            self._bytes += cached.size
         self.files[relpath] = cached
 
     def drop(self, relpath: bytes) -> None:
-        self.totals()
         old = self.files.pop(relpath, None)
-        if old is not None:
+        if old is not None and self._count >= 0:
             self._count -= 1
             self._bytes -= old.size
 
