@@ -1,7 +1,7 @@
 """dwsd against cp, rsync, restic and borg on one reproducible data set, in one run.
 
     .venv/bin/python bench/bench.py [--dir /var/tmp/dwsd-bench] [--small] [--only STEP,...]
-                                    [--repeat N] [--profile] [--list]
+                                    [--repeat N] [--rounds N] [--profile] [--list]
 
 The data set (seeded; reused when its marker matches) is about 20,000 files of 1-64 KiB in
 nested directories, 200 of 1-8 MiB and four of 256 MiB (`--small`: ten times fewer/smaller).
@@ -184,6 +184,34 @@ def render(table: list[dict[str, Any]]) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
 
 
+def run_step(b: Bench, name: str, args: argparse.Namespace, runs: list[Result],
+             first_rep: int) -> None:
+    """Run step `name` `args.repeat` times in a row, appending each result to `runs`;
+    repetitions are numbered from `first_rep` on (tags and generations must differ)."""
+    for rep in range(args.repeat):
+        b.rep = first_rep + rep
+        b.foreign_cpu = 0.0
+        if args.quiet_wait > 0:
+            waited = wait_quiet(args.quiet_wait)
+            if waited >= args.quiet_wait:
+                b.notes.append(f"{name}: machine still busy after waiting "
+                               f"{args.quiet_wait:.0f} s; ran anyway")
+        try:
+            r = STEPS[name].fn(b)
+        except Exception as exc:  # one broken tool must not lose the others' figures
+            logging.exception("step %s failed", name)
+            r = Result(error=f"{type(exc).__name__}: {exc}")
+        r.extra["foreign_cpu_s"] = round(b.foreign_cpu, 2)
+        if noisy(r):
+            b.notes.append(f"{name}: other processes used {r.extra['foreign_cpu_s']} "
+                           f"CPU-s during the step (took {r.seconds:.2f} s): noisy")
+        runs.append(r)
+        if r.seconds is not None:
+            print(f"   {r.seconds:.2f} s  {r.detail}", flush=True)
+        if r.error is not None:
+            break
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", type=Path, default=Path("/var/tmp/dwsd-bench"),
@@ -194,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="run only these steps (comma-separated or repeated) and what "
                          "they need")
     ap.add_argument("--repeat", type=int, default=1, metavar="N",
-                    help="run each step N times and report the median time")
+                    help="run each step N times in a row and report the median time")
+    ap.add_argument("--rounds", type=int, default=1, metavar="N",
+                    help="run all the steps N times over, in turn (A B A B ...), and "
+                         "report each step's median: the machine's drift then hits a "
+                         "step and its reference alike")
     ap.add_argument("--quiet-wait", type=float, default=120, metavar="S",
                     help="before each step, wait up to S seconds for other processes to "
                          "go quiet (0: don't)")
@@ -226,32 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dwsd at {version['commit']}{' + local changes' if version['dwsd_modified'] else ''}"
           f" (sources {version['dwsd_sources']})", flush=True)
     b = Bench(args, ds)
+    runs: dict[str, list[Result]] = {name: [] for name in names}
     try:
-        for name in names:
-            print(f"-- {name}: {STEPS[name].doc}", flush=True)
-            runs: list[Result] = []
-            for b.rep in range(args.repeat):
-                b.foreign_cpu = 0.0
-                if args.quiet_wait > 0:
-                    waited = wait_quiet(args.quiet_wait)
-                    if waited >= args.quiet_wait:
-                        b.notes.append(f"{name}: machine still busy after waiting "
-                                       f"{args.quiet_wait:.0f} s; ran anyway")
-                try:
-                    r = STEPS[name].fn(b)
-                except Exception as exc:  # one broken tool must not lose the others' figures
-                    logging.exception("step %s failed", name)
-                    r = Result(error=f"{type(exc).__name__}: {exc}")
-                r.extra["foreign_cpu_s"] = round(b.foreign_cpu, 2)
-                if noisy(r):
-                    b.notes.append(f"{name}: other processes used {r.extra['foreign_cpu_s']} "
-                                   f"CPU-s during the step (took {r.seconds:.2f} s): noisy")
-                runs.append(r)
-                if r.seconds is not None:
-                    print(f"   {r.seconds:.2f} s  {r.detail}", flush=True)
-                if r.error is not None:
-                    break
-            b.results[name] = combine(runs)
+        for rnd in range(args.rounds):
+            for name in names:
+                if runs[name] and runs[name][-1].error is not None:
+                    continue  # broken in an earlier round: its error stands
+                counted = f" (round {rnd + 1} of {args.rounds})" if args.rounds > 1 else ""
+                print(f"-- {name}{counted}: {STEPS[name].doc}", flush=True)
+                run_step(b, name, args, runs[name], first_rep=rnd * args.repeat)
+                b.results[name] = combine(runs[name])  # later steps may read it
     finally:
         b.close_workspace()
         ds.apply(0)
