@@ -26,7 +26,7 @@ from dwsd.control.ops import make_handlers
 from dwsd.control.server import serve_control
 from dwsd.errors import DwsdError
 from dwsd.fuse.mount import serve_view
-from dwsd.memory import tune_allocator
+from dwsd.memory import tune_allocator, tune_gc
 from dwsd.schedule.scheduler import Scheduler
 from dwsd.watch.watcher import Watcher
 from dwsd.workspace import Workspace
@@ -52,6 +52,7 @@ def sd_notify(state: str) -> None:
 async def run_daemon(config_path: Path) -> None:
     """Run until SIGTERM/SIGINT. Raises DwsdError when the daemon cannot start."""
     tune_allocator()
+    tune_gc()
     await Daemon(config_path).run()
 
 

@@ -7,9 +7,12 @@ freed memory in per-thread arenas. `tune_allocator` pins the threshold, so big b
 always come from mmap and go back when freed; `release_free_memory` (`malloc_trim`)
 returns what the arenas hold after a capture. Elsewhere than glibc both do nothing.
 
-A capture also makes some 100,000 tuples (stat results, tree entries), none of them in a
-reference cycle, and most live until it ends; Python's cyclic collector would scan them
-again and again as they pile up. `paused_gc` keeps it off while one runs.
+The cyclic garbage collector is the other cost of many objects. The daemon and the view
+keep tens of thousands of small long-lived ones (stat caches, decoded trees, inodes) and
+make more on every listing; `tune_gc` makes its young generation larger. A capture makes
+some 100,000 tuples, none of them in a reference cycle, most living until it ends: the
+collector would scan them again and again as they pile up, and `paused_gc` keeps it off
+while one runs.
 """
 from __future__ import annotations
 
@@ -22,6 +25,11 @@ from typing import Any, Iterator
 
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 256 * 1024  # bytes: blocks this big are mmapped, never heap
+
+# With Python's default young generation (700 allocations) a walk of the bench set
+# through the view (21,327 entries) ran ~180 collections that freed next to nothing,
+# 0.07 s of CPU; with these thresholds it runs ~75, 0.025 s.
+GC_THRESHOLD = (5000, 20, 20)
 
 
 def _libc() -> Any:
@@ -40,6 +48,12 @@ def tune_allocator() -> None:
     """Pin glibc's mmap threshold (call once, at start; never blocks)."""
     if _LIBC is not None:
         _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+def tune_gc() -> None:
+    """Set the garbage collector's thresholds for a long-running dwsd process (the
+    daemon, `dwsd mount`): process-wide, so not for a library call."""
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 def release_free_memory() -> None:

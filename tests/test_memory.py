@@ -8,7 +8,7 @@ from typing import Iterator
 
 import pytest
 
-from dwsd.memory import paused_gc, release_free_memory, tune_allocator
+from dwsd.memory import GC_THRESHOLD, paused_gc, release_free_memory, tune_allocator, tune_gc
 
 
 def resident_mib() -> float:
@@ -79,3 +79,12 @@ def test_a_pause_leaves_a_collector_that_was_off_off(collector_on: None) -> None
     with paused_gc():
         pass
     assert not gc.isenabled()
+
+
+def test_a_long_running_process_collects_its_young_generation_less_often() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLD and GC_THRESHOLD[0] > before[0]
+    finally:
+        gc.set_threshold(*before)

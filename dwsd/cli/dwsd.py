@@ -125,9 +125,10 @@ def mount_request(args: argparse.Namespace) -> MountRequest:
 
 async def run_mount(request: MountRequest) -> None:
     """Serve the view until SIGINT/SIGTERM (then unmount) or an outside unmount."""
-    from dwsd.fuse.mount import serve_view, tune_gc_for_view
+    from dwsd.fuse.mount import serve_view
+    from dwsd.memory import tune_gc
 
-    tune_gc_for_view()
+    tune_gc()
 
     async def serve(scope: trio.CancelScope,
                     task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import gc
 import logging
 import os
 import re
@@ -26,22 +25,10 @@ from dwsd.store.store import Store
 
 log = logging.getLogger(__name__)
 
-# The view keeps tens of thousands of small long-lived objects (inodes, decoded tree
-# entries) and makes more on every listing. With Python's default young generation (700
-# allocations) a walk of the bench set (21,327 entries) ran ~180 collections that freed
-# next to nothing, 0.07 s of CPU; with these thresholds it runs ~75, 0.025 s.
-VIEW_GC_THRESHOLD = (5000, 20, 20)
-
 # The kernel reads a FUSE file ahead 128 KiB at a time by default, one request each.
 # 4 MiB windows let it ask for 1 MiB per request: a cold read of a 256 MB file through
 # the view went from 684-767 to 745-988 MB/s (alternating runs on one mount).
 READ_AHEAD_KB = 4096
-
-
-def tune_gc_for_view() -> None:
-    """Set the process's garbage collector thresholds for serving the view (process-wide:
-    for a process that serves the view, not for a library call)."""
-    gc.set_threshold(*VIEW_GC_THRESHOLD)
 
 
 def mount_options(allow_other: bool) -> set[str]:
