@@ -11,8 +11,8 @@ The cyclic garbage collector is the other cost of many objects. The daemon and t
 keep tens of thousands of small long-lived ones (stat caches, decoded trees, inodes) and
 make more on every listing; `tune_gc` makes its young generation larger. A capture makes
 some 100,000 tuples, none of them in a reference cycle, most living until it ends: the
-collector would scan them again and again as they pile up, and `paused_gc` keeps it off
-while one runs.
+collector would scan them again and again as they pile up (a tenth of a walk that finds
+nothing changed), and `rare_gc` lets it run only every 100,000 objects while one runs.
 """
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ MMAP_THRESHOLD = 256 * 1024  # bytes: blocks this big are mmapped, never heap
 # through the view (21,327 entries) ran ~180 collections that freed next to nothing,
 # 0.07 s of CPU; with these thresholds it runs ~75, 0.025 s.
 GC_THRESHOLD = (5000, 20, 20)
+# A capture keeps about 1.2 objects a name until it ends (25,000 at the most for the
+# bench set's 21,327 names): with this young generation, one of up to ~80,000 names
+# runs no collection at all, and a larger one one per 100,000 objects.
+RARE_GC_YOUNG = 100_000
 
 
 def _libc() -> Any:
@@ -64,33 +68,35 @@ def release_free_memory() -> None:
 
 
 
-class _Pauses:
-    """The `paused_gc` blocks running, and whether the collector was on before them."""
+class _RareGc:
+    """The `rare_gc` blocks running, and the thresholds in force before the first."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.count = 0
-        self.was_on = True
+        self.before = gc.get_threshold()
 
 
-_PAUSES = _Pauses()
+_RARE = _RareGc()
 
 
 @contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """Keep the cyclic garbage collector off for the block: for work that makes many
-    objects and no reference cycles (a capture). Process-wide, and nests across threads:
-    the collector is on again when the last pause ends, unless it was off before the
-    first. Reference counting frees memory as usual meanwhile; only cycles wait."""
-    with _PAUSES.lock:
-        _PAUSES.count += 1
-        if _PAUSES.count == 1:
-            _PAUSES.was_on = gc.isenabled()
-            gc.disable()
+def rare_gc(young: int = RARE_GC_YOUNG) -> Iterator[None]:
+    """Let the cyclic garbage collector's young generation grow to `young` objects
+    during the block before it runs: for work that makes many objects and no
+    reference cycles (a capture), while the rest of the process (the view, the control
+    server) still has its cycles collected, only less often. Process-wide, and nests
+    across threads: the thresholds in force before the first block are back when the
+    last one ends."""
+    with _RARE.lock:
+        _RARE.count += 1
+        if _RARE.count == 1:
+            _RARE.before = gc.get_threshold()
+            gc.set_threshold(max(young, _RARE.before[0]), *_RARE.before[1:])
     try:
         yield
     finally:
-        with _PAUSES.lock:
-            _PAUSES.count -= 1
-            if _PAUSES.count == 0 and _PAUSES.was_on:
-                gc.enable()
+        with _RARE.lock:
+            _RARE.count -= 1
+            if _RARE.count == 0:
+                gc.set_threshold(*_RARE.before)

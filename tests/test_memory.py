@@ -8,7 +8,8 @@ from typing import Iterator
 
 import pytest
 
-from dwsd.memory import GC_THRESHOLD, paused_gc, release_free_memory, tune_allocator, tune_gc
+from dwsd.memory import (GC_THRESHOLD, rare_gc, release_free_memory, tune_allocator,
+                         tune_gc)
 
 
 def resident_mib() -> float:
@@ -44,41 +45,42 @@ def test_freed_heap_memory_is_returned() -> None:
 
 
 @pytest.fixture
-def collector_on() -> Iterator[None]:
-    was_on = gc.isenabled()
-    gc.enable()
-    yield
-    if not was_on:
-        gc.disable()
+def thresholds() -> Iterator[tuple[int, int, int]]:
+    """Python's thresholds, put back after the test."""
+    before = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)
+    yield gc.get_threshold()
+    gc.set_threshold(*before)
 
 
-def test_pauses_of_the_collector_nest_across_threads(collector_on: None) -> None:
+def test_rare_collections_nest_across_threads(thresholds: tuple[int, int, int]) -> None:
     outer_in = threading.Event()
     outer_out = threading.Event()
-    seen: list[bool] = []
+    seen: list[tuple[int, int, int]] = []
 
     def outer() -> None:
-        with paused_gc():
+        with rare_gc(50_000):
             outer_in.set()
             outer_out.wait(5)
-            seen.append(gc.isenabled())
+            seen.append(gc.get_threshold())
 
     t = threading.Thread(target=outer)
     t.start()
     assert outer_in.wait(5)
-    with paused_gc():
-        assert not gc.isenabled()
-    assert not gc.isenabled()  # the other thread's pause still runs
+    with rare_gc(50_000):
+        assert gc.get_threshold() == (50_000, 10, 10)
+    assert gc.get_threshold() == (50_000, 10, 10)  # the other thread's block still runs
     outer_out.set()
     t.join()
-    assert seen == [False] and gc.isenabled()
+    assert seen == [(50_000, 10, 10)] and gc.get_threshold() == thresholds
 
 
-def test_a_pause_leaves_a_collector_that_was_off_off(collector_on: None) -> None:
-    gc.disable()
-    with paused_gc():
-        pass
-    assert not gc.isenabled()
+def test_rare_collections_never_lower_a_larger_young_generation(
+        thresholds: tuple[int, int, int]) -> None:
+    gc.set_threshold(200_000, 10, 10)
+    with rare_gc(50_000):
+        assert gc.get_threshold() == (200_000, 10, 10)
+    assert gc.get_threshold() == (200_000, 10, 10)
 
 
 def test_a_long_running_process_collects_its_young_generation_less_often() -> None:

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Callable, Collection, Union
 
 from dwsd.errors import CaptureError
-from dwsd.memory import paused_gc
+from dwsd.memory import rare_gc
 from dwsd.snapshot.exclude import ExcludeMatcher
 from dwsd.snapshot.fileread import SMALL_FILE, ReadOutcome, read_xattrs
 from dwsd.snapshot.readers import (InlineReaders, Readers, ReaderProcesses, ThreadReaders,
@@ -149,8 +149,8 @@ def capture_resource(objects: ObjectStore, root: Path, prev: CaptureState,
     this returns; `processes_after=0` sends every read there. Raises CaptureError when
     the root itself cannot be read."""
     # A walk makes some 100,000 tuples and no reference cycles (see memory.py). The
-    # pause ends once the walker and its jobs are freed, with the call below.
-    with paused_gc():
+    # block ends once the walker and its jobs are freed, with the call below.
+    with rare_gc():
         return _capture(objects, root, prev, excludes, dirty, on_file, trees,
                         processes or default_processes(),
                         PROCESSES_AFTER if processes_after is None else processes_after)
