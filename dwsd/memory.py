@@ -67,7 +67,6 @@ def release_free_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-
 class _RareGc:
     """The `rare_gc` blocks running, and the thresholds in force before the first."""
 
