@@ -728,3 +728,34 @@ def test_the_garbage_collector_runs_rarely_during_a_capture(
             gc.disable()
     assert young_while_finishing == [RARE_GC_YOUNG] * 11
     assert again.root == first.root and again.counters.lstats == 310
+
+
+def _warm_threads() -> int:
+    return sum(t.name.startswith(capture.WARM_THREAD_PREFIX) for t in threading.enumerate())
+
+
+def test_a_full_walk_of_uncached_inodes_lstats_them_ahead_on_threads(
+        tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = trees.make_many_files(data_dir, 1000)
+    trees.settle()
+    with Store.open(tmp_path / "store", create=True) as s:
+        first = capture_resource(s.objects, data_dir, CaptureState(), NO_EXCLUDES)
+        for p in paths[::100]:
+            p.write_bytes(b"changed")
+        (data_dir / "new.txt").write_bytes(b"new")
+        paths[1].unlink()
+        trees.settle()  # both captures trust the changed files' stat keys
+        monkeypatch.setattr(capture, "COLD_LSTAT_S", 1e-3)  # cached: a margin for a busy CI
+        cached = capture_resource(s.objects, data_dir, first.state, NO_EXCLUDES)
+        monkeypatch.setattr(capture, "COLD_LSTAT_S", 0.0)  # every lstat counts as slow
+        warming: list[int] = []
+        before = sorted(os.listdir("/proc/self/fd"))
+        cold = capture_resource(s.objects, data_dir, first.state, NO_EXCLUDES,
+                                on_file=lambda size: warming.append(_warm_threads()))
+        assert sorted(os.listdir("/proc/self/fd")) == before
+    assert cached.counters.warmed == capture.COLD_SAMPLE  # a sample, found cached
+    assert cold.counters.warmed == capture.COLD_SAMPLE + len(first.state.files) == 1004
+    assert max(warming) > 0 and _warm_threads() == 0  # none outlives the walk
+    assert cold.root == cached.root and cold.changed_files == cached.changed_files == 11
+    assert cold.counters.lstats == cached.counters.lstats  # the walk's own, not counted
+    assert cold.state.files == cached.state.files
