@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1, metavar="N",
                     help="run all the steps N times over, in turn (A B A B ...), and "
                          "report each step's median: the machine's drift then hits a "
-                         "step and its reference alike")
+                         "step and its reference alike (with --only, the prerequisites "
+                         "added run in the first round only)")
     ap.add_argument("--quiet-wait", type=float, default=120, metavar="S",
                     help="before each step, wait up to S seconds for other processes to "
                          "go quiet (0: don't)")
@@ -261,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[Result]] = {name: [] for name in names}
     try:
         for rnd in range(args.rounds):
-            for name in names:
+            # Later rounds repeat the steps asked for, not the prerequisites added for
+            # them: what those made (a store, a copy) is there already.
+            for name in names if rnd == 0 or not only else [n for n in names if n in only]:
                 if runs[name] and runs[name][-1].error is not None:
                     continue  # broken in an earlier round: its error stands
                 counted = f" (round {rnd + 1} of {args.rounds})" if args.rounds > 1 else ""
