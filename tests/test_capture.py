@@ -749,6 +749,15 @@ def test_a_full_walk_of_uncached_inodes_lstats_them_ahead_on_threads(
         cached = capture_resource(s.objects, data_dir, first.state, NO_EXCLUDES)
         monkeypatch.setattr(capture, "COLD_LSTAT_S", 0.0)  # every lstat counts as slow
         warming: list[int] = []
+        warmed_paths: list[bytes] = []
+        real_lstat = capture._lstat_quietly
+
+        def lstat_quietly(dfd: int, path: bytes) -> None:
+            if threading.current_thread().name.startswith(capture.WARM_THREAD_PREFIX):
+                warmed_paths.append(path)
+            real_lstat(dfd, path)
+
+        monkeypatch.setattr(capture, "_lstat_quietly", lstat_quietly)
         before = sorted(os.listdir("/proc/self/fd"))
         cold = capture_resource(s.objects, data_dir, first.state, NO_EXCLUDES,
                                 on_file=lambda size: warming.append(_warm_threads()))
@@ -756,6 +765,11 @@ def test_a_full_walk_of_uncached_inodes_lstats_them_ahead_on_threads(
     assert cached.counters.warmed == capture.COLD_SAMPLE  # a sample, found cached
     assert cold.counters.warmed == capture.COLD_SAMPLE + len(first.state.files) == 1004
     assert max(warming) > 0 and _warm_threads() == 0  # none outlives the walk
+    # The threads lstat'ed the known files, in the walk's order (the walk may finish
+    # before they do: what they had not started is dropped).
+    assert warmed_paths and set(warmed_paths) <= set(first.state.files)
+    known = list(first.state.files)
+    assert warmed_paths[0] in known[:capture.WARM_CHUNK * capture.WALK_WARM_THREADS]
     assert cold.root == cached.root and cold.changed_files == cached.changed_files == 11
     assert cold.counters.lstats == cached.counters.lstats  # the walk's own, not counted
     assert cold.state.files == cached.state.files

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import errno
-import functools
 import itertools
 import logging
 import os
@@ -238,11 +237,7 @@ class _Walker:
         paths = list(self.prev.files)  # the last walk's order is this one's
         if len(paths) < WARM_AHEAD_MIN or not self._looks_cold(root_fd, paths):
             return
-        self._warming = cf.ThreadPoolExecutor(WALK_WARM_THREADS,
-                                              thread_name_prefix=WARM_THREAD_PREFIX)
-        for start in range(0, len(paths), WARM_CHUNK):
-            chunk = paths[start:start + WARM_CHUNK]
-            self._warming.submit(_lstat_all_quietly, root_fd, chunk)
+        self._warming = _lstat_ahead(root_fd, paths, WALK_WARM_THREADS, WARM_CHUNK)
         self.counters.warmed += len(paths)
 
     def stop_warming(self) -> None:
@@ -631,10 +626,19 @@ def _warm_inodes(dfd: int, paths: Collection[bytes]) -> int:
     inodes of each path and its directories to be cached before the walk needs them, in
     the order it needs them; returns how many were lstat'ed. Failures do not matter here:
     the walk meets them again."""
-    with cf.ThreadPoolExecutor(WARM_THREADS, thread_name_prefix=WARM_THREAD_PREFIX) as pool:
-        for _ in pool.map(functools.partial(_lstat_quietly, dfd), paths):
-            pass
+    _lstat_ahead(dfd, list(paths), WARM_THREADS, 1).shutdown(wait=True)
     return len(paths)
+
+
+def _lstat_ahead(dfd: int, paths: list[bytes], threads: int, chunk: int
+                 ) -> cf.ThreadPoolExecutor:
+    """Start lstat'ing `paths` (relative to `dfd`) on `threads` threads, in order,
+    `chunk` paths a task, only to fill the caches; the caller shuts the pool down (and
+    keeps `dfd` open until then)."""
+    pool = cf.ThreadPoolExecutor(threads, thread_name_prefix=WARM_THREAD_PREFIX)
+    for start in range(0, len(paths), chunk):
+        pool.submit(_lstat_all_quietly, dfd, paths[start:start + chunk])
+    return pool
 
 
 def _lstat_all_quietly(dfd: int, paths: list[bytes]) -> None:
