@@ -329,3 +329,60 @@ def test_open_cached_opens_a_cached_path_and_refuses_a_missing_one(tmp_path: Pat
     assert not missing.exists()  # the miss is cached now (a negative dentry)
     with pytest.raises(FileNotFoundError):
         open_cached(str(missing))
+
+
+def test_a_tree_load_reads_the_tree_database_ahead(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader's tree load asks the kernel for the whole tree database, so the next
+    loads of a walk of the view find their pages cached; at most once a
+    READ_AHEAD_EVERY_S, never for a file over READ_AHEAD_MAX, never for the writer.
+    Counted with mincore(2)."""
+    from dwsd.store import treedb
+    from dwsd.store.tree import FILE, Entry, encode_tree
+    from tests.fusehelp import page_vector, wait_until
+    with Store.open(tmp_path / "s", create=True) as store:
+        store.objects.start_log()
+        # Random names: the rows must not compress into a few pages.
+        ids = [store.objects.put("trees", encode_tree(
+            [Entry(os.urandom(24).hex().encode(), FILE, 0o644, 0, 0, i, 1, ref="ab" * 32)
+             for _ in range(20)])) for i in range(1500)]
+        store.objects.make_durable()
+    path = tmp_path / "s" / "objects" / "trees.db"
+    assert not path.with_name("trees.db-wal").exists()  # all in the file (last close)
+
+    def drop() -> int:
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        return sum(page_vector(path))
+
+    monkeypatch.setattr(treedb, "READ_AHEAD_EVERY_S", 3600.0)
+    pages = len(page_vector(path))
+    assert pages > 200
+    reader = treedb.TreeDB(path, readonly=True)
+    try:
+        if drop() > 0:
+            pytest.skip("this file system keeps a dropped file's pages (tmpfs?)")
+        assert reader.get(ids[0]) is not None
+        wait_until(lambda: all(page_vector(path)), timeout=10, what="the whole file cached")
+        drop()
+        assert reader.get(ids[-1]) is not None  # within the interval: its own pages only
+        assert sum(page_vector(path)) < pages // 2
+    finally:
+        reader.close()
+    monkeypatch.setattr(treedb, "READ_AHEAD_MAX", len(page_vector(path)) * 4096 - 1)
+    reader = treedb.TreeDB(path, readonly=True)  # a new one is due to read ahead
+    try:
+        drop()
+        assert reader.get(ids[0]) is not None
+        assert sum(page_vector(path)) < pages // 2  # too large to be asked for
+    finally:
+        reader.close()
+    monkeypatch.setattr(treedb, "READ_AHEAD_MAX", 64 << 20)
+    writer = treedb.TreeDB(path)  # a capture's loads are few: they read their own pages
+    try:
+        drop()
+        assert writer.get(ids[0]) is not None
+        assert sum(page_vector(path)) < pages // 2
+    finally:
+        writer.close()

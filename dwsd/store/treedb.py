@@ -25,13 +25,26 @@ zlib took 125-160 us and kept 57% (zlib's set-up per call dominates at that size
 decompresses in half zlib's time. Rows moved in from a format-1 store stay zlib streams;
 `_decompress` tells the two apart by zstd's frame magic.
 
+A tree load through a read-only connection (the view's) first asks the kernel to read
+the whole database file in (`_read_ahead`, asynchronous, at most once a
+READ_AHEAD_EVERY_S). A walk loads trees in an order that has nothing to do with their
+place in the file, so from a cold cache every load waited for its own 4 KiB reads: on the
+bench store (1.3 MB of trees), a cold walk of the view took 0.66-0.76 s without and
+0.56-0.64 s with it (4 alternating rounds), and the view served it with 0.08 s less CPU.
+The writer does not: a capture loads only the trees on its dirty paths, and reading the
+whole file and its log for those made a cold dirty-path snapshot 0.02-0.04 s slower (3
+alternating rounds). A file over READ_AHEAD_MAX is left to SQLite's own reads: asked for
+much more than a walk needs, the kernel would read what it then evicts.
+
 One connection per ObjectStore, shared by its threads (capture, view workers) under a
 lock. Every method blocks.
 """
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -56,6 +69,8 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 # enough that a corrupt frame header cannot make a reader allocate without bound.
 _MAX_TREE_BYTES = 1 << 30
 _decompressors = threading.local()
+READ_AHEAD_EVERY_S = 1.0
+READ_AHEAD_MAX = 64 << 20  # about 50,000 trees
 
 
 class TreeDB:
@@ -66,6 +81,7 @@ class TreeDB:
         self.readonly = readonly
         self._lock = threading.Lock()
         self._closed = False
+        self._next_read_ahead = 0.0  # time.monotonic() from which a load reads ahead
         # Trees added and not yet flushed: id -> uncompressed encoding.
         self._buffer: dict[ObjectId, bytes] = {}
         self._buffered_bytes = 0
@@ -102,6 +118,8 @@ class TreeDB:
 
     def get(self, oid: ObjectId) -> bytes | None:
         """The encoding of tree `oid` (uncompressed, not verified), or None."""
+        if self.readonly:
+            self._read_ahead()
         stored = self._lookup(oid, "SELECT data FROM trees WHERE id = ?", "reading a tree")
         if stored is None or isinstance(stored, bytes):
             return stored  # absent, or still in the buffer (uncompressed)
@@ -109,6 +127,28 @@ class TreeDB:
             return _decompress(stored[0])
         except (zlib.error, zstandard.ZstdError, ValueError):
             raise CorruptObjectError(f"tree {oid} is corrupt (does not decompress)") from None
+
+    def _read_ahead(self) -> None:
+        """Ask the kernel to read the database and its log into the page cache, unless
+        asked less than READ_AHEAD_EVERY_S ago or the file is over READ_AHEAD_MAX. Two
+        threads may both ask at once: that costs a lookup of cached pages, nothing
+        more. Advice only: a failure changes nothing."""
+        now = time.monotonic()
+        if now < self._next_read_ahead:
+            return
+        self._next_read_ahead = now + READ_AHEAD_EVERY_S
+        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue  # no log: nothing to read
+            try:
+                if os.fstat(fd).st_size <= READ_AHEAD_MAX:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
     def has(self, oid: ObjectId) -> bool:
         return self._lookup(oid, "SELECT 1 FROM trees WHERE id = ?",
