@@ -25,16 +25,19 @@ zlib took 125-160 us and kept 57% (zlib's set-up per call dominates at that size
 decompresses in half zlib's time. Rows moved in from a format-1 store stay zlib streams;
 `_decompress` tells the two apart by zstd's frame magic.
 
-A tree load through a read-only connection (the view's) first asks the kernel to read
-the whole database file in (`_read_ahead`, asynchronous, at most once a
+A tree load through a read-only connection (the view's) first has a thread ask the
+kernel to read the whole database file in (`_read_ahead`, at most once a
 READ_AHEAD_EVERY_S). A walk loads trees in an order that has nothing to do with their
-place in the file, so from a cold cache every load waited for its own 4 KiB reads: on the
-bench store (1.3 MB of trees), a cold walk of the view took 0.66-0.76 s without and
-0.56-0.64 s with it (4 alternating rounds), and the view served it with 0.08 s less CPU.
-The writer does not: a capture loads only the trees on its dirty paths, and reading the
-whole file and its log for those made a cold dirty-path snapshot 0.02-0.04 s slower (3
-alternating rounds). A file over READ_AHEAD_MAX is left to SQLite's own reads: asked for
-much more than a walk needs, the kernel would read what it then evicts.
+place in the file (rows are keyed by id), so from a cold cache every load waited for its
+own 4 KiB reads. Cold walks of the bench snapshot, 4 alternating rounds: with 1.3 MB of
+trees, 0.66-0.76 s without and 0.56-0.64 s with it, and the view served it with 0.08 s
+less CPU; with 7.7 MB (many more snapshots' trees), 0.66-0.85 against 0.62-0.70 s. The
+thread is why the larger file gains at all: asked inline, the kernel allocates the pages
+before the load goes on, and the walk was no faster. The writer does not read ahead: a
+capture loads only the trees on its dirty paths, and reading the whole file and its log
+for those made a cold dirty-path snapshot 0.02-0.04 s slower (3 alternating rounds). A
+file over READ_AHEAD_MAX is left to SQLite's own reads: a walk of one snapshot needs a
+part of it, and the rest would cost memory and disk time.
 
 One connection per ObjectStore, shared by its threads (capture, view workers) under a
 lock. Every method blocks.
@@ -70,7 +73,7 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _MAX_TREE_BYTES = 1 << 30
 _decompressors = threading.local()
 READ_AHEAD_EVERY_S = 1.0
-READ_AHEAD_MAX = 64 << 20  # about 50,000 trees
+READ_AHEAD_MAX = 16 << 20  # about 13,000 trees
 
 
 class TreeDB:
@@ -129,14 +132,21 @@ class TreeDB:
             raise CorruptObjectError(f"tree {oid} is corrupt (does not decompress)") from None
 
     def _read_ahead(self) -> None:
-        """Ask the kernel to read the database and its log into the page cache, unless
-        asked less than READ_AHEAD_EVERY_S ago or the file is over READ_AHEAD_MAX. Two
-        threads may both ask at once: that costs a lookup of cached pages, nothing
-        more. Advice only: a failure changes nothing."""
+        """Start a thread that asks the kernel to read the database and its log into
+        the page cache, unless one was started less than READ_AHEAD_EVERY_S ago. Two
+        threads may both start one: that costs a lookup of cached pages, nothing more.
+        Never blocks."""
         now = time.monotonic()
         if now < self._next_read_ahead:
             return
         self._next_read_ahead = now + READ_AHEAD_EVERY_S
+        threading.Thread(target=self._advise_will_need, name="trees read ahead",
+                         daemon=True).start()
+
+    def _advise_will_need(self) -> None:
+        """POSIX_FADV_WILLNEED on the database and its log, each unless it is over
+        READ_AHEAD_MAX (blocks while the kernel allocates the pages). Advice only: a
+        failure changes nothing."""
         for path in (self.path, self.path.with_name(self.path.name + "-wal")):
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
