@@ -6,7 +6,8 @@ after-catalog-commit, restore-file (before each restore action), restore-temp-wr
 restored file written under its temp name, not yet renamed into place),
 delete-before-commit (a delete made in memory, the catalog not yet replaced),
 after-delete-commit (deleted from the catalog by prune or delete, gc not run), gc-remove
-(before each object gc removes).
+(before each object gc removes), state-rewritten (a capture state written whole, the
+log of the one it replaced not yet removed).
 The variable is read once, at import: a crash point runs for every object written, and
 with the variable unset it costs one test of a constant.
 """

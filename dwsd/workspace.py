@@ -25,7 +25,8 @@ from dwsd.config import Config, Resource, load_config
 from dwsd.errors import DwsdError, RestoreError, TagError, UsageError
 from dwsd.snapshot.capture import CaptureCounters, CaptureResult, TreeCache, capture_resource
 from dwsd.snapshot.exclude import ExcludeMatcher
-from dwsd.snapshot.statcache import CaptureState, load_state, save_state
+from dwsd.snapshot.statcache import CaptureState, SavedState, file_changes, load_state, \
+    save_state
 from dwsd.store.catalog import KINDS, Counts, SnapshotRecord, check_tag, hostname, \
     manifest_hash
 from dwsd.store.ids import ObjectId
@@ -147,6 +148,7 @@ class Workspace:
         # Resources whose state in memory is this process's own last capture.
         self._captured_here: set[str] = set()
         self._unsaved: set[str] = set()  # ... and not yet written to disk
+        self._saved: dict[str, SavedState | None] = {}  # what is on disk, if known
         self._trees = TreeCache()  # decoded trees, from one capture to the next
         self._saved_at = time.monotonic()
         # Why the interrupted restore could not be completed when the workspace was
@@ -269,7 +271,7 @@ class Workspace:
     def _state(self, name: str) -> CaptureState:
         """The capture state of a resource, kept in memory after the first load."""
         if name not in self._states:
-            self._states[name] = load_state(self.store.state_dir, name)
+            self._states[name], self._saved[name] = load_state(self.store.state_dir, name)
         return self._states[name]
 
     def _capture(self, resource: Resource, paths: Collection[bytes] | None,
@@ -331,34 +333,45 @@ class Workspace:
         return latest is not None and latest.resources.get(name) == state.root
 
     def _keep_states(self, captures: dict[str, CaptureResult], walked: bool) -> None:
-        """Keep the new capture states in memory; write them to disk at once after a
-        capture that read many files (costly to redo: a first snapshot), else at most
-        every STATE_SAVE_EVERY seconds and on close. Writing is O(tree), which a small
-        snapshot should not pay; after a crash, a state on disk that is not the latest
+        """Keep the new capture states in memory and save them: a state whose changes
+        since it was saved are known (after a dirty-path capture) at once, as a record
+        of those changes (O(changes), see statcache); one to be written whole (O(tree),
+        which a small snapshot should not pay) at once after a capture that read many
+        files (costly to redo: a first snapshot), else at most every STATE_SAVE_EVERY
+        seconds and on close. After a crash, a state on disk that is not the latest
         costs a full walk that re-reads only the files changed since it was written."""
         if self.store.objects.log.objects_written:
             self.store.objects.make_durable()  # the states name these objects
         for name, capture in captures.items():
-            before = self._states.get(name)
-            # An idle full walk writes nothing; comparing is O(files), which a
-            # dirty-path snapshot (saved only every STATE_SAVE_EVERY) need not pay.
-            # Compared before `keep`, which writes a dirty-path capture's changes into
-            # the files `before` holds.
-            if not walked or before is None or before != capture.state:
+            before, state = self._states.get(name), capture.state
+            if state.unsaved is None and before is not None and before.unsaved is not None:
+                # A full walk's new state, over one whose saved copy is known: its
+                # changes are what the walk found different.
+                changes = file_changes(before, state)
+                state.unsaved = {**before.unsaved, **changes}
+                if changes or state.root != before.root:
+                    self._unsaved.add(name)
+            # A dirty-path capture's state (derived) adds its changes in `keep`.
+            elif not walked or before is None or before != state:
                 self._unsaved.add(name)
-            capture.state.keep()
-            self._states[name] = capture.state
+            state.keep()
+            self._states[name] = state
             self._captured_here.add(name)
         read = sum(c.counters.files_opened for c in captures.values())
-        if read >= SAVE_AFTER_READING or time.monotonic() - self._saved_at >= STATE_SAVE_EVERY:
-            self.save_states()
+        due = time.monotonic() - self._saved_at >= STATE_SAVE_EVERY
+        self.save_states(whole=read >= SAVE_AFTER_READING or due)
 
-    def save_states(self) -> None:
-        """Write the capture states not yet on disk (blocks)."""
+    def save_states(self, whole: bool = True) -> None:
+        """Write the capture states not yet on disk (blocks); with `whole` False, only
+        those that can be saved as a record of their changes."""
         for name in sorted(self._unsaved):
-            save_state(self.store.state_dir, name, self._states[name])
-        self._unsaved.clear()
-        self._saved_at = time.monotonic()
+            saved = save_state(self.store.state_dir, name, self._states[name],
+                               self._saved.get(name), whole)
+            self._saved[name] = saved  # None: the next save of it must be whole
+            if saved is not None:
+                self._unsaved.discard(name)
+        if whole:
+            self._saved_at = time.monotonic()
 
     # -- diff ---------------------------------------------------------------------------
 
@@ -562,7 +575,7 @@ class Workspace:
 
     def _all_states(self) -> list[CaptureState]:
         names = [p.name[:-len(".state")] for p in self.store.state_dir.glob("*.state")]
-        return [load_state(self.store.state_dir, n) for n in names]
+        return [load_state(self.store.state_dir, n)[0] for n in names]
 
     def check(self, read_data: bool = False) -> CheckResult:
         return check_store(self.store.objects, self.store.catalog, read_data)

@@ -208,3 +208,29 @@ def test_crash_mid_delete(setup: tuple[Path, Path], point: str, deleted: bool) -
         assert_consistent(ws, data)
         ws.gc()
         assert ws.check(read_data=True).ok
+
+
+def test_a_crash_between_a_state_rewrite_and_its_log_removal_ignores_the_old_log(
+        setup: tuple[Path, Path]) -> None:
+    # The log left behind holds changes to the state file the rewrite replaced: applied
+    # to the new one, they would undo what it holds.
+    config, data = setup
+    changed = [os.fsencode(p.relative_to(data)) for p in sorted(data.rglob("*.txt"))[::10]]
+    with Workspace.open(config) as ws:
+        log = ws.store.state_dir / "data.state.log"
+        ws.snapshot(tags=["logged"], dirty={"data": changed + [b"extra"]})
+    assert log.stat().st_size > 0  # the dirty-path snapshot's record
+    trees.write(data / "d0000" / "f000001.txt", b"changed again")
+    crash(config, "snapshot-state-whole", "state-rewritten")
+    assert log.exists()
+    trees.write(data / "d0001" / "f000031.txt", b"after the crash")
+    with Workspace.open(config) as ws:
+        assert ws.get("latest").tags == ("crashed",)
+        result = ws.snapshot(tags=["after"], dirty={"data": [b"d0001/f000031.txt"]})
+        # The state is the crashed snapshot's, so only the dirty path was looked at.
+        assert result.captures["data"].counters.dirs_listed == 0
+        rec = result.record
+        assert rec is not None
+        stored = trees.describe_snapshot(ws.store.objects, rec.resources["data"])
+    assert stored == trees.describe_source(data)
+    assert not log.exists()  # the next save wrote the state whole

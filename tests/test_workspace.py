@@ -229,3 +229,68 @@ def test_dirty_paths_still_apply_after_a_checkpoint_that_reverted_content(
     assert (data.files_opened, data.lstats) == (1, 1)
     full = ws.snapshot(tags=["full"], full=["data", "code"])
     assert full.record is not None and full.record.id == result.record.id
+
+
+def test_a_dirty_path_snapshot_saves_its_state_as_a_record_of_its_changes(
+        tmp_path: Path, write_config: WriteConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """O(changes) on disk too: the state file is left as it is and the changes (an
+    edit, a new file, a deleted one) go to its log, at once; loading replays the log to
+    the state in memory, stops at a torn record, and a log past its limit is folded
+    into a new state file."""
+    from dwsd.snapshot import statcache
+    data = tmp_path / "data"
+    files = trees.make_many_files(data, 2000)
+    with Workspace.open(write_config({"data": data})) as ws:
+        ws.snapshot()
+        ws.save_states()
+        state_file = ws.store.state_dir / "data.state"
+        log = ws.store.state_dir / "data.state.log"
+        before = state_file.stat()
+        files[5].write_bytes(b"edited")
+        trees.write(data / "d0001" / "new.txt", b"new")
+        files[7].unlink()
+        trees.settle()  # read after the racy window: the next walk trusts them
+        paths = [os.fsencode(p.relative_to(data)) for p in (files[5], files[7])]
+        # With the directories whose names changed, as the watcher reports them.
+        first = ws.snapshot(dirty={"data": paths + [b"d0000", b"d0001", b"d0001/new.txt"]}
+                            ).record
+        after = state_file.stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+        assert 0 < log.stat().st_size < before.st_size / 50
+        loaded, saved = statcache.load_state(ws.store.state_dir, "data")
+        assert loaded == ws._states["data"] and saved is not None and saved.records == 1
+        assert b"d0000/f000007.txt" not in loaded.files and b"d0001/new.txt" in loaded.files
+        one_record = log.stat().st_size
+        assert ws.snapshot(kind="periodic").record is None  # an idle full walk: no record
+        assert log.stat().st_size == one_record
+        # A full walk that finds changes logs them too.
+        files[9].write_bytes(b"edited too")
+        files[10].unlink()
+        trees.settle()
+        second = ws.snapshot(kind="periodic")
+        assert second.record is not None and first is not None
+        assert second.captures["data"].counters.files_opened == 1
+        loaded, saved = statcache.load_state(ws.store.state_dir, "data")
+        assert loaded == ws._states["data"] and saved is not None and saved.records == 2
+        assert state_file.stat().st_ino == before.st_ino
+        # A torn last record: the state before it, and no more appending to that log.
+        with open(log, "r+b") as f:
+            f.truncate(log.stat().st_size - 3)
+        loaded, saved = statcache.load_state(ws.store.state_dir, "data")
+        assert saved is None and loaded.root == first.resources["data"]
+        assert loaded.files[b"d0000/f000009.txt"] != ws._states["data"].files[
+            b"d0000/f000009.txt"]
+        with open(log, "r+b") as f:
+            f.truncate(one_record)
+        # A full log: the change waits for the whole write (due later, or at close).
+        monkeypatch.setattr(statcache, "LOG_MIN_LIMIT", 0)
+        monkeypatch.setattr(statcache, "LOG_LIMIT_FRACTION", 0.0)
+        files[11].write_bytes(b"edited at last")
+        ws.snapshot(dirty={"data": [os.fsencode(files[11].relative_to(data))]})
+        assert log.stat().st_size == one_record and state_file.stat().st_ino == before.st_ino
+    assert not log.exists() and state_file.stat().st_ino != before.st_ino  # at close
+    with Workspace.open(write_config({"data": data})) as ws:
+        loaded, saved = statcache.load_state(ws.store.state_dir, "data")
+        assert saved is not None and saved.records == 0
+        assert loaded.files[b"d0000/f000011.txt"].size == len(b"edited at last")
+        assert loaded.root == ws.get("latest").resources["data"]

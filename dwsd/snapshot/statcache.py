@@ -12,17 +12,35 @@ re-read next time. Untrusted entries are kept (for counts) with ctime -1, never 
 Stored as `<store>/state/<resource>.state` (marshal: no code execution on load). The state
 is only a cache: it is written after the catalog commit, and a missing or unreadable one
 just means a full read.
+
+Written whole, a state costs O(files): 2.9 MB and 20-100 ms for the bench set's 20,204
+files, a second and 150 MB for a million. So a state whose changes since it was last
+written are known (a dirty-path capture's, `CaptureState.unsaved`) is saved as one record
+appended to `<resource>.state.log` instead: O(changes). A record names the state file it
+applies to (`epoch`, random, new with each whole write), its place in the chain (`seq`)
+and the root it starts from (`base`); it carries its own length and CRC-32. Loading applies
+the records in order and stops at the first that is torn, from another epoch or out of
+chain, and then the next save writes the state whole (and removes the log). A whole write
+is also due once the log has grown past LOG_LIMIT_FRACTION of the state file. Records
+are not fsynced either: a power cut leaves the state of an earlier record, which costs
+a full walk (the workspace's state is then not the latest snapshot's) that re-reads only
+the files changed since.
 """
 from __future__ import annotations
 
 import logging
 import marshal
+import os
+import secrets
+import struct
 import time
+import zlib
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+from dwsd.crashpoints import crash_point
 from dwsd.store.fsutil import atomic_write
 from dwsd.store.ids import ObjectId
 from dwsd.store.tree import Xattrs
@@ -33,6 +51,12 @@ _VERSION = 1
 _CLOCK_REALTIME_COARSE = 5  # Linux constant; not exported by the time module
 RACY_WINDOW_NS = max(2 * int(time.clock_getres(_CLOCK_REALTIME_COARSE) * 1e9), 0) + 2_000_000
 UNTRUSTED = -1
+LOG_SUFFIX = ".log"  # <resource>.state.log
+# The log is written whole again (with the state) once it passes this part of the state
+# file, or LOG_MIN_LIMIT: loading replays it all, and a state is mostly read at start.
+LOG_LIMIT_FRACTION = 0.25
+LOG_MIN_LIMIT = 1 << 20
+_FRAME = struct.Struct("<II")  # record length, CRC-32 of the record
 
 
 class CachedFile(NamedTuple):
@@ -106,6 +130,10 @@ class CaptureState:
     # the next full walk keep an unchanged directory's id without encoding it again (it
     # is checked against that tree's entries). In memory only, never saved.
     dirs: dict[bytes, ObjectId] = field(default_factory=dict, compare=False, repr=False)
+    # The files changed (None: dropped) since this state was as its saved copy, or None
+    # when that is not known (a new state, a full walk's): then it is saved whole.
+    unsaved: dict[bytes, CachedFile | None] | None = field(default=None, compare=False,
+                                                          repr=False)
     _count: int = field(default=-1, compare=False, repr=False)
     _bytes: int = field(default=0, compare=False, repr=False)
 
@@ -126,13 +154,17 @@ class CaptureState:
         self.keep()
         count, size = self.totals()
         files = self.files if isinstance(self.files, dict) else dict(self.files)
-        return CaptureState(self.root, _Changes(files), dict(self.dirs), count, size)
+        # The new state shares `unsaved`, and adds its changes to it only in `keep`.
+        return CaptureState(self.root, _Changes(files), dict(self.dirs), self.unsaved,
+                            count, size)
 
     def keep(self) -> None:
         """Make this state stand alone: a derived state's changes are written into the
         files of the state it was derived from (O(changes)), which must not be used
         after this. Nothing to do for any other state."""
         if isinstance(self.files, _Changes):
+            if self.unsaved is not None:
+                self.unsaved.update(self.files.changed)
             self.files = self.files.apply()
 
     def put(self, relpath: bytes, cached: CachedFile) -> None:
@@ -161,33 +193,164 @@ class CaptureState:
             self.drop(key)
 
 
+class SavedState(NamedTuple):
+    """What a resource's state files hold, as this process last read or wrote them."""
+    epoch: str               # of the state file, named by each record of its log
+    root: ObjectId | None    # after the last record
+    records: int
+    log_bytes: int
+    state_bytes: int
+
+    def log_is_full(self) -> bool:
+        return self.log_bytes >= max(LOG_MIN_LIMIT, self.state_bytes * LOG_LIMIT_FRACTION)
+
+
+def file_changes(old: CaptureState, new: CaptureState) -> dict[bytes, CachedFile | None]:
+    """What `new`'s files change in `old`'s (None: dropped), for states that share
+    CachedFile objects as a full walk does (it keeps an unchanged file's object): an
+    equal file that is not the same object counts as changed. O(files), no comparing
+    of values: 2 ms for 20,000 files."""
+    before, after = old.files, new.files
+    changes: dict[bytes, CachedFile | None] = {
+        k: v for k, v in after.items() if before.get(k) is not v}
+    changes.update((k, None) for k in before if k not in after)
+    return changes
+
+
 def state_path(state_dir: Path, resource: str) -> Path:
     return state_dir / f"{resource}.state"
 
 
-def load_state(state_dir: Path, resource: str) -> CaptureState:
-    """The saved state, or an empty one when absent or unreadable (logged)."""
+def log_path(state_dir: Path, resource: str) -> Path:
+    return state_dir / f"{resource}.state{LOG_SUFFIX}"
+
+
+def load_state(state_dir: Path, resource: str) -> tuple[CaptureState, SavedState | None]:
+    """The saved state with its log applied, or an empty one when absent or unreadable
+    (logged); and what is on disk, or None when the next save must write it whole (no
+    epoch: a state written before logs; a log with a record that does not apply)."""
     path = state_path(state_dir, resource)
     try:
-        raw = marshal.loads(path.read_bytes())
+        data = path.read_bytes()
+        raw = marshal.loads(data)
         if raw["v"] != _VERSION:
-            return CaptureState()
-        files = {k: CachedFile(v[0], v[1], v[2], v[3], v[4],
-                               tuple((x[0], x[1]) for x in v[5]))
-                 for k, v in raw["files"].items()}
-        return CaptureState(root=raw["root"], files=files)
+            return CaptureState(), None
+        files = {k: _cached(v) for k, v in raw["files"].items()}
     except FileNotFoundError:
-        return CaptureState()
-    except (OSError, ValueError, EOFError, TypeError, KeyError) as exc:
+        return CaptureState(), None
+    except (OSError, ValueError, EOFError, TypeError, KeyError, IndexError) as exc:
         log.info("ignoring unreadable capture state %s (%s): files will be re-read",
                  path, exc)
-        return CaptureState()
+        return CaptureState(), None
+    state = CaptureState(root=raw["root"], files=files, unsaved={})
+    epoch = raw.get("epoch")
+    if not isinstance(epoch, str):
+        return state, None
+    saved = _replay(log_path(state_dir, resource), state,
+                    SavedState(epoch, state.root, 0, 0, len(data)))
+    return state, saved
 
 
-def save_state(state_dir: Path, resource: str, state: CaptureState) -> None:
-    """Replace the saved state atomically (blocks). Not fsynced: after a power cut it may
-    be the previous state or unreadable, and both only cost re-reading (the workspace
-    walks a resource whole when its state is not the latest snapshot's)."""
-    raw = {"v": _VERSION, "root": state.root,
-           "files": {k: tuple(v) for k, v in state.files.items()}}
-    atomic_write(state_path(state_dir, resource), marshal.dumps(raw), durable=False)
+def _cached(v: Any) -> CachedFile:
+    """A CachedFile from its saved tuple (raises on a malformed one)."""
+    return CachedFile(v[0], v[1], v[2], v[3], v[4], tuple((x[0], x[1]) for x in v[5]))
+
+
+def _replay(path: Path, state: CaptureState, saved: SavedState) -> SavedState | None:
+    """Apply the records of the log at `path` to `state` (loaded from the file `saved`
+    describes), in order, up to the first that does not apply; the SavedState after
+    them, or None when one did not apply (then the log is not appended to again)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return saved
+    except OSError as exc:
+        log.info("ignoring unreadable capture state log %s (%s)", path, exc)
+        return None
+    pos = 0
+    while pos < len(data):
+        record = _record_at(data, pos)
+        if record is None:
+            log.info("capture state log %s: torn record at byte %d; the state is the one "
+                     "before it", path, pos)
+            return None
+        try:
+            raw = marshal.loads(record)
+            if (raw["epoch"] != saved.epoch or raw["seq"] != saved.records + 1
+                    or raw["base"] != saved.root):
+                log.info("capture state log %s: the record at byte %d does not follow; "
+                         "the state is the one before it", path, pos)
+                return None
+            changes = {k: None if v is None else _cached(v) for k, v in raw["files"].items()}
+        except (ValueError, EOFError, TypeError, KeyError, IndexError) as exc:
+            log.info("capture state log %s: unreadable record at byte %d (%s)", path, pos,
+                     exc)
+            return None
+        assert isinstance(state.files, dict)
+        for key, value in changes.items():
+            if value is None:
+                state.files.pop(key, None)
+            else:
+                state.files[key] = value
+        state.root = raw["root"]
+        pos += _FRAME.size + len(record)
+        saved = saved._replace(root=state.root, records=saved.records + 1, log_bytes=pos)
+    return saved
+
+
+def _record_at(data: bytes, pos: int) -> bytes | None:
+    """The record framed at `pos`, or None when it is torn or its CRC differs."""
+    if pos + _FRAME.size > len(data):
+        return None
+    length, crc = _FRAME.unpack_from(data, pos)
+    record = data[pos + _FRAME.size:pos + _FRAME.size + length]
+    if len(record) != length or zlib.crc32(record) != crc:
+        return None
+    return record
+
+
+def save_state(state_dir: Path, resource: str, state: CaptureState,
+               saved: SavedState | None, whole: bool = True) -> SavedState | None:
+    """Save `state` (blocks): as a record appended to the log when its changes since
+    `saved` (what is on disk) are known and the log has room, else, if `whole`, as a
+    new state file (the log removed). Returns what is on disk then; None when only a
+    whole write would do and `whole` is False (then the next save must be whole). Not
+    fsynced: see the module docstring."""
+    if (saved is not None and state.unsaved is not None and state.root is not None
+            and not saved.log_is_full()):
+        record = marshal.dumps({
+            "epoch": saved.epoch, "seq": saved.records + 1, "base": saved.root,
+            "root": state.root,
+            "files": {k: None if v is None else tuple(v) for k, v in state.unsaved.items()}})
+        frame = _FRAME.pack(len(record), zlib.crc32(record)) + record
+        try:
+            fd = os.open(log_path(state_dir, resource),
+                         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            try:
+                written = os.write(fd, frame)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # the snapshot is recorded; the state can wait
+            log.warning("cannot append to the capture state log of %s: %s", resource,
+                        exc.strerror)
+            written = 0
+        # A short write leaves a torn record, which ends the log for the next load; so
+        # a failed append is followed by a whole write (None below).
+        if written == len(frame):
+            state.unsaved = {}
+            return saved._replace(root=state.root, records=saved.records + 1,
+                                  log_bytes=saved.log_bytes + len(frame))
+    if not whole:
+        return None
+    epoch = secrets.token_hex(8)
+    data = marshal.dumps({"v": _VERSION, "root": state.root, "epoch": epoch,
+                          "files": {k: tuple(v) for k, v in state.files.items()}})
+    atomic_write(state_path(state_dir, resource), data, durable=False)
+    crash_point("state-rewritten")
+    # After the new file: a log left by a crash here names the old epoch, and is ignored.
+    try:
+        os.unlink(log_path(state_dir, resource))
+    except FileNotFoundError:
+        pass
+    state.unsaved = {}
+    return SavedState(epoch, state.root, 0, 0, len(data))
