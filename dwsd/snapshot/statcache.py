@@ -209,7 +209,7 @@ def file_changes(old: CaptureState, new: CaptureState) -> dict[bytes, CachedFile
     """What `new`'s files change in `old`'s (None: dropped), for states that share
     CachedFile objects as a full walk does (it keeps an unchanged file's object): an
     equal file that is not the same object counts as changed. O(files), no comparing
-    of values: 2 ms for 20,000 files."""
+    of values: 2.4-2.7 ms for 20,000 files."""
     before, after = old.files, new.files
     changes: dict[bytes, CachedFile | None] = {
         k: v for k, v in after.items() if before.get(k) is not v}
