@@ -204,7 +204,9 @@ class Workspace:
 
         `dirty=None` walks every resource; otherwise only the listed relative paths of
         the listed resources are examined (resources absent from it are unchanged),
-        except resources named in `full`, which are walked whole.
+        except resources named in `full`, which are walked whole. A directory keeps its
+        recorded metadata unless it is listed itself: list the directory of every name
+        created, deleted or moved (its mtime moved), as the watcher does.
         A periodic snapshot whose content equals an existing snapshot is not recorded;
         a pre-restore one always is (the undo point must be kept by its own policy);
         any other kind adds its tags and message to that snapshot instead.
