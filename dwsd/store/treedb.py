@@ -140,8 +140,11 @@ class TreeDB:
         if now < self._next_read_ahead:
             return
         self._next_read_ahead = now + READ_AHEAD_EVERY_S
-        threading.Thread(target=self._advise_will_need, name="trees read ahead",
-                         daemon=True).start()
+        try:
+            threading.Thread(target=self._advise_will_need, name="trees read ahead",
+                             daemon=True).start()
+        except RuntimeError:  # no thread to be had: the load reads as it would have
+            pass
 
     def _advise_will_need(self) -> None:
         """POSIX_FADV_WILLNEED on the database and its log, each unless it is over
