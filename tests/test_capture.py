@@ -5,6 +5,7 @@ import dataclasses
 import gc
 import os
 import signal
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
@@ -298,6 +299,48 @@ def test_a_dirty_capture_on_threads_stores_and_counts_what_one_thread_would(
                              len(result.state.files))
     assert results["here"] == results["threads"]
     assert results["here"][0] == len(changed)
+
+
+def test_a_cold_dirty_capture_reads_the_tree_database_ahead(
+        store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While it warms its paths, a dirty-path capture that finds them not cached has the
+    tree database read in (its commit looks the new trees' ids up there); one that
+    finds them cached does not. Counted with mincore(2) on a database of many pages."""
+    from dwsd.store.tree import FILE, Entry, encode_tree
+    from tests.fusehelp import page_vector, wait_until
+    for i in range(1500):  # random names: rows that do not compress into a few pages
+        store.objects.put("trees", encode_tree(
+            [Entry(os.urandom(24).hex().encode(), FILE, 0o644, 0, 0, i, 1, ref="ab" * 32)
+             for _ in range(20)]))
+    paths = trees.make_many_files(data_dir, 40)
+    trees.settle()
+    first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    store.objects.make_durable()
+    db = store.objects.root / "trees.db"
+    with sqlite3.connect(db) as con:  # the trees into the file itself, out of the log
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    pages = len(page_vector(db))
+    assert pages > 200
+
+    def cached_after(cold: bool, n: int) -> int:
+        monkeypatch.setattr(capture, "COLD_LSTAT_S", 0.0 if cold else 10.0)
+        for p in paths[:n]:
+            p.write_bytes(f"{p.name} changed {cold} {n}".encode())
+        fd = os.open(db, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        if sum(page_vector(db)) > 0:
+            pytest.skip("this file system keeps a dropped file's pages (tmpfs?)")
+        dirty = [os.fsencode(p.relative_to(data_dir)) for p in paths[:n]]
+        capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES, dirty)
+        for thread in threading.enumerate():
+            if thread.name == "trees read ahead":
+                thread.join(10)
+        return sum(page_vector(db))
+
+    assert cached_after(cold=False, n=10) < pages // 2
+    cached_after(cold=True, n=12)
+    wait_until(lambda: all(page_vector(db)), timeout=10, what="the whole database cached")
 
 
 def test_a_dirty_capture_failing_on_threads_leaves_no_file_open(

@@ -422,7 +422,11 @@ class _Walker:
         if len(paths) >= WARM_AHEAD_MIN and self._looks_cold(root_fd, paths):
             # Not cached (a change made before a restart, a busy machine): the paths'
             # inodes, the files' pages and the store's fan-out directories the new blobs
-            # go to are waits for the disk, and threads overlap them.
+            # go to are waits for the disk, and threads overlap them. So is the tree
+            # database, whose pages the commit of the new trees looks their ids up in:
+            # read in meanwhile, cold snapshots of the bench set's 1% change took
+            # 0.089-0.153 s against 0.099-0.201 s (7 of 8 alternating rounds faster).
+            self.objects.read_trees_ahead()
             self.counters.warmed += _warm_inodes(root_fd, paths)
             self.readers = ThreadReaders(self.objects, DIRTY_READ_THREADS)
         return self._update_dir(root_fd, b"", None, prev_root, _Trie.build(paths))

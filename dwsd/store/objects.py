@@ -109,6 +109,11 @@ class ObjectStore:
             return self.trees.has(validate_object_id(oid))
         return os.path.exists(self._path(kind, oid))
 
+    def read_trees_ahead(self) -> None:
+        """Have the tree database read into the page cache on a thread (see
+        TreeDB.read_ahead; never blocks)."""
+        self.trees.read_ahead()
+
     # -- writing ------------------------------------------------------------------------
 
     def put(self, kind: Kind, data: bytes) -> ObjectId:
