@@ -294,3 +294,25 @@ def test_a_dirty_path_snapshot_saves_its_state_as_a_record_of_its_changes(
         assert saved is not None and saved.records == 0
         assert loaded.files[b"d0000/f000011.txt"].size == len(b"edited at last")
         assert loaded.root == ws.get("latest").resources["data"]
+
+
+def test_a_state_or_log_record_of_the_wrong_shape_is_ignored(tmp_path: Path) -> None:
+    """Marshal data that loads but is not a state (or a record) is read as no state (or
+    the end of the log), never an exception: the files are then read again."""
+    import marshal
+    import struct
+    import zlib
+    from dwsd.snapshot import statcache
+    from dwsd.snapshot.statcache import CachedFile, CaptureState
+    (tmp_path / "r.state").write_bytes(marshal.dumps({"v": 1, "root": None, "files": [1]}))
+    assert statcache.load_state(tmp_path, "r") == (CaptureState(), None)
+    good = CaptureState("ab" * 32, {b"f": CachedFile(1, 2, 3, 4, "cd" * 32, ())})
+    saved = statcache.save_state(tmp_path, "r", good, None)
+    assert saved is not None
+    for files in ([1], {b"g": (1, 2)}, {b"g": 7}):
+        record = marshal.dumps({"epoch": saved.epoch, "seq": 1, "base": saved.root,
+                                "root": "ef" * 32, "files": files})
+        statcache.log_path(tmp_path, "r").write_bytes(
+            struct.pack("<II", len(record), zlib.crc32(record)) + record)
+        state, now = statcache.load_state(tmp_path, "r")
+        assert (state.root, state.files, now) == (good.root, good.files, None)

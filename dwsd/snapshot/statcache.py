@@ -238,7 +238,8 @@ def load_state(state_dir: Path, resource: str) -> tuple[CaptureState, SavedState
         files = {k: _cached(v) for k, v in raw["files"].items()}
     except FileNotFoundError:
         return CaptureState(), None
-    except (OSError, ValueError, EOFError, TypeError, KeyError, IndexError) as exc:
+    except (OSError, ValueError, EOFError, TypeError, KeyError, IndexError,
+            AttributeError) as exc:
         log.info("ignoring unreadable capture state %s (%s): files will be re-read",
                  path, exc)
         return CaptureState(), None
@@ -282,7 +283,8 @@ def _replay(path: Path, state: CaptureState, saved: SavedState) -> SavedState | 
                          "the state is the one before it", path, pos)
                 return None
             changes = {k: None if v is None else _cached(v) for k, v in raw["files"].items()}
-        except (ValueError, EOFError, TypeError, KeyError, IndexError) as exc:
+        except (ValueError, EOFError, TypeError, KeyError, IndexError,
+                AttributeError) as exc:
             log.info("capture state log %s: unreadable record at byte %d (%s)", path, pos,
                      exc)
             return None
