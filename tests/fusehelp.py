@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import IO, Callable, Iterator, Mapping, Sequence
@@ -206,6 +207,35 @@ def cached_pages(path: Path) -> tuple[int, int]:
     """(pages of `path` in the page cache, pages of `path`): see page_vector."""
     vec = page_vector(path)
     return sum(vec), len(vec)
+
+
+def drop_pages(path: Path) -> int:
+    """Drop `path`'s (clean) pages from the page cache; how many are still there (more
+    than 0 on a filesystem that keeps them, tmpfs)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return sum(page_vector(path))
+
+
+def disk_reads_during(action: Callable[[], object]) -> int:
+    """Bytes this process had read from storage while `action` ran, the tree database
+    read-ahead threads it started included (joined first). From /proc/self/io's
+    read_bytes, which counts a read when it is submitted: a read-ahead's pages reach
+    the page cache later (mincore sees few of them when its thread ends)."""
+    before = _disk_read_bytes()
+    action()
+    for thread in threading.enumerate():
+        if thread.name == "trees read ahead":
+            thread.join(10)
+    return _disk_read_bytes() - before
+
+
+def _disk_read_bytes() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
 
 
 def page_vector(path: Path) -> list[bool]:

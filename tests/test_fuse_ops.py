@@ -21,8 +21,8 @@ from dwsd.fuse.vfs import LATEST, ROOT
 from dwsd.store.ids import ObjectId
 from dwsd.store.store import Store
 from tests import trees
-from tests.fusehelp import (cached_pages, delete_snapshot, page_vector, take_snapshot,
-                             tag_snapshot)
+from tests.fusehelp import (cached_pages, delete_snapshot, drop_pages, page_vector,
+                             take_snapshot, tag_snapshot, wait_until)
 
 TIMEOUT = 10
 
@@ -155,6 +155,25 @@ async def listdir(ops: ViewOps, listing: Listing, inode: int, start: int = 0
     await ops.readdir(fh, start, None)  # type: ignore[arg-type]
     await ops.releasedir(fh)
     return [name for name, _, _ in listing.entries]
+
+
+async def test_a_tree_load_has_the_tree_database_read_ahead(store: Path,
+                                                            listing: Listing) -> None:
+    """A walk loads trees in no order of their rows' place in the tree database: the
+    view's first tree load has all of it read into the page cache (counted with
+    mincore(2)), so the loads after it do not wait for the disk one by one."""
+    with Store.open(store) as writer:
+        writer.objects.start_log()
+        trees.add_random_trees(writer.objects, 1500)
+    db = store / "objects" / "trees.db"
+    pages = len(page_vector(db))
+    assert pages > 200
+    view = make_ops(store, listing)
+    if drop_pages(db) > 0:
+        pytest.skip("this file system keeps a dropped file's pages (tmpfs?)")
+    inode = await resolve(view, b"v1", b"data")
+    await view.releasedir(await view.opendir(inode))
+    wait_until(lambda: all(page_vector(db)), timeout=10, what="the whole database cached")
 
 
 async def test_lookup_open_and_read_a_file(ops: ViewOps) -> None:

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -332,65 +331,37 @@ def test_open_cached_opens_a_cached_path_and_refuses_a_missing_one(tmp_path: Pat
         open_cached(str(missing))
 
 
-def test_a_tree_load_reads_the_tree_database_ahead(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """A reader's tree load asks the kernel for the whole tree database, so the next
-    loads of a walk of the view find their pages cached; at most once a
-    READ_AHEAD_EVERY_S, never for a file over READ_AHEAD_MAX, never for the writer.
-    Counted with mincore(2)."""
+def test_read_ahead_reads_the_whole_tree_database_at_most_once_a_while(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`TreeDB.read_ahead` has the whole database read into the page cache (the next
+    loads of a walk find their pages there: mincore(2)); at most once a
+    READ_AHEAD_EVERY_S, never for a file over READ_AHEAD_MAX, and a plain load reads only
+    its own pages (bytes read from the disk, counted as the reads are submitted)."""
     from dwsd.store import treedb
-    from dwsd.store.tree import FILE, Entry, encode_tree
-    from tests.fusehelp import page_vector, wait_until
+    from tests.fusehelp import disk_reads_during, drop_pages, page_vector, wait_until
     with Store.open(tmp_path / "s", create=True) as store:
         store.objects.start_log()
-        # Random names: the rows must not compress into a few pages.
-        ids = [store.objects.put("trees", encode_tree(
-            [Entry(os.urandom(24).hex().encode(), FILE, 0o644, 0, 0, i, 1, ref="ab" * 32)
-             for _ in range(20)])) for i in range(1500)]
-        store.objects.make_durable()
+        ids = trees.add_random_trees(store.objects, 1500)
     path = tmp_path / "s" / "objects" / "trees.db"
     assert not path.with_name("trees.db-wal").exists()  # all in the file (last close)
-
-    def settled_pages() -> int:
-        """Cached pages once any read-ahead thread has done its asking."""
-        for thread in threading.enumerate():
-            if thread.name == "trees read ahead":
-                thread.join(10)
-        return sum(page_vector(path))
-
-    def drop() -> int:
-        fd = os.open(path, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-        return sum(page_vector(path))
-
+    size = path.stat().st_size
+    assert size > 200 * 4096
+    if drop_pages(path) > 0:
+        pytest.skip("this file system keeps a dropped file's pages (tmpfs?)")
     monkeypatch.setattr(treedb, "READ_AHEAD_EVERY_S", 3600.0)
-    pages = len(page_vector(path))
-    assert pages > 200
     reader = treedb.TreeDB(path, readonly=True)
     try:
-        if drop() > 0:
-            pytest.skip("this file system keeps a dropped file's pages (tmpfs?)")
-        assert reader.get(ids[0]) is not None
+        assert disk_reads_during(lambda: reader.get(ids[0])) < size // 2  # its own pages
+        assert disk_reads_during(reader.read_ahead) >= size // 2
         wait_until(lambda: all(page_vector(path)), timeout=10, what="the whole file cached")
-        drop()
-        assert reader.get(ids[-1]) is not None  # within the interval: its own pages only
-        assert settled_pages() < pages // 2
+        drop_pages(path)
+        assert disk_reads_during(reader.read_ahead) == 0  # within the interval: nothing
     finally:
         reader.close()
-    monkeypatch.setattr(treedb, "READ_AHEAD_MAX", len(page_vector(path)) * 4096 - 1)
+    monkeypatch.setattr(treedb, "READ_AHEAD_MAX", size - 1)
     reader = treedb.TreeDB(path, readonly=True)  # a new one is due to read ahead
     try:
-        drop()
-        assert reader.get(ids[0]) is not None
-        assert settled_pages() < pages // 2  # too large to be asked for
+        drop_pages(path)
+        assert disk_reads_during(reader.read_ahead) == 0  # too large to be asked for
     finally:
         reader.close()
-    monkeypatch.setattr(treedb, "READ_AHEAD_MAX", 64 << 20)
-    writer = treedb.TreeDB(path)  # a capture's loads are few: they read their own pages
-    try:
-        drop()
-        assert writer.get(ids[0]) is not None
-        assert settled_pages() < pages // 2
-    finally:
-        writer.close()

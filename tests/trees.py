@@ -208,6 +208,17 @@ def make_many_files(root: Path, count: int, per_dir: int = 100, size: int = 64) 
     return paths
 
 
+def add_random_trees(objects: ObjectStore, count: int) -> list[ObjectId]:
+    """Write `count` trees of 20 random names each (rows that do not compress into a
+    few pages: a tree database of many pages) and make them durable; their ids."""
+    from dwsd.store.tree import Entry, encode_tree
+    ids = [objects.put("trees", encode_tree(
+        [Entry(os.urandom(24).hex().encode(), FILE, 0o644, 0, 0, i, 1, ref="ab" * 32)
+         for _ in range(20)])) for i in range(count)]
+    objects.make_durable()
+    return ids
+
+
 def entries(objects: ObjectStore, tree: ObjectId, subdir: bytes = b"") -> list[Any]:
     """The entries of `tree`, or of the directory `subdir` (a/b) below it."""
     for name in [n for n in subdir.split(b"/") if n]:

@@ -320,7 +320,10 @@ class ViewOps(pyfuse3.Operations):
             self._want_subtrees(oid, urgent=True)
 
     def _load_tree(self, oid: ObjectId) -> list[Entry]:
-        """Read, verify and decode a tree (blocks)."""
+        """Read, verify and decode a tree (blocks). A walk loads trees in no order of
+        their place in the tree database: it is read in ahead (at most once a second,
+        on a thread; see treedb.py)."""
+        self.store.objects.read_trees_ahead()
         return decode_tree(self.store.objects.get("trees", oid), oid)
 
     @_fuse_errors

@@ -15,8 +15,9 @@ just means a full read.
 
 Written whole, a state costs O(files): 2.9 MB and 20-100 ms for the bench set's 20,204
 files, a second and 150 MB for a million. So a state whose changes since it was last
-written are known (a dirty-path capture's, `CaptureState.unsaved`) is saved as one record
-appended to `<resource>.state.log` instead: O(changes). A record names the state file it
+written are known (`CaptureState.unsaved`: a dirty-path capture's, or a full walk's over
+a state whose saved copy is known, see `file_changes`) is saved as one record appended to
+`<resource>.state.log` instead: O(changes). A record names the state file it
 applies to (`epoch`, random, new with each whole write), its place in the chain (`seq`)
 and the root it starts from (`base`); it carries its own length and CRC-32. Loading applies
 the records in order and stops at the first that is torn, from another epoch or out of

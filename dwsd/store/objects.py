@@ -4,18 +4,19 @@ of `objects/trees.db` (see treedb.py).
 Blobs (file content) are stored raw so the view and restore can pread them; trees are
 stored zstd-compressed. An object is written once: a blob to a temp name in STAGING (one
 fan-out directory for all), then linked to its name; a tree inserted in the open
-transaction. An existing object is never rewritten.
+transaction. An existing object is never rewritten. Writes are not made durable one by
+one: `make_durable` commits the trees and flushes the blobs in one batch before the
+catalog commit that references them. Reads verify the id unless told the caller verifies.
 
-Why one staging directory: a new file's inode goes to its directory's block group, and
-creating it reads (cold) and rewrites the block of the inode table it lands in. Staged
-beside their final names, a checkpoint's new blobs touched one such block in each of up
-to 256 groups; staged together, they fill a few blocks of one. Cold dirty-path snapshots
-of the bench set's 1% change, 8 of 10 alternating rounds faster: medians 0.114-0.189 s
-against 0.117-0.223 s (`bench/ab_incremental.sh OLD 4 dirty cold 3`); first snapshots
-unchanged (8.8-8.9 s against 8.4-9.4 s). `put_stream` stages there too: it cannot know
-the final name before the end. Writes are not made durable one by one: `make_durable` commits
-the trees and flushes the blobs in one batch before the catalog commit that references
-them. Reads verify the id unless told the caller verifies.
+Why one staging directory: cold dirty-path snapshots of the bench set's 1% change were
+faster in 8 of 10 alternating rounds, medians 0.114-0.189 s against 0.117-0.223 s
+(`bench/ab_incremental.sh OLD 4 dirty cold 3`; the same code on both sides gave the
+second side 4 of 6, so this is evidence, not proof), and first snapshots did not change
+(8.8-8.9 s against 8.4-9.4 s). The likely reason, not measured on its own: a new file's
+inode goes to its directory's block group, and creating it reads (cold) and rewrites the
+inode-table block it lands in; staged beside their final names a checkpoint's new blobs
+touched a block in each of up to 256 groups, staged together a few blocks of one.
+`put_stream` has to stage anyway: it cannot know the final name before the end.
 
 Every method blocks; the daemon calls them from worker threads.
 """

@@ -25,21 +25,22 @@ zlib took 125-160 us and kept 57% (zlib's set-up per call dominates at that size
 decompresses in half zlib's time. Rows moved in from a format-1 store stay zlib streams;
 `_decompress` tells the two apart by zstd's frame magic.
 
-A tree load through a read-only connection (the view's) first has a thread ask the
-kernel to read the whole database file in (`read_ahead`, at most once a
-READ_AHEAD_EVERY_S). A walk loads trees in an order that has nothing to do with their
-place in the file (rows are keyed by id), so from a cold cache every load waited for its
-own 4 KiB reads. Cold walks of the bench snapshot, 4 alternating rounds: with 1.3 MB of
-trees, 0.66-0.76 s without and 0.56-0.64 s with it, and the view served it with 0.08 s
-less CPU; with 7.7 MB (many more snapshots' trees), 0.66-0.85 against 0.62-0.70 s. The
-thread is why the larger file gains at all: asked inline, the kernel allocates the pages
-before the load goes on, and the walk was no faster. The writer's loads do not read
-ahead: a capture loads only the trees on its dirty paths, and reading the whole file and
-its log inline for those made a cold dirty-path snapshot 0.02-0.04 s slower (3
-alternating rounds). A cold dirty-path capture asks for it once instead, on the thread,
-while it warms its paths (see capture.py). A file over READ_AHEAD_MAX is left to
-SQLite's own reads: one walk or commit needs a part of it, and the rest would cost
-memory and disk time.
+`read_ahead` has a thread ask the kernel to read the whole database file in (at most
+once a READ_AHEAD_EVERY_S), for callers about to make many loads in an order that has
+nothing to do with the rows' place in the file (they are keyed by id), which from a cold
+cache wait for their own 4 KiB reads one by one:
+- the view, at each tree load (`ViewOps._load_tree`). Cold walks of the bench snapshot,
+  4 alternating rounds: with 1.3 MB of trees, 0.66-0.76 s without and 0.56-0.64 s with
+  it, and the view served it with 0.08 s less CPU; with 7.7 MB (many more snapshots'
+  trees), 0.66-0.85 against 0.62-0.70 s. The thread is why the larger file gains at
+  all: asked inline, the kernel allocates the pages before the load goes on, and the
+  walk was no faster;
+- a dirty-path capture that finds its paths not cached, once, for its commit's id
+  lookups (see capture.py). A capture's own loads do not ask: they are the few trees on
+  its dirty paths, and reading the whole file and its log for those, inline, made a cold
+  dirty-path snapshot 0.02-0.04 s slower (3 alternating rounds).
+A file over READ_AHEAD_MAX is left to SQLite's own reads: one walk or commit needs a
+part of it, and the rest would cost memory and disk time.
 
 One connection per ObjectStore, shared by its threads (capture, view workers) under a
 lock. Every method blocks.
@@ -123,8 +124,6 @@ class TreeDB:
 
     def get(self, oid: ObjectId) -> bytes | None:
         """The encoding of tree `oid` (uncompressed, not verified), or None."""
-        if self.readonly:
-            self.read_ahead()
         stored = self._lookup(oid, "SELECT data FROM trees WHERE id = ?", "reading a tree")
         if stored is None or isinstance(stored, bytes):
             return stored  # absent, or still in the buffer (uncompressed)
