@@ -521,6 +521,30 @@ async def test_pruned_objects_are_collected_at_the_next_reconcile(
     assert scheduler.stats["errors"] == 0
 
 
+async def test_prune_collects_what_delete_left(workspace: Workspace, data_dir: Path
+                                               ) -> None:
+    scheduler = Scheduler(workspace, Watcher(workspace.config.resources, lambda: None))
+    objects = workspace.store.objects
+    trees.write(data_dir / "big.bin", b"only in the deleted snapshot")
+    doomed_blob = hash_bytes(b"only in the deleted snapshot")
+    with trio.fail_after(30):
+        await scheduler.prune(dry_run=False)  # the gc a start leaves pending
+        doomed = await scheduler.snapshot(["with-big"], "", full=True)
+        (data_dir / "big.bin").unlink()
+        await scheduler.snapshot(["without-big"], "", full=True)
+        assert doomed.record is not None
+        await scheduler.delete("with-big")
+        assert objects.has("blobs", doomed_blob) and scheduler.status()["gc_pending"]
+        dry = await scheduler.prune(dry_run=True)
+        assert dry.gc is None and objects.has("blobs", doomed_blob)
+        # Retention deletes nothing here (manual snapshots are kept), yet the space of
+        # the deleted one is freed now, not at the next reconcile.
+        pruned = await scheduler.prune(dry_run=False)
+    assert pruned.deleted == [] and pruned.gc is not None and pruned.gc.removed >= 1
+    assert not objects.has("blobs", doomed_blob) and not scheduler.status()["gc_pending"]
+    assert [r.tags for r in workspace.history()] == [("without-big",)]
+
+
 async def test_a_snapshot_asked_for_right_after_a_write_holds_it(
         workspace: Workspace, data_dir: Path) -> None:
     # In-process there is no client start-up between the write and the request to

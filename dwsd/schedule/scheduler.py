@@ -244,12 +244,22 @@ class Scheduler:
         return await self._catalog_write(lambda: self.ws.untag(tag))
 
     async def delete(self, ref: str) -> SnapshotRecord:
-        return await self._catalog_write(lambda: self.ws.delete(ref))
+        removed = await self._catalog_write(lambda: self.ws.delete(ref))
+        self._gc_pending = True  # its objects go at the next prune or reconcile
+        return removed
 
     async def prune(self, dry_run: bool) -> PruneResult:
-        result = await self._write_call(lambda: self.ws.prune(dry_run=dry_run))
-        if result.deleted and not dry_run:
+        """Delete what retention does not keep, then collect the objects of every
+        snapshot deleted since the last gc (`delete`s included), not only its own."""
+        result = await self._write_call(lambda: self.ws.prune(dry_run=dry_run, gc=False))
+        if dry_run:
+            return result
+        if result.deleted:
+            self._gc_pending = True
             await self._catalog_changed()
+        if self._gc_pending:
+            result.gc = await self._write_call(self.ws.gc)
+            self._gc_pending = False
         return result
 
     async def check(self, read_data: bool) -> CheckResult:
