@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import pytest
 import trio
 
 from dwsd.config import load_config
@@ -203,6 +205,80 @@ def test_a_rescan_drops_watches_of_newly_excluded_directories(data_dir: Path) ->
         assert w.watches == 2
     finally:
         w.close()
+
+
+def rescanned(w: TreeWatcher) -> list[str | None]:
+    answers: list[str | None] = []
+    synced = threading.Event()
+    w.request_sync(True, lambda problem: (answers.append(problem), synced.set()))
+    assert synced.wait(10)
+    return answers
+
+
+def test_a_replaced_resource_directory_is_a_problem_until_a_rescan(data_dir: Path
+                                                                   ) -> None:
+    (data_dir / "sub").mkdir()
+    w, c = watching(data_dir)
+    try:
+        assert w.watches == 2
+        shutil.rmtree(data_dir)
+        data_dir.mkdir()  # a new directory at the resource's path: nothing watches it
+        c.wait_for(lambda: "the resource directory was moved or deleted" in c.problems)
+        assert w.watches == 0
+        assert rescanned(w) == [None] and w.watches == 1
+        trees.write(data_dir / "new.txt", b"seen again")
+        c.wait_for(lambda: b"new.txt" in c.paths)
+    finally:
+        w.close()
+
+
+def test_a_resource_directory_moved_away_is_no_longer_followed(data_dir: Path,
+                                                               tmp_path: Path) -> None:
+    (data_dir / "sub").mkdir()
+    w, c = watching(data_dir)
+    try:
+        data_dir.rename(tmp_path / "old")
+        c.wait_for(lambda: "the resource directory was moved or deleted" in c.problems)
+        trees.write(tmp_path / "old" / "sub" / "written-after.txt", b"elsewhere")
+        assert rescanned(w) == ["cannot watch the resource directory (No such file or "
+                                "directory)"]
+        assert w.watches == 0 and not any(b"written-after" in p for p in c.paths)
+    finally:
+        w.close()
+
+
+def test_a_resource_directory_that_cannot_be_watched_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    for root in (tmp_path / "missing", tmp_path / "link", tmp_path / "real" / "f"):
+        if root.name == "f":
+            root.write_bytes(b"a file, not a directory")
+        w, c = watching(root)
+        w.close()
+        assert len(c.problems) == 1 and w.watches == 0
+        assert c.problems[0].startswith("cannot watch the resource directory ("), root
+
+
+async def test_a_replaced_resource_is_walked_whole(
+        data_dir: Path, write_config: object, caplog: pytest.LogCaptureFixture) -> None:
+    config = load_config(write_config({"data": data_dir}))  # type: ignore[operator]
+    watcher = Watcher(config.resources, on_change=lambda: None)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watcher.run)
+            watcher.take()  # the first capture's reconcile walk
+            await trio.to_thread.run_sync(shutil.rmtree, data_dir)
+            data_dir.mkdir()
+            await watcher.sync()
+            assert not watcher.all_healthy()
+            assert watcher.take().full == {"data"}
+            assert watcher.take().full == {"data"}  # every capture, not only the next
+            await watcher.sync(rescan=True)  # a reconcile's: the new directory is watched
+            assert watcher.all_healthy() and watcher.state["data"].watches == 1
+            nursery.cancel_scope.cancel()
+    assert "data: the resource directory was moved or deleted; checkpoints walk it all" \
+        in caplog.text
+    caplog.clear()
 
 
 async def test_changes_count_distinct_paths_not_events(data_dir: Path,

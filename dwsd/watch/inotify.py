@@ -7,8 +7,9 @@ this module talks to inotify(7) directly, through ctypes.
 
 The thread hands each `Batch` to `on_batch`: the paths events named (`changed`), the
 directories whose entries changed because of them (`parents`: their mtime moved) and the
-problems met ("overflow", a watch-limit or watcher error). A path ending in `/` is a
-directory that appeared (created or moved in): it is to be walked whole.
+problems met ("overflow", a watch-limit or watcher error, the resource directory itself
+moved, deleted or not a directory). A path ending in `/` is a directory that appeared
+(created or moved in): it is to be walked whole.
 
 `request_sync` is a barrier through the reader thread: the kernel queues an inotify event
 before the syscall that caused it returns, so once the thread has read the queue until
@@ -140,7 +141,13 @@ class TreeWatcher:
 
     def _watch_tree(self, rel: bytes, seen: set[int] | None = None) -> str | None:
         """Watch `rel` and its subdirectories (adding each wd to `seen`); the first
-        problem met, or None."""
+        problem met, or None. The resource directory itself not being watchable (gone,
+        not a directory) is a problem: nothing below it could be seen."""
+        if not rel:
+            try:
+                self._add_watch(b"")
+            except OSError as exc:
+                return f"cannot watch the resource directory ({exc.strerror})"
         for dirpath, dirnames, _ in os.walk(self._abs(rel)):
             sub = os.path.relpath(dirpath, self.root)
             sub = b"" if sub == b"." else sub
@@ -181,6 +188,11 @@ class TreeWatcher:
                 _libc.inotify_rm_watch(self._fd, wd)
                 self._paths.pop(wd, None)
         return problem
+
+    def _forget_all(self) -> None:
+        for wd in list(self._paths):
+            _libc.inotify_rm_watch(self._fd, wd)
+        self._paths.clear()
 
     def _forget_under(self, rel: bytes) -> None:
         """Drop the watches of a directory that moved away (their paths are stale)."""
@@ -274,6 +286,14 @@ class TreeWatcher:
 
     def _note_event(self, batch: Batch, wd: int, mask: int, name: bytes) -> None:
         parent = self._paths.get(wd)
+        if parent == b"" and not name and mask & (IN_DELETE_SELF | IN_MOVE_SELF):
+            # The resource directory itself went (`rm -rf`, `mv data data.old`): no
+            # parent is watched to see it, and the watches below it now follow a tree
+            # that is not the resource, or nothing. Only full walks are right until a
+            # re-scan watches what is at the resource's path again.
+            self._forget_all()
+            batch.problems.append("the resource directory was moved or deleted")
+            return
         if parent is None or not name:
             return  # events on a watched directory itself are seen from its parent
         rel = _join(parent, name)

@@ -4,8 +4,9 @@ Each resource has a `TreeWatcher` thread; its batches cross into trio with
 `TrioToken.run_sync_soon` (thread-safe, never blocks the reader) and are merged here on the
 trio thread, which owns all of this state. A resource whose events cannot be trusted (queue
 overflow, watch limit, watcher error) is marked `needs_full`: its next capture is a full
-reconcile walk, and `status` shows why. An unhealthy resource (watch limit, error) gets
-its watches re-scanned at each `sync(rescan=True)` and is healthy again once all are in.
+reconcile walk, and `status` shows why. An unhealthy resource (watch limit, error, its
+directory replaced, moved away or missing) is walked whole at every capture, gets its
+watches re-scanned at each `sync(rescan=True)` and is healthy again once all are in.
 """
 from __future__ import annotations
 
