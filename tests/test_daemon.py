@@ -257,6 +257,30 @@ def start_past_the_watch_limit(config: Path, data: Path) -> Daemon:
                                    "exec \"$@\"", "sh"]).start()
 
 
+def test_a_replaced_resource_directory_is_snapshotted_as_it_is_now(
+        tmp_path: Path, short_dir: Path) -> None:
+    d = Daemon(write_config(tmp_path, short_dir, mount=False,
+                            changes=1_000_000)).start()
+    data = tmp_path / "data"
+    try:
+        d.wait_until(lambda: d.status()["reconciles"] >= 1, "the start-up reconcile")
+        trees.write(data / "a.py", b"v1")
+        d.ctl("snapshot", "-t", "t1")
+        shutil.rmtree(data)  # what `git clone` over it or an unpacked archive does
+        trees.write(data / "a.py", b"v2")
+        trees.write(data / "b.py", b"new")
+        d.wait_until(lambda: not d.status()["resources"]["data"]["healthy"],
+                     "the watcher to see the directory go")
+        d.ctl("snapshot", "-t", "t2")
+        assert holds_live_state(d, "t2")
+        trees.write(data / "a.py", b"v3")  # not watched until a reconcile: walked whole
+        d.ctl("snapshot", "-t", "t3")
+        assert holds_live_state(d, "t3")
+        d.wait_for_log("data: the resource directory was moved or deleted")
+    finally:
+        assert d.stop() == 0
+
+
 def test_watch_limit_is_reported_and_snapshots_stay_right(tmp_path: Path, short_dir: Path
                                                           ) -> None:
     require_fuse()
