@@ -36,7 +36,7 @@ from dwsd.crashpoints import crash_point
 from dwsd.snapshot.diff import Change, diff_trees
 from dwsd.snapshot.journal import RestoreJournal, clear_journal, read_journal, write_journal
 from dwsd.snapshot.restore import Plan, Progress, ProgressFn, SyncSweep, apply_plan, \
-    plan_restore, set_root_metadata
+    has_path, plan_restore, set_root_metadata
 from dwsd.snapshot.retention import plan_retention
 
 log = logging.getLogger(__name__)
@@ -407,11 +407,14 @@ class Workspace:
         role `results` are left alone.
         `paths` ("resource/sub/path") limits it to some files or directories; `target`
         writes the snapshot under `<target>/<resource>/` instead (an empty directory).
-        `dry_run` plans without changing any file. Raises UsageError, RefError.
+        `dry_run` plans without changing any file. Raises RefError, and UsageError for
+        a path the snapshot does not have (nor, in place, the live files) and for a
+        target inside the store or the view, before anything is taken or written.
         """
         rec = self.get(ref)
         in_place = target is None
         by_resource = select_resources(self.config, rec, only, leave, paths, in_place)
+        self._check_paths(rec, by_resource, in_place)
         if target is not None:
             return self._restore_to(rec, by_resource, Path(target), dry_run, progress)
         if dry_run:
@@ -489,9 +492,29 @@ class Workspace:
         if plan.actions or plan.dirs:
             result.resources_changed += 1
 
+    def _check_paths(self, rec: SnapshotRecord, by_resource: dict[str, list[bytes] | None],
+                     in_place: bool) -> None:
+        """Raise UsageError for a path to restore that is not in the snapshot (nor, in
+        place, in the live files: there, restoring it means removing it)."""
+        for name, subs in by_resource.items():
+            for sub in subs or ():
+                if has_path(self.store.objects, rec.resources[name], sub):
+                    continue
+                live = os.path.join(bytes(self.config.resource(name).path), sub)
+                if in_place and os.path.lexists(live):
+                    continue
+                shown = f"{name}/{os.fsdecode(sub.strip(b'/'))}"
+                raise UsageError(f"path {shown!r} is not in snapshot {rec.id}"
+                                 + (" nor in the live files" if in_place else ""))
+
     def _restore_to(self, rec: SnapshotRecord, by_resource: dict[str, list[bytes] | None],
                     target: Path, dry_run: bool, progress: ProgressFn | None
                     ) -> RestoreResult:
+        real = Path(os.path.realpath(target))
+        for what, place in (("the store", self.config.store),
+                            ("the view's mount point", self.config.mount)):
+            if place is not None and real.is_relative_to(os.path.realpath(place)):
+                raise UsageError(f"restore target {target} is inside {what} {place}")
         if target.exists() and not target.is_dir():
             raise UsageError(f"restore target {target} is not a directory")
         if target.exists() and any(target.iterdir()):

@@ -159,6 +159,48 @@ def test_target_that_is_a_file_is_a_usage_error(two_ws: Workspace, tmp_path: Pat
         two_ws.restore("v1", target=out)
 
 
+def test_a_path_not_in_the_snapshot_is_a_usage_error(two_ws: Workspace, tmp_path: Path
+                                                     ) -> None:
+    with pytest.raises(UsageError, match=r"path 'data/nosuch' is not in snapshot \S+$"):
+        two_ws.restore("v1", paths=["data/nosuch"], target=tmp_path / "out")
+    with pytest.raises(UsageError, match="'data/sub/x.csv/x' is not in snapshot .* nor in "
+                                         "the live files"):
+        two_ws.restore("v1", paths=["data/sub/x.csv/x"])
+    assert not (tmp_path / "out").exists() and len(two_ws.history()) == 1
+    # In place, a path only the live files have is restored to the snapshot's state of
+    # it: absent.
+    trees.write(tmp_path / "data" / "new.csv", b"not in v1")
+    two_ws.restore("v1", paths=["data/new.csv"])
+    assert not (tmp_path / "data" / "new.csv").exists()
+    assert (tmp_path / "data" / "d.csv").read_bytes() == b"v2"
+
+
+def test_a_target_inside_the_store_is_a_usage_error(two_ws: Workspace, tmp_path: Path
+                                                    ) -> None:
+    for target in (tmp_path / "store" / "restored", tmp_path / "store"):
+        with pytest.raises(UsageError, match=f"restore target {target} is inside the "
+                                             f"store {tmp_path / 'store'}$"):
+            two_ws.restore("v1", target=target)
+    assert not (tmp_path / "store" / "restored").exists()
+    (tmp_path / "via").symlink_to(tmp_path / "store")
+    with pytest.raises(UsageError, match="is inside the store"):
+        two_ws.restore("v1", target=tmp_path / "via" / "restored")
+    assert two_ws.check().ok
+
+
+def test_a_target_inside_the_view_is_a_usage_error(tmp_path: Path, data_dir: Path,
+                                                   write_config: WriteConfig) -> None:
+    config = write_config({"data": data_dir})
+    config.write_text(config.read_text().replace("mount: null",
+                                                 f"mount: {tmp_path / 'view'}"))
+    trees.write(data_dir / "a.csv", b"1")
+    with Workspace.open(config) as ws:
+        ws.snapshot(tags=["v1"])
+        with pytest.raises(UsageError, match=f"is inside the view's mount point "
+                                             f"{tmp_path / 'view'}$"):
+            ws.restore("v1", target=tmp_path / "view" / "v1" / "out")
+
+
 def test_dry_run_plans_without_touching(two_ws: Workspace, tmp_path: Path) -> None:
     result = two_ws.restore("v1", dry_run=True)
     assert result.plans["data"].files == 2

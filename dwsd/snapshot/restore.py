@@ -115,6 +115,13 @@ def plan_restore(objects: ObjectStore, live: ObjectId | None, wanted: ObjectId,
     return planner.plan
 
 
+def has_path(objects: ObjectStore, root: ObjectId, path: bytes) -> bool:
+    """Whether tree `root` holds relative `path` (the root itself for an empty one;
+    blocks: reads the trees on the way)."""
+    path = path.strip(b"/")
+    return not path or _Trees(objects, root).lookup(path) is not None
+
+
 def _limited_additions(trees: "_Trees", limits: list[bytes]) -> Iterator[Change]:
     """What writing the snapshot's `limits` into an empty directory adds, in path order:
     the directories on the way to each limit, then everything below it."""
