@@ -52,6 +52,9 @@ async def test_json_list_is_an_array_of_snapshots(served: Served) -> None:
     assert {"id", "hash", "number", "kind", "tags", "message", "time"} <= set(snap)
     assert (snap["number"], snap["kind"], snap["tags"]) == (1, "manual", ["v1"])
     assert snap["time"].endswith("Z")
+    # The common options also after the command's name, as the README writes them.
+    after = await run_dwsctl(served, "list", "--json")
+    assert after.returncode == 0 and json.loads(after.stdout) == [snap], after.stderr
 
 
 async def test_list_prints_a_table_with_the_first_message_line(served: Served) -> None:

@@ -42,15 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dwsctl", description="Control a running dwsd snapshot daemon.",
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--socket", metavar="PATH", help="the daemon's control socket")
-    parser.add_argument("--config", metavar="FILE", help="the daemon's config (for its "
-                        "socket)")
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    _add_common_options(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_snapshot_commands(sub)
     _add_restore_commands(sub)
     _add_maintenance_commands(sub)
+    for command in sub.choices.values():  # `dwsctl list --json` as well as `--json list`
+        _add_common_options(command, argparse.SUPPRESS)
     return parser
+
+
+def _add_common_options(parser: argparse.ArgumentParser, default: Any = None) -> None:
+    """The options every command takes, before or after its name. After it they
+    default to SUPPRESS: not given there, they leave what was given before it."""
+    parser.add_argument("--socket", metavar="PATH", default=default,
+                        help="the daemon's control socket")
+    parser.add_argument("--config", metavar="FILE", default=default,
+                        help="the daemon's config (for its socket)")
+    parser.add_argument("--json", action="store_true",
+                        default=False if default is None else default,
+                        help="print JSON for scripts")
 
 
 def _add_snapshot_commands(sub: Any) -> None:
