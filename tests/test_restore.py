@@ -201,6 +201,22 @@ def test_a_target_inside_the_view_is_a_usage_error(tmp_path: Path, data_dir: Pat
             ws.restore("v1", target=tmp_path / "view" / "v1" / "out")
 
 
+def test_a_symlinked_resource_directory_is_captured_and_restored_through(
+        tmp_path: Path, write_config: WriteConfig) -> None:
+    disk = tmp_path / "disk" / "data"
+    trees.write(disk / "sub" / "a.csv", b"v1")
+    (tmp_path / "data").symlink_to(disk)
+    with Workspace.open(write_config({"data": tmp_path / "data"})) as ws:
+        first = ws.snapshot(tags=["v1"])
+        assert first.record is not None and first.record.counts.files == 1
+        trees.write(disk / "sub" / "a.csv", b"v2")
+        ws.restore("v1")
+        ws.restore("v1", target=tmp_path / "out")
+    assert (disk / "sub" / "a.csv").read_bytes() == b"v1"
+    assert (tmp_path / "data").is_symlink()  # written through, not replaced
+    assert (tmp_path / "out" / "data" / "sub" / "a.csv").read_bytes() == b"v1"
+
+
 def test_dry_run_plans_without_touching(two_ws: Workspace, tmp_path: Path) -> None:
     result = two_ws.restore("v1", dry_run=True)
     assert result.plans["data"].files == 2

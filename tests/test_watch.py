@@ -248,15 +248,33 @@ def test_a_resource_directory_moved_away_is_no_longer_followed(data_dir: Path,
 
 
 def test_a_resource_directory_that_cannot_be_watched_is_reported(tmp_path: Path) -> None:
-    (tmp_path / "real").mkdir()
-    (tmp_path / "link").symlink_to("real")
-    for root in (tmp_path / "missing", tmp_path / "link", tmp_path / "real" / "f"):
-        if root.name == "f":
-            root.write_bytes(b"a file, not a directory")
+    (tmp_path / "file").write_bytes(b"a file, not a directory")
+    (tmp_path / "dangling").symlink_to("missing")
+    for root in (tmp_path / "missing", tmp_path / "file", tmp_path / "dangling"):
         w, c = watching(root)
         w.close()
         assert len(c.problems) == 1 and w.watches == 0
         assert c.problems[0].startswith("cannot watch the resource directory ("), root
+
+
+def test_a_symlinked_resource_directory_is_watched_through(tmp_path: Path) -> None:
+    trees.write(tmp_path / "disk" / "data" / "sub" / "a.csv", b"1")
+    (tmp_path / "data").symlink_to(tmp_path / "disk" / "data")
+    w, c = watching(tmp_path / "data")
+    try:
+        assert w.watches == 2 and not w.root_replaced()
+        trees.write(tmp_path / "disk" / "data" / "sub" / "b.csv", b"2")
+        c.wait_for(lambda: b"sub/b.csv" in c.paths)
+        trees.write(tmp_path / "disk" / "other" / "c.csv", b"3")
+        (tmp_path / "data").unlink()  # `ln -sfn`: no event reports it
+        (tmp_path / "data").symlink_to(tmp_path / "disk" / "other")
+        assert w.root_replaced()
+        assert rescanned(w) == [None] and not w.root_replaced() and w.watches == 1
+        trees.write(tmp_path / "disk" / "other" / "d.csv", b"4")
+        c.wait_for(lambda: b"d.csv" in c.paths)
+        assert c.problems == []
+    finally:
+        w.close()
 
 
 async def test_a_replaced_resource_is_walked_whole(
@@ -278,6 +296,32 @@ async def test_a_replaced_resource_is_walked_whole(
             nursery.cancel_scope.cancel()
     assert "data: the resource directory was moved or deleted; checkpoints walk it all" \
         in caplog.text
+    caplog.clear()
+
+
+async def test_a_resource_symlink_pointed_elsewhere_is_walked_whole(
+        tmp_path: Path, write_config: object, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v2").mkdir()
+    link = tmp_path / "current"
+    link.symlink_to("v1")
+    config = load_config(write_config({"data": link}))  # type: ignore[operator]
+    watcher = Watcher(config.resources, on_change=lambda: None)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watcher.run)
+            watcher.take()  # the first capture's reconcile walk
+            await watcher.sync()
+            assert watcher.all_healthy() and watcher.take().full == set()
+            tmp = tmp_path / "current.new"
+            tmp.symlink_to("v2")
+            tmp.rename(link)  # `ln -sfn v2 current`: no watched directory sees it
+            await watcher.sync()
+            assert not watcher.all_healthy() and watcher.take().full == {"data"}
+            await watcher.sync(rescan=True)
+            assert watcher.all_healthy() and watcher.take().full == set()
+            nursery.cancel_scope.cancel()
+    assert "data: the resource's path leads to another directory" in caplog.text
     caplog.clear()
 
 

@@ -13,7 +13,9 @@ Two modes, one walker:
   moved in may carry a known name with other content).
 
 Everything is relative to directory fds (`dir_fd=`, `O_NOFOLLOW`), so no path is ever
-followed through a symlink and paths longer than PATH_MAX work. Names stay bytes.
+followed through a symlink and paths longer than PATH_MAX work. Names stay bytes. The
+resource directory itself may be a symlink to one (`data -> /mnt/disk/data`): it is
+followed, as the config names it.
 
 Files are opened `O_NOFOLLOW|O_NONBLOCK` on the walking thread, with a WILLNEED hint so
 the kernel fetches them while the walk goes on, and read on that thread (or, in a
@@ -93,6 +95,8 @@ TREE_CACHE_ENTRIES = 50_000  # about 15 MB
 _FS_ENCODING = sys.getfilesystemencoding()
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# The resource directory itself, as the config names it, may be a symlink to one.
+_OPEN_ROOT = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _S_IFMT, _S_IFREG = 0o170000, stat_mod.S_IFREG  # the file-type bits of st_mode; a file
 
 
@@ -169,7 +173,7 @@ def _capture(objects: ObjectStore, root: Path, prev: CaptureState, excludes: Exc
              trees: "TreeCache | None", processes: int, processes_after: int
              ) -> CaptureResult:
     try:
-        root_fd = os.open(root, _OPEN_DIR)
+        root_fd = os.open(root, _OPEN_ROOT)
     except OSError as exc:
         raise CaptureError(f"cannot read resource directory {root}: {exc.strerror}") from exc
     walker = _Walker(objects, prev, excludes, on_file, os.fstat(root_fd).st_dev, trees,

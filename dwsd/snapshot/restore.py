@@ -30,8 +30,8 @@ from typing import Callable, Iterable, Iterator, Literal
 from dwsd.errors import CorruptObjectError, ObjectMissingError
 from dwsd.snapshot import restore_fs
 from dwsd.snapshot.diff import Change, diff_trees, load_entries
-from dwsd.snapshot.restore_fs import DIR_FLAGS, IS_ROOT, RESTORE_TEMP_PREFIX, SyncSweep, \
-    is_restore_temp, restore_temp_name
+from dwsd.snapshot.restore_fs import IS_ROOT, RESTORE_TEMP_PREFIX, ROOT_DIR_FLAGS, \
+    SyncSweep, is_restore_temp, restore_temp_name
 from dwsd.store.ids import ObjectId
 from dwsd.store.objects import READ_CHUNK, ObjectStore
 from dwsd.store.catalog import RootMeta
@@ -477,7 +477,7 @@ def apply_plan(objects: ObjectStore, root: bytes, plan: Plan,
     missing blob skips that file (listed in the result's errors); any other error is
     raised once the files already handed to the pool are finished."""
     os.makedirs(root, exist_ok=True)
-    root_fd = os.open(root, DIR_FLAGS)
+    root_fd = os.open(root, ROOT_DIR_FLAGS)
     result = ApplyResult()
     if status is None:
         status = Progress(files_total=plan.files, bytes_total=plan.bytes)
@@ -515,7 +515,7 @@ def _make_special(pfd: int, name: bytes, entry: Entry) -> None:
 def set_root_metadata(root: bytes, meta: RootMeta) -> None:
     """Give a resource's top directory back its mode, owner and mtime."""
     mode, uid, gid, mtime_ns = meta
-    fd = os.open(root, DIR_FLAGS)
+    fd = os.open(root, ROOT_DIR_FLAGS)
     try:
         if IS_ROOT:
             os.fchown(fd, uid, gid)

@@ -21,6 +21,9 @@ from dwsd.store.objects import ObjectStore, write_all
 from dwsd.store.tree import BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, Entry
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# A resource's own directory, as the config names it, may be a symlink to one (followed:
+# the owner chose it); everything below it is reached with DIR_FLAGS.
+ROOT_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 IS_ROOT = os.geteuid() == 0
 # Restore's temp files get their own prefix, unlike the store's: one a crash leaves in a
 # resource is recognised and removed by the next restore (and never taken for data).

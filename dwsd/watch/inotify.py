@@ -45,6 +45,9 @@ IN_NONBLOCK, IN_CLOEXEC = 0o4000, 0o2000000
 WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO |
               IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR |
               IN_DONT_FOLLOW | IN_EXCL_UNLINK)
+# The resource directory itself may be a symlink (`data -> /mnt/disk/data`): followed,
+# as the capture and restore follow it. Nothing below it is.
+ROOT_WATCH_MASK = WATCH_MASK & ~IN_DONT_FOLLOW
 _EVENT = struct.Struct("iIII")
 _READ_SIZE = 1 << 18
 _NAME_MAX = 255
@@ -82,6 +85,8 @@ class TreeWatcher:
         self._fd = -1
         self._wake_r, self._wake_w = -1, -1
         self._paths: dict[int, bytes] = {}   # wd -> directory, relative ("" = root)
+        # (st_dev, st_ino) of the directory the root watch is on, set with it.
+        self.root_id: tuple[int, int] | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()        # guards _requests and _serving
         self._requests: list[tuple[bool, SyncDone]] = []
@@ -146,8 +151,10 @@ class TreeWatcher:
         if not rel:
             try:
                 self._add_watch(b"")
+                st = os.stat(self.root)
             except OSError as exc:
                 return f"cannot watch the resource directory ({exc.strerror})"
+            self.root_id = (st.st_dev, st.st_ino)
         for dirpath, dirnames, _ in os.walk(self._abs(rel)):
             sub = os.path.relpath(dirpath, self.root)
             sub = b"" if sub == b"." else sub
@@ -168,7 +175,8 @@ class TreeWatcher:
     def _add_watch(self, rel: bytes) -> int:
         # On a directory already watched this returns the same wd, so a re-scan also
         # corrects the path of a directory that moved while events were lost.
-        wd: int = _libc.inotify_add_watch(self._fd, self._abs(rel), WATCH_MASK)
+        mask = WATCH_MASK if rel else ROOT_WATCH_MASK
+        wd: int = _libc.inotify_add_watch(self._fd, self._abs(rel), mask)
         if wd < 0:
             err = ctypes.get_errno()
             if err == errno.ENOSPC:
@@ -188,6 +196,16 @@ class TreeWatcher:
                 _libc.inotify_rm_watch(self._fd, wd)
                 self._paths.pop(wd, None)
         return problem
+
+    def root_replaced(self) -> bool:
+        """Whether the resource's path now leads to another directory than the one its
+        root watch is on, or to none: a symlink pointed elsewhere (`ln -sfn`), which no
+        event reports. Thread-safe (one stat); False before the first watch."""
+        try:
+            st = os.stat(self.root)
+        except OSError:
+            return self.root_id is not None
+        return self.root_id is not None and (st.st_dev, st.st_ino) != self.root_id
 
     def _forget_all(self) -> None:
         for wd in list(self._paths):
