@@ -61,6 +61,9 @@ class SnapshotResult:
     captures: dict[str, CaptureResult] = field(default_factory=dict)
     objects_written: int = 0
     bytes_written: int = 0
+    # (resource, path, error) of every file the snapshot lacks because it could not be
+    # read: found by this capture, or by an earlier one and not looked at since.
+    left_out: list[tuple[str, bytes, str]] = field(default_factory=list)
 
     @property
     def counters(self) -> CaptureCounters:
@@ -132,6 +135,17 @@ def select_resources(config: Config, rec: SnapshotRecord, only: Sequence[str] | 
     return chosen
 
 
+def _looked_at(path: bytes, dirty: Collection[bytes]) -> bool:
+    """Whether a dirty-path capture of `dirty` looks at `path` again: it is dirty, its
+    directory was listed (a name the previous tree lacks is examined), or a directory
+    above it was walked whole (`dir/`)."""
+    if path in dirty:
+        return True
+    parts = path.split(b"/")
+    parents = [b"/".join(parts[:i]) for i in range(1, len(parts))]
+    return bool(parents) and parents[-1] in dirty or any(p + b"/" in dirty for p in parents)
+
+
 def _journal_paths(by_resource: dict[str, list[bytes] | None]
                    ) -> dict[str, list[str]] | None:
     if all(v is None for v in by_resource.values()):
@@ -150,6 +164,7 @@ class Workspace:
         self._unsaved: set[str] = set()  # ... and not yet written to disk
         self._saved: dict[str, SavedState | None] = {}  # what is on disk, if known
         self._trees = TreeCache()  # decoded trees, from one capture to the next
+        self._left_out: dict[str, dict[bytes, str]] = {}  # see _keep_left_out
         self._saved_at = time.monotonic()
         # Why the interrupted restore could not be completed when the workspace was
         # opened (its journal is kept); None when there was nothing to complete or it was.
@@ -237,8 +252,33 @@ class Workspace:
             raise
         result.objects_written = write_log.objects_written
         result.bytes_written = write_log.bytes_written
+        result.left_out = self._keep_left_out(captures, paths)
         self._keep_states(captures, walked=any(p is None for p in paths.values()))
         return result
+
+    def _keep_left_out(self, captures: Mapping[str, CaptureResult],
+                       paths: Mapping[str, Collection[bytes] | None]
+                       ) -> list[tuple[str, bytes, str]]:
+        """Remember the files each capture could not read, until a capture looks at
+        them again (a full walk; a dirty path, its directory listed, or a directory
+        above it walked whole), and return all those of `captures`' resources: a file
+        left out stays out of every later snapshot, which must say so too."""
+        for name, capture in captures.items():
+            known = self._left_out.setdefault(name, {})
+            if capture.walked_all:
+                known.clear()
+            elif known:
+                dirty = set(paths[name] or ())
+                for path in [p for p in known if _looked_at(p, dirty)]:
+                    del known[path]
+            known.update(capture.unreadable)
+        return [(name, path, error) for name in captures
+                for path, error in sorted(self._left_out[name].items())]
+
+    def left_out(self) -> dict[str, int]:
+        """Resource -> how many files its latest snapshot lacks because they could not
+        be read (as far as this workspace object has seen: a first full walk knows)."""
+        return {name: len(known) for name, known in self._left_out.items() if known}
 
     def _progress_counter(self, progress: ProgressFn | None,
                           paths: Mapping[str, Collection[bytes] | None]

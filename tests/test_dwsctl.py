@@ -151,6 +151,24 @@ def test_bad_command_line_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "not a positive integer" in capsys.readouterr().err
 
 
+def test_a_snapshot_lacking_files_warns_and_exits_1(capsys: pytest.CaptureFixture[str]
+                                                    ) -> None:
+    left_out = [{"resource": "data", "path": f"f{i:02d}", "error": "Permission denied"}
+                for i in range(dwsctl.WARNINGS_SHOWN + 5)]
+    result = {"snapshot": None, "created": False, "unstable": [], "unreadable": left_out}
+    ns = dwsctl.build_parser().parse_args(["snapshot"])
+    assert dwsctl.render_snapshot(result, ns, sys.stdout) == dwsctl.EXIT_ERROR
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "dwsctl: warning: data/f00 not captured: Permission denied"
+    assert err[-1] == ("dwsctl: warning: and 5 more files not captured (--json lists "
+                       "them all)")
+    assert len(err) == dwsctl.WARNINGS_SHOWN + 1
+    assert dwsctl.render_json("snapshot", result, sys.stdout) == dwsctl.EXIT_ERROR
+    result["unreadable"] = []
+    assert dwsctl.render_snapshot(result, ns, sys.stdout) == dwsctl.EXIT_OK
+    assert dwsctl.render_json("snapshot", result, sys.stdout) == dwsctl.EXIT_OK
+
+
 def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert dwsctl.main(["--help"]) == 0
     out = capsys.readouterr().out

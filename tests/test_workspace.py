@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -316,3 +320,51 @@ def test_a_state_or_log_record_of_the_wrong_shape_is_ignored(tmp_path: Path) -> 
             struct.pack("<II", len(record), zlib.crc32(record)) + record)
         state, now = statcache.load_state(tmp_path, "r")
         assert (state.root, state.files, now) == (good.root, good.files, None)
+
+
+LEFT_OUT_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+from dwsd.workspace import Workspace
+data = Path(sys.argv[2])
+out = []
+def left_out(result):
+    out.append([p.decode() for _, p, _ in result.left_out])
+with Workspace.open(Path(sys.argv[1])) as ws:
+    left_out(ws.snapshot(tags=[]))                       # a full walk finds it
+    (data / "other.txt").write_bytes(b"new")
+    left_out(ws.snapshot(tags=[], dirty={"data": [b"other.txt"]}))
+    left_out(ws.snapshot(tags=["again"]))                # same content: merged
+    os.chmod(data / "sub" / "locked.txt", 0o600)
+    left_out(ws.snapshot(tags=[], dirty={"data": [b"sub/locked.txt"]}))
+    out.append(ws.left_out())
+print(json.dumps(out))
+"""
+
+
+def test_a_file_left_out_is_reported_by_every_snapshot_until_it_is_read() -> None:
+    # As another user: root reads any file. Everything it writes is in a directory it
+    # can reach; the unreadable file is its own, mode 000 (it can chmod it later).
+    work = trees.world_readable_dir("dwsd-left-out-")
+    data = work / "data"
+    trees.write(data / "ok.txt", b"fine")
+    trees.write(data / "sub" / "locked.txt", b"secret", 0o000)
+    os.chown(data / "sub" / "locked.txt", 65534, 65534)
+    for d in (data, data / "sub"):
+        os.chmod(d, 0o777)
+    (work / "store").mkdir(mode=0o777)
+    os.chmod(work / "store", 0o777)
+    config = work / "dwsd.yaml"
+    config.write_text(f"workspace: t\nstore: {work / 'store'}\nmount: null\n"
+                      f"socket: {work / 's.sock'}\nresources:\n"
+                      f"  - {{name: data, path: {data}, role: source-data}}\n")
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+         "-c", LEFT_OUT_SCRIPT, str(config), str(data)],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    shutil.rmtree(work, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [
+        ["sub/locked.txt"], ["sub/locked.txt"], ["sub/locked.txt"], [], {}]
+    assert "cannot read b'sub/locked.txt'" in proc.stderr

@@ -25,8 +25,8 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 EXIT_CODES = """\
 exit codes:
   0  success
-  1  the daemon reported an error (or check found problems, or a restore left
-     files it could not write)
+  1  the daemon reported an error (or check found problems, a snapshot lacks
+     files it could not read, or a restore left files it could not write)
   2  usage error: bad command line, no socket known, unreadable config
   3  the daemon is not running, or its socket cannot be connected to
 
@@ -34,6 +34,7 @@ socket: --socket, else --config's socket, else $DWSD_SOCKET, else $DWSD_CONFIG's
 socket, else the socket of ~/.config/dwsd/config.yaml."""
 
 Render = Callable[[Any, argparse.Namespace, TextIO], int]
+WARNINGS_SHOWN = 20  # files named one per line; the rest counted
 
 
 # -- command line -----------------------------------------------------------------------
@@ -256,10 +257,14 @@ def render_snapshot(result: dict[str, Any], ns: argparse.Namespace, out: TextIO)
     for item in result["unstable"]:
         print(f"dwsctl: warning: {item['resource']}/{item['path']} changed while it was "
               "read", file=sys.stderr)
-    for item in result["unreadable"]:
+    left_out = result["unreadable"]
+    for item in left_out[:WARNINGS_SHOWN]:
         print(f"dwsctl: warning: {item['resource']}/{item['path']} not captured: "
               f"{item['error']}", file=sys.stderr)
-    return EXIT_OK
+    if len(left_out) > WARNINGS_SHOWN:
+        print(f"dwsctl: warning: and {len(left_out) - WARNINGS_SHOWN:,} more files not "
+              "captured (--json lists them all)", file=sys.stderr)
+    return EXIT_ERROR if left_out else EXIT_OK
 
 
 def render_list(result: list[dict[str, Any]], ns: argparse.Namespace, out: TextIO) -> int:
@@ -400,7 +405,8 @@ RENDER: dict[str, Render] = {
 
 def render_json(op: str, result: Any, out: TextIO) -> int:
     print(json.dumps(result, indent=2, ensure_ascii=True), file=out)
-    failed = (op == "check" and not result["ok"]) or (op == "restore" and result["errors"])
+    failed = ((op == "check" and not result["ok"]) or (op == "restore" and result["errors"])
+              or (op == "snapshot" and result["unreadable"]))
     return EXIT_ERROR if failed else EXIT_OK
 
 

@@ -89,7 +89,7 @@ def encode_snapshot_result(result: SnapshotResult) -> dict[str, JSON]:
             "bytes_written": result.bytes_written,
             "counters": asdict(result.counters),
             "unstable": [{"resource": r, "path": path_text(p)} for r, p in result.unstable],
-            "unreadable": resource_problems(result.unreadable)}
+            "unreadable": resource_problems(result.left_out)}
 
 
 def encode_restore_result(result: RestoreResult) -> dict[str, JSON]:

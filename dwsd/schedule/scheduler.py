@@ -290,6 +290,8 @@ class Scheduler:
             "gc_pending": self._gc_pending,
             # Why the restore a crash interrupted could not be completed at start, if so.
             "unfinished_restore": self.ws.resume_error,
+            # Resource -> files the latest snapshot lacks because they cannot be read.
+            "unreadable_files": self.ws.left_out(),
             "resources": {n: s.to_json() for n, s in self.watcher.state.items()},
         }
 

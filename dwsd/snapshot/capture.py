@@ -120,6 +120,7 @@ class CaptureResult:
     changed_files: int = 0
     unreadable: list[tuple[bytes, str]] = field(default_factory=list)
     unstable: list[bytes] = field(default_factory=list)
+    walked_all: bool = True  # False: only the dirty paths were looked at
 
 
 @dataclass(slots=True)
@@ -179,7 +180,10 @@ def _capture(objects: ObjectStore, root: Path, prev: CaptureState, excludes: Exc
     walker = _Walker(objects, prev, excludes, on_file, os.fstat(root_fd).st_dev, trees,
                      processes, processes_after)
     try:
-        if dirty is not None and prev.root is not None and objects.has("trees", prev.root):
+        walked_all = not (dirty is not None and prev.root is not None
+                          and objects.has("trees", prev.root))
+        if not walked_all:
+            assert dirty is not None and prev.root is not None
             job = walker.update(root_fd, prev.root, dirty)
         else:
             walker.warm_ahead_if_cold(root_fd)
@@ -195,7 +199,7 @@ def _capture(objects: ObjectStore, root: Path, prev: CaptureState, excludes: Exc
     walker.state.root = tree_id
     root_meta = (stat_mod.S_IMODE(top.st_mode), top.st_uid, top.st_gid, top.st_mtime_ns)
     return CaptureResult(tree_id, walker.state, walker.counters, root_meta,
-                         walker.changed, walker.unreadable, walker.unstable)
+                         walker.changed, walker.unreadable, walker.unstable, walked_all)
 
 
 class _Walker:
