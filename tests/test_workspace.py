@@ -368,3 +368,19 @@ def test_a_file_left_out_is_reported_by_every_snapshot_until_it_is_read() -> Non
     assert json.loads(proc.stdout) == [
         ["sub/locked.txt"], ["sub/locked.txt"], ["sub/locked.txt"], [], {}]
     assert "cannot read b'sub/locked.txt'" in proc.stderr
+
+
+def test_gc_of_blobs_not_yet_durable_does_not_fail_the_next_snapshot(
+        tmp_path: Path, data_dir: Path, write_config: WriteConfig) -> None:
+    # A capture that records nothing (a dry-run restore's look at the live files, a
+    # completed restore's re-planning, a snapshot equal to an existing one) leaves its
+    # new blobs waiting for the next make_durable; gc may remove them first.
+    trees.write(data_dir / "a.csv", b"v1")
+    with Workspace.open(write_config({"data": data_dir})) as ws:
+        ws.snapshot(tags=["v1"])
+        trees.write(data_dir / "a.csv", b"only ever in the live files")
+        ws.restore("v1", dry_run=True)
+        assert ws.gc().removed == 2  # the live files' blob and tree
+        trees.write(data_dir / "a.csv", b"v2")
+        taken = ws.snapshot(tags=["v2"])
+        assert taken.record is not None and ws.check().ok

@@ -351,12 +351,17 @@ class ObjectStore:
                     yield ObjectId(fan + name)
 
     def remove(self, kind: Kind, oid: ObjectId) -> None:
-        """Remove an object; a tree's removal is durable at the next `make_durable`."""
+        """Remove an object; a tree's removal is durable at the next `make_durable`. A
+        blob still waiting to be made durable (written by a capture that recorded
+        nothing, then found unreferenced by gc) is no longer waited for."""
         if kind == "trees":
             self.trees.delete(validate_object_id(oid))
             return
+        path = self._path(kind, oid)
+        with self._publish_lock:
+            self._unsynced.discard(path)
         try:
-            os.unlink(self._path(kind, oid))
+            os.unlink(path)
         except FileNotFoundError:
             pass
 
