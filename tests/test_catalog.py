@@ -57,13 +57,15 @@ def test_ambiguous_hash_prefix_is_an_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("tag", ["", "a/b", ".", "..", "x" * 129, "latest", "20261122T103005Z",
-                                 "beef", "0123abcd", "tab\there"])
+                                 "beef", "0123abcd", "tab\there", " ", " padded",
+                                 "padded ", ".hidden", "-rf"])
 def test_bad_tags_are_refused(tag: str) -> None:
     with pytest.raises(TagError):
         check_tag(tag)
 
 
-@pytest.mark.parametrize("tag", ["before-training", "v1.2", "ü-data", "abc", "x" * 128])
+@pytest.mark.parametrize("tag", ["before-training", "v1.2", "ü-data", "abc", "x" * 128,
+                                 "with space", "a.", "a-"])
 def test_good_tags_pass(tag: str) -> None:
     check_tag(tag)
 

@@ -120,6 +120,11 @@ def check_tag(tag: str) -> None:
     if "/" in tag or tag in (".", "..") or any(ord(c) < 32 or c == "\x7f" for c in tag):
         raise TagError(f"tag {tag!r} is not a safe file name (no '/', control characters, "
                        "'.' or '..')")
+    # A view directory named " " or ".x" is invisible or hidden to `ls`, and "-x" reads
+    # as an option to every tool given its path.
+    if tag != tag.strip() or tag[0] in ".-":
+        raise TagError(f"tag {tag!r} starts with '.' or '-', or with or ends in white "
+                       "space")
     if tag == "latest" or _ID_RE.match(tag) or _HASH_PREFIX_RE.match(tag):
         raise TagError(f"tag {tag!r} could be read as a snapshot id, hash or 'latest'")
 
