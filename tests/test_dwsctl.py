@@ -169,6 +169,25 @@ def test_a_snapshot_lacking_files_warns_and_exits_1(capsys: pytest.CaptureFixtur
     assert dwsctl.render_json("snapshot", result, sys.stdout) == dwsctl.EXIT_OK
 
 
+@pytest.mark.parametrize("text,escaped", [
+    ("plain/ü-name", "plain/ü-name"),
+    ("new\nline", "new\\nline"),                       # one diff line, not two
+    ("\x1b[31mred", "\\x1b[31mred"),                     # no escape sequence to a tty
+    ("back\\slash", "back\\\\slash"),                   # unambiguous
+    (os.fsdecode(b"not\xffutf8"), "not\\xffutf8"),         # the byte, not U+FFFD
+])
+def test_names_and_messages_are_printed_escaped(text: str, escaped: str) -> None:
+    assert dwsctl.shown(text) == escaped
+
+
+def test_diff_prints_one_line_per_change_whatever_the_name(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    change = {"status": "added", "path": "a\nb", "kind": "file"}
+    ns = dwsctl.build_parser().parse_args(["diff", "v1"])
+    dwsctl.render_diff({"data": [change]}, ns, sys.stdout)
+    assert capsys.readouterr().out.splitlines() == ["added     data/a\\nb", "1 added"]
+
+
 def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert dwsctl.main(["--help"]) == 0
     out = capsys.readouterr().out

@@ -10,6 +10,7 @@ import argparse
 import io
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -150,8 +151,32 @@ def human_duration(seconds: float) -> str:
 
 
 def first_line(text: str, width: int = 50) -> str:
-    line = text.split("\n", 1)[0]
+    line = shown(text.split("\n", 1)[0])
     return line if len(line) <= width else line[:width - 1] + "…"
+
+
+# Control characters (C0, DEL, C1), the backslash, and the surrogate escapes that stand
+# for bytes of a name that are not UTF-8 (os.fsdecode).
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\\\udc80-\udcff]")
+
+
+def shown(text: str) -> str:
+    """`text` (a path or a message) safe to print on one terminal line: control
+    characters, backslashes and bytes that are not UTF-8 as escapes, as `ls -b` shows
+    names. A newline in a file name must not split a line of `diff`, nor an escape
+    sequence in a message reach the terminal."""
+    return _UNPRINTABLE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    c = match.group()
+    if c in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[c]
+    code = ord(c) - 0xDC00 if ord(c) >= 0xDC80 else ord(c)
+    return f"\\x{code:02x}"
+
+
+_NAMED_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
 def table(rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> list[str]:
@@ -255,11 +280,11 @@ def render_snapshot(result: dict[str, Any], ns: argparse.Namespace, out: TextIO)
               + ("; tags and message added to it" if ns.tags or ns.message else ""),
               file=out)
     for item in result["unstable"]:
-        print(f"dwsctl: warning: {item['resource']}/{item['path']} changed while it was "
-              "read", file=sys.stderr)
+        print(f"dwsctl: warning: {item['resource']}/{shown(item['path'])} changed while "
+              "it was read", file=sys.stderr)
     left_out = result["unreadable"]
     for item in left_out[:WARNINGS_SHOWN]:
-        print(f"dwsctl: warning: {item['resource']}/{item['path']} not captured: "
+        print(f"dwsctl: warning: {item['resource']}/{shown(item['path'])} not captured: "
               f"{item['error']}", file=sys.stderr)
     if len(left_out) > WARNINGS_SHOWN:
         print(f"dwsctl: warning: and {len(left_out) - WARNINGS_SHOWN:,} more files not "
@@ -290,7 +315,7 @@ def render_show(snap: dict[str, Any], ns: argparse.Namespace, out: TextIO) -> in
                         "added to the store"]]
     for line in table(rows):
         print(line, file=out)
-    message = snap["message"].split("\n")
+    message = [shown(line) for line in snap["message"].split("\n")]
     print("message   " + message[0], *("          " + m for m in message[1:]), sep="\n",
           file=out)
     print("resources", file=out)
@@ -305,7 +330,7 @@ def render_diff(result: dict[str, list[dict[str, Any]]], ns: argparse.Namespace,
     for resource, changes in result.items():
         for change in changes:
             counts[change["status"]] = counts.get(change["status"], 0) + 1
-            print(f"{change['status']:<9} {resource}/{change['path']}", file=out)
+            print(f"{change['status']:<9} {resource}/{shown(change['path'])}", file=out)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     print(summary or "no differences", file=out)
     return EXIT_OK
@@ -318,7 +343,7 @@ def render_restore(result: dict[str, Any], ns: argparse.Namespace, out: TextIO) 
             print(f"{resource}: {plan['files']:,} files ({human_size(plan['bytes'])}) "
                   f"to write, {plan['removals']:,} to remove", file=out)
             for change in plan.get("changes", []):
-                print(f"  {change['op']:<6} {resource}/{change['path']}", file=out)
+                print(f"  {change['op']:<6} {resource}/{shown(change['path'])}", file=out)
         print(f"dry run: nothing changed (restore of {name})", file=out)
         return EXIT_OK
     print(f"restored {name}: {result['files_written']:,} files written, "
@@ -327,7 +352,7 @@ def render_restore(result: dict[str, Any], ns: argparse.Namespace, out: TextIO) 
     if result["pre_restore"]:
         print(f"undo with: dwsctl restore {result['pre_restore']['id']}", file=out)
     for error in result["errors"]:
-        print(f"dwsctl: not restored: {error['resource']}/{error['path']}: "
+        print(f"dwsctl: not restored: {error['resource']}/{shown(error['path'])}: "
               f"{error['error']}", file=sys.stderr)
     return EXIT_ERROR if result["errors"] else EXIT_OK
 
