@@ -30,7 +30,8 @@ from dwsd.snapshot.statcache import CaptureState, SavedState, file_changes, load
 from dwsd.store.catalog import KINDS, Counts, SnapshotRecord, check_tag, hostname, \
     manifest_hash
 from dwsd.store.ids import ObjectId
-from dwsd.store.maintenance import CheckResult, GcResult, check_store, collect_garbage
+from dwsd.store.maintenance import CheckResult, GcResult, bad_blobs, check_store, \
+    collect_garbage
 from dwsd.store.store import Store
 from dwsd.crashpoints import crash_point
 from dwsd.snapshot.diff import Change, diff_trees
@@ -642,5 +643,30 @@ class Workspace:
         names = [p.name[:-len(".state")] for p in self.store.state_dir.glob("*.state")]
         return [load_state(self.store.state_dir, n)[0] for n in names]
 
-    def check(self, read_data: bool = False) -> CheckResult:
-        return check_store(self.store.objects, self.store.catalog, read_data)
+    def check(self, read_data: bool = False, repair: bool = False) -> CheckResult:
+        """Check the store (re-hash every blob with `read_data`). With `repair`, corrupt
+        blobs are moved aside (`<store>/corrupt/`) and the capture states forget the
+        files whose content a bad blob held, missing ones too: the next full walk reads
+        those files again, and where a file still has that content its good copy repairs
+        every snapshot that uses it. The problems are reported as found."""
+        result = check_store(self.store.objects, self.store.catalog, read_data)
+        if not repair:
+            return result
+        missing, corrupt = bad_blobs(result)
+        for oid in corrupt:
+            self.store.objects.move_aside(oid)
+            log.warning("blob %s is corrupt: moved aside to %s", oid,
+                        self.store.root / "corrupt")
+        result.moved_aside = corrupt
+        bad = set(missing) | set(corrupt)
+        if bad:
+            for name in [r.name for r in self.config.resources]:
+                state = self._state(name)
+                stale = [p for p, f in state.files.items() if f.blob in bad]
+                for path in stale:
+                    state.drop(path)
+                if stale:
+                    state.unsaved = None  # written whole
+                    self._unsaved.add(name)
+            self.save_states()
+        return result

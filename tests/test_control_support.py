@@ -94,8 +94,8 @@ class WorkspaceScheduler:
     async def prune(self, dry_run: bool) -> PruneResult:
         return await self._write(lambda: self.ws.prune(dry_run))
 
-    async def check(self, read_data: bool) -> CheckResult:
-        return await self._write(lambda: self.ws.check(read_data))
+    async def check(self, read_data: bool, repair: bool = False) -> CheckResult:
+        return await self._write(lambda: self.ws.check(read_data, repair))
 
     async def diff(self, ref: str, other: str | None) -> dict[str, list[Change]]:
         return await self._write(lambda: self.ws.diff(ref, other))

@@ -15,6 +15,7 @@ import trio
 
 from dwsd import api
 from dwsd.cli import dwsctl
+from dwsd.store.ids import hash_bytes
 from dwsd.control.client import find_socket
 from dwsd.errors import UsageError
 from tests.conftest import WriteConfig
@@ -91,7 +92,8 @@ async def test_restore_shows_progress_and_restores(served: Served) -> None:
     assert (served.data / "file-01.txt").read_text() == DATA_FILES["file-01.txt"]
 
 
-async def test_tag_untag_delete_prune_check(served: Served) -> None:
+async def test_tag_untag_delete_prune_check(served: Served,
+                                            caplog: pytest.LogCaptureFixture) -> None:
     await run_dwsctl(served, "snapshot", "-t", "v1")
     tagged = await run_dwsctl(served, "tag", "v1", "best")
     assert text(tagged.stdout).strip().endswith("as best")
@@ -100,6 +102,16 @@ async def test_tag_untag_delete_prune_check(served: Served) -> None:
     assert text(pruned.stdout).splitlines() == ["would delete 0 snapshot(s), keep 1"]
     checked = await run_dwsctl(served, "check", "--read-data")
     assert text(checked.stdout).startswith("store ok:")
+    blob = served.workspace.store.objects.path(
+        "blobs", hash_bytes(DATA_FILES["file-01.txt"].encode()))
+    os.chmod(blob, 0o644)
+    blob.write_bytes(b"not what it was")
+    repaired = await run_dwsctl(served, "check", "--read-data", "--repair")
+    assert repaired.returncode == dwsctl.EXIT_ERROR  # the problem as found
+    assert text(repaired.stdout).splitlines()[-1].startswith(
+        "repair: 1 corrupt blob(s) moved aside; the next full snapshot")
+    assert not blob.exists() and "is corrupt: moved aside to" in caplog.text
+    caplog.clear()
     deleted = await run_dwsctl(served, "delete", "v1")
     assert text(deleted.stdout).startswith("deleted snapshot 1")
     assert text((await run_dwsctl(served, "list")).stdout).strip() == "no snapshots"

@@ -13,7 +13,7 @@ import pytest
 from dwsd.errors import CorruptObjectError, StoreError, StoreLockedError
 from dwsd.snapshot import capture
 from dwsd.store.fsutil import TEMP_PREFIX, open_cached
-from dwsd.store.ids import ObjectId
+from dwsd.store.ids import ObjectId, hash_bytes
 from dwsd.store.store import Store
 from dwsd.workspace import Workspace
 from tests import trees
@@ -137,6 +137,35 @@ def test_check_names_the_snapshots_using_a_corrupt_blob(tmp_path: Path,
         result = ws.check(read_data=True)
     assert [str(p) for p in result.problems] == [
         f"blob {blob}: content does not match its hash (used by {one.id}, {two.id})"]
+
+
+def test_check_repair_moves_a_corrupt_blob_aside_and_a_full_snapshot_heals_it(
+        tmp_path: Path, write_config: WriteConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = tmp_path / "data"
+    trees.write(data / "train.py", b"print(1)")
+    trees.write(data / "other.py", b"print(2)")
+    blob = hash_bytes(b"print(1)")
+    with Workspace.open(write_config({"data": data})) as ws:
+        first = ws.snapshot(tags=["before"]).record
+        path = ws.store.objects.path("blobs", blob)
+        os.chmod(path, 0o644)
+        path.write_bytes(b"print(9)")
+        assert not ws.snapshot(tags=[]).created  # unchanged files: the bad blob stays
+        repaired = ws.check(read_data=True, repair=True)
+        assert [p.object_id for p in repaired.problems] == [blob]
+        assert repaired.moved_aside == [blob]
+        assert (tmp_path / "store" / "corrupt" / blob).read_bytes() == b"print(9)"
+        # Only the files that had the bad content are read again, by the full walk.
+        healed = ws.snapshot(tags=["after"])
+        assert healed.counters.files_opened == 1 and not healed.created
+        assert ws.check(read_data=True).ok
+        ws.restore("before", target=tmp_path / "out")
+    assert first is not None
+    assert (tmp_path / "out" / "data" / "train.py").read_bytes() == b"print(1)"
+    assert f"blob {blob} is corrupt: moved aside to {tmp_path / 'store' / 'corrupt'}" \
+        in caplog.text
+    caplog.clear()
 
 
 def test_check_reports_a_missing_tree(tmp_path: Path, write_config: WriteConfig) -> None:

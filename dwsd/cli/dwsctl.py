@@ -102,6 +102,9 @@ def _add_maintenance_commands(sub: Any) -> None:
     sub.add_parser("status", help="daemon, watcher and scheduler status")
     p = sub.add_parser("check", help="check the store")
     p.add_argument("--read-data", action="store_true", help="re-hash every object")
+    p.add_argument("--repair", action="store_true", help="move corrupt blobs aside, so "
+                   "that the next full snapshot stores again the files that still have "
+                   "their content, repairing every snapshot that uses them")
 
 
 def _positive(text: str) -> int:
@@ -127,7 +130,7 @@ def request_for(ns: argparse.Namespace) -> tuple[str, dict[str, JSON]]:
                    "target": target, "dry_run": ns.dry_run}
     names = {"show": ("ref",), "diff": ("ref", "other"), "tag": ("ref", "tag"),
              "untag": ("tag",), "delete": ("ref",), "prune": ("dry_run",), "status": (),
-             "check": ("read_data",)}
+             "check": ("read_data", "repair")}
     return c, {name: getattr(ns, name) for name in names[c]}
 
 
@@ -415,6 +418,11 @@ def render_check(result: dict[str, Any], ns: argparse.Namespace, out: TextIO) ->
     print(f"store has {len(result['problems'])} problem(s): {summary}", file=out)
     for problem in result["problems"]:
         print(f"  {problem['text']}", file=out)
+    if ns.repair:
+        print(f"repair: {len(result['moved_aside'])} corrupt blob(s) moved aside; the "
+              "next full snapshot (dwsctl snapshot --full) stores the files that still "
+              "have a bad blob's content again, which repairs every snapshot using it",
+              file=out)
     return EXIT_ERROR
 
 

@@ -74,7 +74,8 @@ def encode_changes(by_resource: Mapping[str, list[Change]]) -> dict[str, JSON]:
 def encode_check(result: CheckResult) -> dict[str, JSON]:
     return {"ok": result.ok, "trees": result.trees, "blobs": result.blobs,
             "blobs_read": result.blobs_read,
-            "problems": [asdict(p) | {"text": str(p)} for p in result.problems]}
+            "problems": [asdict(p) | {"text": str(p)} for p in result.problems],
+            "moved_aside": list(result.moved_aside)}
 
 
 def resource_problems(items: list[tuple[str, bytes, str]]) -> list[dict[str, JSON]]:

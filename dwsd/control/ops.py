@@ -195,7 +195,7 @@ class _Ops:
 
     async def op_check(self, a: Args, emit: EventSink) -> JSON:
         async def work() -> JSON:
-            return encode_check(await self.scheduler.check(a["read_data"]))
+            return encode_check(await self.scheduler.check(a["read_data"], a["repair"]))
         return await with_heartbeat(emit, work)
 
     async def op_resources(self, a: Args, emit: EventSink) -> JSON:
@@ -216,7 +216,7 @@ SPECS: dict[str, dict[str, Arg]] = {
     "delete": {"ref": REF},
     "prune": {"dry_run": FLAG},
     "status": {},
-    "check": {"read_data": FLAG},
+    "check": {"read_data": FLAG, "repair": FLAG},
     "resources": {},
 }
 

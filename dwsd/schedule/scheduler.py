@@ -262,8 +262,8 @@ class Scheduler:
             self._gc_pending = False
         return result
 
-    async def check(self, read_data: bool) -> CheckResult:
-        return await self._write_call(lambda: self.ws.check(read_data))
+    async def check(self, read_data: bool, repair: bool = False) -> CheckResult:
+        return await self._write_call(lambda: self.ws.check(read_data, repair))
 
     async def diff(self, ref: str, other: str | None) -> dict[str, list[Change]]:
         return await self._write_call(lambda: self.ws.diff(ref, other))

@@ -45,6 +45,7 @@ class CheckResult:
     blobs: int = 0
     blobs_read: int = 0
     problems: list[Problem] = field(default_factory=list)
+    moved_aside: list[ObjectId] = field(default_factory=list)  # corrupt blobs (repair)
 
     @property
     def ok(self) -> bool:
@@ -150,7 +151,17 @@ def _check_blob(objects: ObjectStore, oid: ObjectId, read_data: bool, result: Ch
     elif read_data:
         result.blobs_read += 1
         if not objects.verify("blobs", oid):
-            bad[oid] = Problem("blob", oid, "content does not match its hash")
+            bad[oid] = Problem("blob", oid, CORRUPT)
+
+
+CORRUPT = "content does not match its hash"
+
+
+def bad_blobs(result: CheckResult) -> tuple[list[ObjectId], list[ObjectId]]:
+    """(missing, corrupt) blob ids among a check's problems."""
+    blobs = [p for p in result.problems if p.kind == "blob"]
+    return ([ObjectId(p.object_id) for p in blobs if p.problem != CORRUPT],
+            [ObjectId(p.object_id) for p in blobs if p.problem == CORRUPT])
 
 
 def _short(exc: Exception) -> str:

@@ -365,6 +365,22 @@ class ObjectStore:
         except FileNotFoundError:
             pass
 
+    def move_aside(self, oid: ObjectId) -> None:
+        """Move a corrupt blob out of the store's objects into `<store>/corrupt/`, kept
+        for inspection: a capture of the same content then writes a good copy, which
+        repairs every snapshot that uses it (blocks)."""
+        aside = self.root.parent / "corrupt"
+        aside.mkdir(exist_ok=True)
+        path = self._path("blobs", oid)
+        with self._publish_lock:
+            self._unsynced.discard(path)
+        try:
+            os.rename(path, aside / oid)
+        except FileNotFoundError:
+            return
+        fsync_dir(aside)
+        fsync_dir(Path(os.path.dirname(path)))
+
     def clean_temps(self) -> int:
         """Remove temp files left by a crash; only safe while holding the writer lock."""
         return sum(clean_temps(self.root / "blobs" / fan) for fan in _FANOUT)
