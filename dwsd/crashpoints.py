@@ -1,5 +1,6 @@
-"""Test-only crash injection: `DWSD_CRASH_AT=<point>[:<n>]` makes the process SIGKILL
-itself the n-th time (default 1st) it reaches `crash_point(<point>)`.
+"""Test-only crash injection: `DWSD_CRASH_AT=<point>[:<n>[:<SIGNAL>]]` makes the process
+SIGKILL itself the n-th time (default 1st) it reaches `crash_point(<point>)`, or send
+itself SIGNAL (`TERM`, say) instead: a shutdown asked for at a named point of the work.
 
 Points: objects-written (after each new object), before-catalog-commit,
 after-catalog-commit, restore-file (before each restore action), restore-temp-written (a
@@ -24,9 +25,10 @@ _hits: dict[str, int] = {}
 def crash_point(name: str) -> None:
     if not _SPEC:
         return
-    point, _, count = _SPEC.partition(":")
+    point, _, rest = _SPEC.partition(":")
     if point != name:
         return
+    count, _, signame = rest.partition(":")
     _hits[name] = _hits.get(name, 0) + 1
-    if _hits[name] >= int(count or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _hits[name] == int(count or 1):
+        os.kill(os.getpid(), getattr(signal, f"SIG{signame}") if signame else signal.SIGKILL)

@@ -2,8 +2,9 @@
 
 Nested nurseries give the shutdown order: the view (outermost) outlives the control
 server, which outlives the watcher and the scheduler (innermost). SIGTERM/SIGINT cancel
-from the inside out; an operation already on a worker thread finishes first (worker
-threads are never abandoned), then the view is unmounted and the store lock released.
+from the inside out: new requests are refused at once, an operation already on a worker
+thread finishes (worker threads are never abandoned) and its client is answered, then
+the view is unmounted and the store lock released.
 SIGHUP reloads the configuration; a broken one is refused and the old one kept.
 systemd hears READY=1 once serving, a STATUS line after each change of the catalog,
 and STOPPING=1 on the way out.
@@ -23,7 +24,7 @@ import trio
 
 from dwsd.config import Config, load_config
 from dwsd.control.ops import make_handlers
-from dwsd.control.server import serve_control
+from dwsd.control.server import ControlServer, serve_control
 from dwsd.errors import DwsdError
 from dwsd.fuse.mount import serve_view
 from dwsd.memory import tune_allocator, tune_gc
@@ -32,6 +33,10 @@ from dwsd.watch.watcher import Watcher
 from dwsd.workspace import Workspace
 
 log = logging.getLogger(__name__)
+
+# After the last operation of a shutdown, how long its reply (and those of requests that
+# were refused meanwhile) may take to reach their clients.
+ANSWER_TIMEOUT = 10.0
 
 
 def sd_notify(state: str) -> None:
@@ -63,6 +68,7 @@ class Daemon:
         self.config_path = config_path
         self.config = load_config(config_path)
         self.scheduler: Scheduler | None = None
+        self._control: ControlServer | None = None
         self._stop_inner = trio.CancelScope()
         self._stopping_told = False
 
@@ -102,7 +108,9 @@ class Daemon:
         scheduler = Scheduler(ws, watcher, on_catalog_change=catalog_changed)
         self.scheduler = scheduler
         async with trio.open_nursery() as control:
-            await control.start(serve_control, ws.config.socket, make_handlers(scheduler))
+            server = await control.start(serve_control, ws.config.socket,
+                                         make_handlers(scheduler))
+            self._control = server
             with self._stop_inner:
                 async with trio.open_nursery() as inner:
                     await inner.start(watcher.run)
@@ -111,7 +119,20 @@ class Daemon:
                     log.info("dwsd ready: workspace %s, socket %s, view %s",
                              ws.config.workspace, ws.config.socket,
                              ws.config.mount or "off")
+            # The operation a client asked for before the signal (a restore, say) runs
+            # on its thread to the end whatever happens here: its client gets the
+            # answer, not a closed connection.
+            self._stop_taking_requests()
+            await scheduler.finish_running()
+            with trio.move_on_after(ANSWER_TIMEOUT):
+                await server.wait_idle()
             control.cancel_scope.cancel()
+
+    def _stop_taking_requests(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        if self._control is not None:
+            self._control.stop()
 
     def _tell_stopping(self) -> None:
         """STOPPING=1, once: at the signal (systemd then knows at once), else on the
@@ -128,6 +149,7 @@ class Daemon:
                 continue
             log.info("%s: shutting down", signal.Signals(signum).name)
             self._tell_stopping()
+            self._stop_taking_requests()
             # Cancelling a scope not yet entered is fine: the start-up then goes
             # straight to the orderly shutdown.
             self._stop_inner.cancel()

@@ -162,6 +162,12 @@ class ServerBusyError(DwsdError):
     code = "busy"
 
 
+class StoppingError(DwsdError):
+    """The daemon is shutting down: the operation asked for was not started."""
+
+    code = "stopping"
+
+
 class MountError(DwsdError):
     """The view cannot be mounted where asked (not a directory, already mounted...)."""
 

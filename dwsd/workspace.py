@@ -516,6 +516,9 @@ class Workspace:
                 self.resume_error = None  # whatever was left over is now done
         for name, path, error in result.errors:
             log.warning("restore of %s: %s/%r not restored: %s", rec.id, name, path, error)
+        log.info("snapshot %s restored %s: %d files written, %d removed", rec.id,
+                 f"to {os.path.commonpath(list(roots.values()))}" if roots else "in place",
+                 result.files_written, result.removed)
         return result
 
     def _apply_one(self, result: RestoreResult, name: str, plan: Plan, root: bytes,

@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from dwsd.errors import StoreError
+from dwsd.errors import StoppingError, StoreError
 from dwsd.schedule.scheduler import FIRST_BACKOFF, Scheduler
 from dwsd.store.ids import hash_bytes
 from dwsd.watch.watcher import Watcher
@@ -320,6 +320,33 @@ def test_sigterm_unmounts_and_exits_0(daemon: Daemon, tmp_path: Path, short_dir:
     assert not (short_dir / "d.sock").exists()
 
 
+def test_sigterm_during_a_restore_finishes_it_and_answers_its_client(
+        tmp_path: Path, short_dir: Path) -> None:
+    data = tmp_path / "data"
+    config = write_config(tmp_path, short_dir, mount=False, changes=1_000_000)
+    for i in range(10):
+        trees.write(data / f"f{i}.csv", b"v1")
+    # The daemon gets SIGTERM from itself while writing the restore's third file.
+    d = Daemon(config, env={"DWSD_CRASH_AT": "restore-file:3:TERM"}).start()
+    try:
+        d.wait_until(lambda: d.status()["reconciles"] >= 1, "the start-up reconcile")
+        d.ctl("snapshot", "-t", "v1")
+        for i in range(10):
+            trees.write(data / f"f{i}.csv", b"v2")
+        restored = d.ctl("restore", "v1")  # answered: the work was under way
+        assert restored.stdout.startswith("restored snapshot"), restored
+        assert d.proc is not None and d.proc.wait(TIMEOUT) == 0
+    finally:
+        d.stop()
+    assert all((data / f"f{i}.csv").read_bytes() == b"v1" for i in range(10))
+    assert not (tmp_path / "store" / "journal" / "restore.json").exists()
+    d.wait_for_log("SIGTERM: shutting down")
+    d.wait_for_log("restored in place: 10 files written")
+    refused = subprocess.run([str(BIN / "dwsctl"), "--socket", str(short_dir / "d.sock"),
+                              "status"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert refused.returncode == 3  # gone, and its socket with it
+
+
 def test_sighup_with_a_broken_config_keeps_the_old_one(daemon: Daemon, tmp_path: Path
                                                        ) -> None:
     good = daemon.config.read_text()
@@ -567,6 +594,17 @@ async def test_prune_collects_what_delete_left(workspace: Workspace, data_dir: P
     assert pruned.deleted == [] and pruned.gc is not None and pruned.gc.removed >= 1
     assert not objects.has("blobs", doomed_blob) and not scheduler.status()["gc_pending"]
     assert [r.tags for r in workspace.history()] == [("without-big",)]
+
+
+async def test_a_stopping_scheduler_starts_nothing_new(workspace: Workspace) -> None:
+    scheduler = Scheduler(workspace, Watcher(workspace.config.resources, lambda: None))
+    scheduler.stop()
+    with trio.fail_after(30):
+        with pytest.raises(StoppingError, match="shutting down; the operation was not "
+                                                "started"):
+            await scheduler.snapshot(["late"], "", full=True)
+        await scheduler.finish_running()  # nothing running: at once
+    assert workspace.history() == [] and scheduler.queue_length == 0
 
 
 async def test_a_snapshot_asked_for_right_after_a_write_holds_it(

@@ -12,8 +12,9 @@ Security and isolation (DESIGN §7):
 
 A request's handler runs in the connection's task while a separate pump task writes its
 events and reply, so a client that vanishes mid-request only stops the sending: the
-handler (a restore, say) runs to completion. Only the server's own cancellation (daemon
-shutdown) cancels handlers.
+handler (a restore, say) runs to completion. Only the server's own cancellation cancels
+handlers; a daemon shutting down first `stop`s the server (new requests are refused) and
+waits until the requests under way are answered (`wait_idle`).
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ import trio
 from dwsd.control.protocol import MAX_REQUEST_BYTES, JSON, EventSink, Handler, \
     Request, RequestId, error_line, event_line, parse_request, result_line
 from dwsd.errors import ControlSocketError, DwsdError, PeerRefusedError, ProtocolError, \
-    RequestTimeoutError, RequestTooLargeError, ServerBusyError, UnknownOpError
+    RequestTimeoutError, RequestTooLargeError, ServerBusyError, StoppingError, \
+    UnknownOpError
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +63,20 @@ def default_allowed_uids() -> frozenset[int]:
 async def serve_control(socket_path: Path, handlers: Mapping[str, Handler], *,
                         limits: Limits = Limits(),
                         allowed_uids: frozenset[int] | None = None,
-                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                        ) -> None:
+                        task_status: trio.TaskStatus["ControlServer"] =
+                        trio.TASK_STATUS_IGNORED) -> None:
     """Serve `handlers` on `socket_path` until cancelled; reports readiness (the socket
-    accepts connections) through `task_status`. Raises ControlSocketError if the socket
+    accepts connections) through `task_status`, with the `ControlServer`. Raises ControlSocketError if the socket
     cannot be set up, e.g. when another daemon answers on it. Removes the socket on exit
     (unless it has been replaced by another one meanwhile)."""
     sock, identity = await bind_control_socket(socket_path)
-    server = _Server(handlers, limits, allowed_uids or default_allowed_uids())
+    server = ControlServer(handlers, limits, allowed_uids or default_allowed_uids())
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, server.handle,
                                 [trio.SocketListener(sock)])
             log.info("control socket listening on %s", socket_path)
-            task_status.started()
+            task_status.started(server)
     finally:
         remove_socket(socket_path, identity)
 
@@ -163,13 +165,38 @@ def peer_credentials(stream: trio.SocketStream) -> tuple[int, int, int]:
 
 # -- connections ------------------------------------------------------------------------
 
-class _Server:
+class ControlServer:
+    """What `serve_control` hands its starter: for a shutdown that answers the requests
+    under way (`stop`, then `wait_idle`) before the server is cancelled."""
+
     def __init__(self, handlers: Mapping[str, Handler], limits: Limits,
                  allowed_uids: frozenset[int]) -> None:
         self.handlers = handlers
         self.limits = limits
         self.allowed_uids = allowed_uids
         self.active = 0
+        self.stopping = False
+        self._running = 0  # requests between their line and their reply
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def stop(self) -> None:
+        """Answer every request from now on with a StoppingError."""
+        self.stopping = True
+
+    async def wait_idle(self) -> None:
+        """Return once no request is being answered."""
+        await self._idle.wait()
+
+    def _begin(self) -> None:
+        self._running += 1
+        if self._running == 1:
+            self._idle = trio.Event()
+
+    def _end(self) -> None:
+        self._running -= 1
+        if self._running == 0:
+            self._idle.set()
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """One connection, start to end; nothing but cancellation escapes."""
@@ -222,7 +249,7 @@ class _LineReader:
 
 
 class _Connection:
-    def __init__(self, server: _Server, stream: trio.SocketStream) -> None:
+    def __init__(self, server: ControlServer, stream: trio.SocketStream) -> None:
         self.server = server
         self.limits = server.limits
         self.stream = stream
@@ -292,7 +319,15 @@ class _Connection:
             await self._send_error(request.id, UnknownOpError(
                 f"unknown operation {request.op!r} (known: {known})"))
             return
-        await self._run(request, handler)
+        if self.server.stopping:
+            await self._send_error(request.id, StoppingError(
+                "dwsd is shutting down; the operation was not started"))
+            return
+        self.server._begin()
+        try:
+            await self._run(request, handler)
+        finally:
+            self.server._end()
 
     async def _run(self, request: Request, handler: Handler) -> None:
         """Run `handler` while a pump task sends its events; then send the reply."""

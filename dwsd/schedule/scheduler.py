@@ -28,6 +28,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 import trio
 
 from dwsd.config import Config
+from dwsd.errors import StoppingError
 from dwsd.memory import release_free_memory
 from dwsd.snapshot.diff import Change
 from dwsd.snapshot.restore import Progress
@@ -59,6 +60,7 @@ class Scheduler:
         # Snapshots were deleted since the last gc (or the daemon just started, and a
         # previous run may have left some): the next reconcile collects.
         self._gc_pending = True
+        self._stopping = False  # see stop()
         self.queue_length = 0
         self.stats: dict[str, Any] = {"checkpoints": 0, "skipped": 0, "errors": 0,
                                       "failures": 0, "reconciles": 0,
@@ -72,6 +74,17 @@ class Scheduler:
     def wake(self) -> None:
         """Called by the watcher (trio thread) whenever something changed."""
         self._wakeup.set()
+
+    def stop(self) -> None:
+        """The daemon is shutting down: the operation running finishes, those waiting
+        for it and any asked for later fail with StoppingError (the watcher stops with
+        the daemon: a capture after it could miss changes)."""
+        self._stopping = True
+
+    async def finish_running(self) -> None:
+        """Return once the operation running at `stop` (if any) has finished."""
+        await self._writer.acquire()
+        self._writer.release()
 
     def force_reconcile(self) -> None:
         """Make the next checkpoint a reconcile walk, as soon as any backoff allows."""
@@ -346,6 +359,9 @@ class _Writing:
             await self.s._writer.acquire()
         finally:
             self.s.queue_length -= 1
+        if self.s._stopping:
+            self.s._writer.release()
+            raise StoppingError("dwsd is shutting down; the operation was not started")
 
     async def __aexit__(self, *exc: object) -> None:
         self.s._writer.release()
