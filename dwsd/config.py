@@ -287,6 +287,27 @@ def _build_config(root: _At, config_file: Path) -> Config:
     )
 
 
+def socket_only(path: str | os.PathLike[str]) -> Path | None:
+    """The socket config file `path` names (or the default for its workspace name), read
+    without validating anything else: for a client to reach a daemon that still runs on
+    its last good configuration after an edit broke the file. None when even that much
+    cannot be read. Blocks on reading the file."""
+    try:
+        with open(path, "rb") as f:
+            doc = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    socket, workspace = doc.get("socket"), doc.get("workspace")
+    if isinstance(socket, str) and socket:
+        base = Path(os.path.abspath(path)).parent
+        return Path(os.path.abspath(base / os.path.expanduser(socket)))
+    if socket is None and isinstance(workspace, str) and workspace:
+        return _default_socket(workspace)
+    return None
+
+
 def _default_socket(workspace: str) -> Path:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:

@@ -15,6 +15,7 @@ import trio
 
 from dwsd import api
 from dwsd.cli import dwsctl
+from dwsd.errors import ConfigError
 from dwsd.store.ids import hash_bytes
 from dwsd.control.client import find_socket
 from dwsd.errors import UsageError
@@ -206,6 +207,25 @@ def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> No
     assert "exit codes:" in out and "3  the daemon is not running" in out
 
 
+def test_a_broken_config_still_gives_the_socket_it_names(tmp_path: Path) -> None:
+    # The daemon keeps its last good configuration when a reload refuses an edit: its
+    # socket must stay reachable through the edited file.
+    config = tmp_path / "dwsd.yaml"
+    config.write_text("workspace: w\nsocket: run/d.sock\nbogus: 1\n")
+    told: list[tuple[str, Path]] = []
+    found = find_socket(None, config, {}, lambda exc, p: told.append((str(exc), p)))
+    assert found == tmp_path / "run" / "d.sock"
+    [(error, given)] = told
+    assert error.startswith(f"{config}:3: bogus: unknown key") and given == found
+    config.write_text("workspace: w\nsocket: [not, a, path\n")  # not even YAML
+    with pytest.raises(ConfigError, match=r"YAML syntax error.*\(give the daemon's "
+                                          r"socket with --socket\)$"):
+        find_socket(None, config, {})
+    proc = subprocess.run([*DWSCTL, "--config", str(config), "status"],
+                          capture_output=True, text=True, timeout=TIMEOUT, env=clean_env())
+    assert proc.returncode == dwsctl.EXIT_USAGE and "--socket" in proc.stderr
+
+
 def test_socket_lookup_order(tmp_path: Path, write_config: WriteConfig,
                              data_dir: Path) -> None:
     config = write_config({"data": data_dir})
@@ -237,6 +257,12 @@ def test_progress_line_has_a_bar_and_an_eta() -> None:
     assert line == "restore: [##------]  25% 1/4 files 250 B/1000 B ETA 0:30"
     done = dict(data, files_done=4, bytes_done=1000)
     assert "ETA" not in dwsctl.progress_line("restore", done, 10.0)
+    assert "ETA" not in dwsctl.progress_line("restore", data, 0.5)  # too soon to say
+    early = dict(data, bytes_done=5)
+    assert "ETA" not in dwsctl.progress_line("restore", early, 10.0)  # too little done
+    # Past a snapshot's estimated totals: what is done, no percentage or ETA.
+    past = {"files_done": 1, "files_total": 0, "bytes_done": 2, "bytes_total": 0}
+    assert dwsctl.progress_line("snapshot", past, 10.0, 8) == "snapshot: 1 files 2 B"
 
 
 def test_plain_progress_prints_periodically_and_the_last_line() -> None:

@@ -198,10 +198,14 @@ def snapshot_name(snap: dict[str, Any]) -> str:
 
 def progress_line(op: str, data: dict[str, Any], elapsed: float, bar_width: int = 0) -> str:
     """One progress line; with `bar_width`, a bar of that many cells. The ETA extrapolates
-    the bytes done so far (files when no bytes are involved)."""
-    done, total = data.get("bytes_done", 0), data.get("bytes_total", 0)
-    if not total:
-        done, total = data.get("files_done", 0), data.get("files_total", 0)
+    the bytes done so far (files when no bytes are involved), once there is enough to go
+    by. A snapshot's totals are estimates (its last capture's): once the work passes
+    them, only what is done is shown."""
+    files, files_total = data.get("files_done", 0), data.get("files_total", 0)
+    size, size_total = data.get("bytes_done", 0), data.get("bytes_total", 0)
+    if files > files_total or size > size_total:
+        return f"{op}: {files:,} files {human_size(size)}"
+    done, total = (size, size_total) if size_total else (files, files_total)
     fraction = min(1.0, done / total) if total else 1.0
     parts = [f"{op}:"]
     if bar_width:
@@ -211,9 +215,14 @@ def progress_line(op: str, data: dict[str, Any], elapsed: float, bar_width: int 
     parts.append(f"{data.get('files_done', 0):,}/{data.get('files_total', 0):,} files")
     parts.append(f"{human_size(data.get('bytes_done', 0))}/"
                  f"{human_size(data.get('bytes_total', 0))}")
-    if 0 < fraction < 1 and done:
+    if ETA_AFTER_FRACTION <= fraction < 1 and elapsed >= ETA_AFTER_S:
         parts.append(f"ETA {human_duration(elapsed * (total - done) / done)}")
     return " ".join(parts)
+
+
+# An ETA from the first file or the first instant is noise (hours for a second's work).
+ETA_AFTER_FRACTION = 0.01
+ETA_AFTER_S = 1.0
 
 
 @dataclass
@@ -452,8 +461,11 @@ def fail(message: str, code: int) -> int:
 
 def run(ns: argparse.Namespace, out: TextIO) -> int:
     """Carry out a parsed command line; returns the exit code."""
+    def broken(exc: ConfigError, socket_path: Path) -> None:
+        print(f"dwsctl: warning: {exc}; using the socket it names, {socket_path}",
+              file=sys.stderr)
     try:
-        socket_path = find_socket(ns.socket, ns.config)
+        socket_path = find_socket(ns.socket, ns.config, on_broken=broken)
     except (UsageError, ConfigError) as exc:
         return fail(str(exc), EXIT_USAGE)
     op, args = request_for(ns)

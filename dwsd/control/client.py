@@ -17,9 +17,9 @@ import socket
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from dwsd.config import default_config_path, load_config
+from dwsd.config import default_config_path, load_config, socket_only
 from dwsd.control.protocol import JSON, parse_reply, request_line
-from dwsd.errors import ConnectError, ConnectionLostError, DaemonNotRunning, \
+from dwsd.errors import ConfigError, ConnectError, ConnectionLostError, DaemonNotRunning, \
     ProtocolError, RemoteError, UsageError
 
 EventCallback = Callable[[str, dict[str, JSON]], None]
@@ -28,23 +28,40 @@ _NOT_RUNNING = (errno.ENOENT, errno.ECONNREFUSED)
 
 def find_socket(socket_path: str | os.PathLike[str] | None = None,
                 config: str | os.PathLike[str] | None = None,
-                environ: Mapping[str, str] = os.environ) -> Path:
+                environ: Mapping[str, str] = os.environ,
+                on_broken: Callable[[ConfigError, Path], None] | None = None) -> Path:
     """The daemon's socket: `socket_path`, else `config`'s socket, else $DWSD_SOCKET,
-    else $DWSD_CONFIG's socket, else the socket of ~/.config/dwsd/config.yaml. Raises
-    ConfigError (a config that does not load) or UsageError (nothing to go by)."""
+    else $DWSD_CONFIG's socket, else the socket of ~/.config/dwsd/config.yaml. A config
+    that does not load still gives the socket it names, if it can be read (the daemon
+    keeps its last good configuration): `on_broken(error, socket)` is told. Raises
+    ConfigError (a config that does not load, not even its socket) or UsageError
+    (nothing to go by)."""
     if socket_path:
         return Path(socket_path)
     if config:
-        return load_config(config).socket
+        return _config_socket(config, on_broken)
     if environ.get("DWSD_SOCKET"):
         return Path(environ["DWSD_SOCKET"])
     if environ.get("DWSD_CONFIG"):
-        return load_config(environ["DWSD_CONFIG"]).socket
+        return _config_socket(environ["DWSD_CONFIG"], on_broken)
     default = default_config_path(environ)
     if default.exists():
-        return load_config(default).socket
+        return _config_socket(default, on_broken)
     raise UsageError("no daemon socket known: give --socket or --config, set DWSD_SOCKET "
                      f"or DWSD_CONFIG, or create {default}")
+
+
+def _config_socket(config: str | os.PathLike[str],
+                   on_broken: Callable[[ConfigError, Path], None] | None) -> Path:
+    try:
+        return load_config(config).socket
+    except ConfigError as exc:
+        socket_path = socket_only(config)
+        if socket_path is None:
+            raise ConfigError(f"{exc} (give the daemon's socket with --socket)") from exc
+        if on_broken is not None:
+            on_broken(exc, socket_path)
+        return socket_path
 
 
 class ControlClient:
