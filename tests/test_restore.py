@@ -494,3 +494,31 @@ def test_a_path_restore_into_a_directory_reads_only_the_trees_on_its_way(
                             dry_run=True)
         assert result.plans["data"].files == 100
         assert ws.store.objects.reads["trees"] <= 3  # root (twice at most) and d0007
+
+
+def test_sparse_files_stay_sparse_in_the_store_and_when_restored(
+        tmp_path: Path, data_dir: Path, write_config: WriteConfig) -> None:
+    hole = 8 << 20
+    with open(data_dir / "image.bin", "wb") as f:  # data, a hole, data, a hole at the end
+        f.write(b"head" * 1000)
+        f.seek(hole)
+        f.write(os.urandom(100_000))
+        f.truncate(3 * hole)
+    (data_dir / "empty.bin").write_bytes(bytes(200_000))  # zeros written as data
+    source = {p.name: p.read_bytes() for p in data_dir.iterdir()}
+    with Workspace.open(write_config({"data": data_dir})) as ws:
+        ws.snapshot(tags=["v1"])
+        blob = ws.store.objects.path("blobs", hash_bytes(source["image.bin"]))
+        assert blob.stat().st_size == 3 * hole and used(blob) < 1 << 20
+        ws.restore("v1", target=tmp_path / "out")
+        (data_dir / "image.bin").write_bytes(b"changed")
+        ws.restore("v1")
+    for restored in (tmp_path / "out" / "data", data_dir):  # in place: image.bin only
+        assert {p.name: p.read_bytes() for p in restored.iterdir()} == source
+        assert used(restored / "image.bin") < 1 << 20
+    assert used(tmp_path / "out" / "data" / "empty.bin") < 64 << 10
+
+
+def used(path: Path) -> int:
+    """Bytes of disk a file takes (its holes take none)."""
+    return path.stat().st_blocks * 512

@@ -17,7 +17,7 @@ from dwsd.crashpoints import crash_point
 from dwsd.errors import CorruptObjectError, RestoreError
 from dwsd.store.fsutil import syncfs
 from dwsd.store.ids import Hasher, ObjectId, hash_bytes
-from dwsd.store.objects import ObjectStore, write_all
+from dwsd.store.objects import SPARSE_BLOCK, ObjectStore, write_sparse
 from dwsd.store.tree import BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, Entry
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -144,9 +144,11 @@ def _copy_verified(src: int, out: int, entry: Entry, buf: memoryview) -> None:
         # Hasher hands each update to blake3's thread pool, whose spinning workers
         # cost more than they save on small inputs while other files are in flight.
         oid = hash_bytes(buf[:n])
-        write_all(out, buf[:n])
+        write_sparse(out, buf[:n])
     else:
         oid = _copy_rest(src, out, entry.size, buf, n)
+    if entry.size >= SPARSE_BLOCK:
+        os.ftruncate(out, entry.size)  # a hole at the end was not written
     if oid != entry.ref:
         raise CorruptObjectError(f"blob {entry.ref} is corrupt (content hash differs)")
 
@@ -159,7 +161,7 @@ def _copy_rest(src: int, out: int, size: int, buf: memoryview, n: int) -> Object
     while n:
         left -= n
         hasher.update(buf[:n])
-        write_all(out, buf[:n])
+        write_sparse(out, buf[:n])
         n = os.readv(src, [buf[:left]]) if left else 0
     return hasher.object_id()
 

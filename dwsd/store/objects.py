@@ -157,10 +157,12 @@ class ObjectStore:
                 chunk = view[:n]
                 hasher.update(chunk)
                 try:
-                    write_all(out, chunk)
+                    write_sparse(out, chunk)
                 except OSError as exc:
                     raise self._translate(exc, "writing a blob") from exc
                 length += n
+            if length >= SPARSE_BLOCK:
+                os.ftruncate(out, length)  # a hole at the end was not written
         except BaseException:
             _discard(out, tmp)
             raise
@@ -189,7 +191,9 @@ class ObjectStore:
     def _write_new(self, tmp: str, data: bytes) -> None:
         out = self._open_new(tmp)
         try:
-            write_all(out, memoryview(data))
+            write_sparse(out, memoryview(data))
+            if len(data) >= SPARSE_BLOCK:
+                os.ftruncate(out, len(data))  # a hole at the end was not written
         except OSError as exc:
             _discard(out, tmp)
             raise self._translate(exc, "writing an object") from exc
@@ -407,6 +411,38 @@ def _fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Whole blocks of zeros this large are not written but seeked over, leaving holes: a
+# sparse file (a VM image, a preallocated array) costs its data, in the store and when
+# restored, not its length. Files in the store and restored ones are read back as the
+# same bytes, and the hash is over the bytes, so only the space used differs.
+SPARSE_BLOCK = 64 << 10
+_ZEROS = bytes(SPARSE_BLOCK)
+
+
+def write_sparse(fd: int, view: memoryview) -> None:
+    """Write `view` at `fd`'s offset as `write_all` does, but seek over each whole
+    SPARSE_BLOCK of zeros (counted from the start of `view`) instead of writing it. The
+    caller sets the file's final length (`ftruncate`): a hole at its end is not
+    written."""
+    n = len(view)
+    if n < SPARSE_BLOCK:
+        write_all(fd, view)
+        return
+    pending = 0  # start of the data not written yet
+    for pos in range(0, n - SPARSE_BLOCK + 1, SPARSE_BLOCK):
+        end = pos + SPARSE_BLOCK
+        # The first and last bytes reject data at once; a block of zeros is compared
+        # as bytes (memcmp), not element by element as a memoryview would be.
+        if view[pos] or view[end - 1] or view[pos:end].tobytes() != _ZEROS:
+            continue
+        if pending < pos:
+            write_all(fd, view[pending:pos])
+        os.lseek(fd, SPARSE_BLOCK, os.SEEK_CUR)
+        pending = end
+    if pending < n:
+        write_all(fd, view[pending:])
 
 
 def write_all(fd: int, view: memoryview) -> None:
