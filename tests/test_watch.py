@@ -1,12 +1,14 @@
 """The inotify watcher on real directories: paths, overflow, watch limit, the barrier."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import AsyncIterator
 
 import pytest
 import trio
@@ -277,23 +279,31 @@ def test_a_symlinked_resource_directory_is_watched_through(tmp_path: Path) -> No
         w.close()
 
 
-async def test_a_replaced_resource_is_walked_whole(
-        data_dir: Path, write_config: object, caplog: pytest.LogCaptureFixture) -> None:
-    config = load_config(write_config({"data": data_dir}))  # type: ignore[operator]
+@contextlib.asynccontextmanager
+async def watching_resource(path: Path, write_config: object) -> AsyncIterator[Watcher]:
+    """A running Watcher of resource "data" at `path`, its first take done (the first
+    capture is a reconcile walk)."""
+    config = load_config(write_config({"data": path}))  # type: ignore[operator]
     watcher = Watcher(config.resources, on_change=lambda: None)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(watcher.run)
-            watcher.take()  # the first capture's reconcile walk
-            await trio.to_thread.run_sync(shutil.rmtree, data_dir)
-            data_dir.mkdir()
-            await watcher.sync()
-            assert not watcher.all_healthy()
-            assert watcher.take().full == {"data"}
-            assert watcher.take().full == {"data"}  # every capture, not only the next
-            await watcher.sync(rescan=True)  # a reconcile's: the new directory is watched
-            assert watcher.all_healthy() and watcher.state["data"].watches == 1
+            watcher.take()
+            yield watcher
             nursery.cancel_scope.cancel()
+
+
+async def test_a_replaced_resource_is_walked_whole(
+        data_dir: Path, write_config: object, caplog: pytest.LogCaptureFixture) -> None:
+    async with watching_resource(data_dir, write_config) as watcher:
+        await trio.to_thread.run_sync(shutil.rmtree, data_dir)
+        data_dir.mkdir()
+        await watcher.sync()
+        assert not watcher.all_healthy()
+        assert watcher.take().full == {"data"}
+        assert watcher.take().full == {"data"}  # every capture, not only the next
+        await watcher.sync(rescan=True)  # a reconcile's: the new directory is watched
+        assert watcher.all_healthy() and watcher.state["data"].watches == 1
     assert "data: the resource directory was moved or deleted; checkpoints walk it all" \
         in caplog.text
     caplog.clear()
@@ -305,22 +315,16 @@ async def test_a_resource_symlink_pointed_elsewhere_is_walked_whole(
     (tmp_path / "v2").mkdir()
     link = tmp_path / "current"
     link.symlink_to("v1")
-    config = load_config(write_config({"data": link}))  # type: ignore[operator]
-    watcher = Watcher(config.resources, on_change=lambda: None)
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(watcher.run)
-            watcher.take()  # the first capture's reconcile walk
-            await watcher.sync()
-            assert watcher.all_healthy() and watcher.take().full == set()
-            tmp = tmp_path / "current.new"
-            tmp.symlink_to("v2")
-            tmp.rename(link)  # `ln -sfn v2 current`: no watched directory sees it
-            await watcher.sync()
-            assert not watcher.all_healthy() and watcher.take().full == {"data"}
-            await watcher.sync(rescan=True)
-            assert watcher.all_healthy() and watcher.take().full == set()
-            nursery.cancel_scope.cancel()
+    async with watching_resource(link, write_config) as watcher:
+        await watcher.sync()
+        assert watcher.all_healthy() and watcher.take().full == set()
+        tmp = tmp_path / "current.new"
+        tmp.symlink_to("v2")
+        tmp.rename(link)  # `ln -sfn v2 current`: no watched directory sees it
+        await watcher.sync()
+        assert not watcher.all_healthy() and watcher.take().full == {"data"}
+        await watcher.sync(rescan=True)
+        assert watcher.all_healthy() and watcher.take().full == set()
     assert "data: the resource's path leads to another directory" in caplog.text
     caplog.clear()
 
