@@ -127,7 +127,11 @@ def select_resources(config: Config, rec: SnapshotRecord, only: Sequence[str] | 
         return {n: None for n in names}
     chosen: dict[str, list[bytes] | None] = {}
     for path in paths:
-        name, _, inside = path.strip("/").partition("/")
+        # Normalised: `a//b` and `a/./b` name `a/b`; `..` would leave the resource.
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise UsageError(f"path {path!r} has a '..' component")
+        name, inside = (parts[0], "/".join(parts[1:])) if parts else ("", "")
         if name not in names:
             raise UsageError(f"path {path!r} is not inside a resource being restored")
         sub = chosen.setdefault(name, [])
@@ -140,7 +144,7 @@ def _looked_at(path: bytes, dirty: Collection[bytes]) -> bool:
     """Whether a dirty-path capture of `dirty` looks at `path` again: it is dirty, its
     directory was listed (a name the previous tree lacks is examined), or a directory
     above it was walked whole (`dir/`)."""
-    if path in dirty:
+    if path in dirty or path + b"/" in dirty:
         return True
     parts = path.split(b"/")
     parents = [b"/".join(parts[:i]) for i in range(1, len(parts))]
@@ -165,7 +169,10 @@ class Workspace:
         self._unsaved: set[str] = set()  # ... and not yet written to disk
         self._saved: dict[str, SavedState | None] = {}  # what is on disk, if known
         self._trees = TreeCache()  # decoded trees, from one capture to the next
-        self._left_out: dict[str, dict[bytes, str]] = {}  # see _keep_left_out
+        # See _keep_left_out. Every resource's key from the start: `left_out` (status,
+        # on the trio thread) iterates it while a capture (a worker thread) updates it.
+        self._left_out: dict[str, dict[bytes, str]] = {
+            r.name: {} for r in self.config.resources}
         self._saved_at = time.monotonic()
         # Why the interrupted restore could not be completed when the workspace was
         # opened (its journal is kept); None when there was nothing to complete or it was.
@@ -656,20 +663,25 @@ class Workspace:
         if not repair:
             return result
         missing, corrupt = bad_blobs(result)
-        for oid in corrupt:
-            self.store.objects.move_aside(oid)
-            log.warning("blob %s is corrupt: moved aside to %s", oid,
-                        self.store.root / "corrupt")
-        result.moved_aside = corrupt
         bad = set(missing) | set(corrupt)
-        if bad:
-            for name in [r.name for r in self.config.resources]:
-                state = self._state(name)
-                stale = [p for p, f in state.files.items() if f.blob in bad]
-                for path in stale:
-                    state.drop(path)
-                if stale:
-                    state.unsaved = None  # written whole
-                    self._unsaved.add(name)
-            self.save_states()
+        if not bad:
+            return result
+        # The states first, durably: moved aside while a state on disk still named a
+        # bad blob, a crash would leave it trusted, and no walk would store it again.
+        # (A crash between the two leaves the blob in place: a repair again does it.)
+        for name in [r.name for r in self.config.resources]:
+            state = self._state(name)
+            stale = [p for p, f in state.files.items() if f.blob in bad]
+            for path in stale:
+                state.drop(path)
+            if stale:
+                state.unsaved = None  # written whole
+                self._unsaved.add(name)
+        self.save_states()
+        self.store.objects.sync_filesystem()
+        for oid in corrupt:
+            if self.store.objects.move_aside(oid):
+                result.moved_aside.append(oid)
+                log.warning("blob %s is corrupt: moved aside to %s", oid,
+                            self.store.root / "corrupt")
         return result

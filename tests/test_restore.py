@@ -118,6 +118,8 @@ def test_results_are_never_rolled_back(two_ws: Workspace, tmp_path: Path) -> Non
     ({"only": ["data"], "leave": ["results"]}, "cannot be used together"),
     ({"only": ["nope"]}, "unknown resource 'nope'"),
     ({"paths": ["elsewhere/x"]}, "not inside a resource"),
+    ({"paths": ["data/../results/r.txt"]}, "has a '..' component"),
+    ({"paths": ["data//nosuch"]}, "'data/nosuch' is not in snapshot"),
     ({"leave": ["nope"]}, "unknown resource 'nope'"),
 ])
 def test_bad_restore_requests_fail_cleanly(two_ws: Workspace, kwargs: dict[str, Any],
@@ -128,7 +130,7 @@ def test_bad_restore_requests_fail_cleanly(two_ws: Workspace, kwargs: dict[str, 
 
 
 def test_path_restores_only_that_file(two_ws: Workspace, tmp_path: Path) -> None:
-    two_ws.restore("v1", paths=["data/sub/x.csv"])
+    two_ws.restore("v1", paths=["/data//./sub/x.csv"])  # as data/sub/x.csv
     assert (tmp_path / "data" / "sub" / "x.csv").read_bytes() == b"x1"
     assert (tmp_path / "data" / "d.csv").read_bytes() == b"v2"
 

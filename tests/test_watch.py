@@ -15,6 +15,7 @@ import trio
 
 from dwsd.config import load_config
 from dwsd.snapshot.exclude import ExcludeMatcher
+from dwsd.watch import inotify
 from dwsd.watch.inotify import Batch, TreeWatcher
 from dwsd.watch.watcher import Watcher
 from tests import trees
@@ -275,6 +276,24 @@ def test_a_symlinked_resource_directory_is_watched_through(tmp_path: Path) -> No
         trees.write(tmp_path / "disk" / "other" / "d.csv", b"4")
         c.wait_for(lambda: b"d.csv" in c.paths)
         assert c.problems == []
+    finally:
+        w.close()
+
+
+def test_a_resource_symlink_pointed_elsewhere_is_reported_when_idle(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inotify, "ROOT_CHECK_S", 0.05)
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "current").symlink_to("v1")
+    w, c = watching(tmp_path / "current")
+    try:
+        (tmp_path / "next").symlink_to("v2")
+        (tmp_path / "next").rename(tmp_path / "current")  # no event, no sync asked
+        c.wait_for(lambda: c.problems == ["the resource's path leads to another "
+                                          "directory"])
+        threading.Event().wait(0.3)  # several more idle checks: reported once
+        assert c.problems == ["the resource's path leads to another directory"]
     finally:
         w.close()
 

@@ -58,7 +58,7 @@ class Scheduler:
         self._last_reconcile = -math.inf
         self._retry_at = -math.inf  # no checkpoint before this (after failures)
         # Snapshots were deleted since the last gc (or the daemon just started, and a
-        # previous run may have left some): the next reconcile collects.
+        # previous run may have left some): the next prune or reconcile collects.
         self._gc_pending = True
         self._stopping = False  # see stop()
         self.queue_length = 0
@@ -257,22 +257,26 @@ class Scheduler:
         return await self._catalog_write(lambda: self.ws.untag(tag))
 
     async def delete(self, ref: str) -> SnapshotRecord:
-        removed = await self._catalog_write(lambda: self.ws.delete(ref))
+        removed = await self._write_call(lambda: self.ws.delete(ref))
+        # Before any await: a prune queued behind this delete must see it.
         self._gc_pending = True  # its objects go at the next prune or reconcile
+        await self._catalog_changed()
         return removed
 
     async def prune(self, dry_run: bool) -> PruneResult:
         """Delete what retention does not keep, then collect the objects of every
-        snapshot deleted since the last gc (`delete`s included), not only its own."""
-        result = await self._write_call(lambda: self.ws.prune(dry_run=dry_run, gc=False))
-        if dry_run:
+        snapshot deleted since the last gc (`delete`s included), not only its own: one
+        write operation, so a shutdown cannot come between the two."""
+        def prune_and_collect() -> PruneResult:
+            result = self.ws.prune(dry_run=dry_run, gc=False)
+            if not dry_run and (result.deleted or self._gc_pending):
+                result.gc = self.ws.gc()
             return result
-        if result.deleted:
-            self._gc_pending = True
-            await self._catalog_changed()
-        if self._gc_pending:
-            result.gc = await self._write_call(self.ws.gc)
+        result = await self._write_call(prune_and_collect)
+        if result.gc is not None:
             self._gc_pending = False
+        if result.deleted and not dry_run:
+            await self._catalog_changed()
         return result
 
     async def check(self, read_data: bool, repair: bool = False) -> CheckResult:
@@ -299,7 +303,8 @@ class Scheduler:
             "snapshots": len(self.ws.store.catalog.snapshots),
             "latest": latest.id if latest else None,
             "queue": self.queue_length, **self.stats,
-            # Pruned snapshots whose objects the next reconcile collects.
+            # Snapshots pruned or deleted whose objects the next prune or reconcile
+            # collects.
             "gc_pending": self._gc_pending,
             # Why the restore a crash interrupted could not be completed at start, if so.
             "unfinished_restore": self.ws.resume_error,

@@ -162,7 +162,10 @@ class ObjectStore:
                     raise self._translate(exc, "writing a blob") from exc
                 length += n
             if length >= SPARSE_BLOCK:
-                os.ftruncate(out, length)  # a hole at the end was not written
+                try:
+                    os.ftruncate(out, length)  # a hole at the end was not written
+                except OSError as exc:
+                    raise self._translate(exc, "writing a blob") from exc
         except BaseException:
             _discard(out, tmp)
             raise
@@ -369,21 +372,27 @@ class ObjectStore:
         except FileNotFoundError:
             pass
 
-    def move_aside(self, oid: ObjectId) -> None:
+    def move_aside(self, oid: ObjectId) -> bool:
         """Move a corrupt blob out of the store's objects into `<store>/corrupt/`, kept
         for inspection: a capture of the same content then writes a good copy, which
-        repairs every snapshot that uses it (blocks)."""
+        repairs every snapshot that uses it (blocks). False when it was not there.
+        Raises StoreError."""
         aside = self.root.parent / "corrupt"
-        aside.mkdir(exist_ok=True)
         path = self._path("blobs", oid)
         with self._publish_lock:
             self._unsynced.discard(path)
         try:
+            if not aside.is_dir():
+                aside.mkdir(exist_ok=True)
+                fsync_dir(aside.parent)
             os.rename(path, aside / oid)
+            fsync_dir(aside)
+            fsync_dir(Path(os.path.dirname(path)))
         except FileNotFoundError:
-            return
-        fsync_dir(aside)
-        fsync_dir(Path(os.path.dirname(path)))
+            return False
+        except OSError as exc:
+            raise self._translate(exc, "moving a corrupt blob aside") from exc
+        return True
 
     def clean_temps(self) -> int:
         """Remove temp files left by a crash; only safe while holding the writer lock."""

@@ -52,6 +52,9 @@ _EVENT = struct.Struct("iIII")
 _READ_SIZE = 1 << 18
 _NAME_MAX = 255
 _STOP, _SYNC = b"k", b"s"
+# How often the reader thread checks, when idle, that the resource's path still leads to
+# the directory it watches: a symlink pointed elsewhere (`ln -sfn`) raises no event.
+ROOT_CHECK_S = 30.0
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -85,8 +88,10 @@ class TreeWatcher:
         self._fd = -1
         self._wake_r, self._wake_w = -1, -1
         self._paths: dict[int, bytes] = {}   # wd -> directory, relative ("" = root)
-        # (st_dev, st_ino) of the directory the root watch is on, set with it.
+        # (st_dev, st_ino) of the directory the root watch is on, set with it; and
+        # whether a change of what the path leads to has been reported since.
         self.root_id: tuple[int, int] | None = None
+        self._root_reported = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()        # guards _requests and _serving
         self._requests: list[tuple[bool, SyncDone]] = []
@@ -155,6 +160,7 @@ class TreeWatcher:
             except OSError as exc:
                 return f"cannot watch the resource directory ({exc.strerror})"
             self.root_id = (st.st_dev, st.st_ino)
+            self._root_reported = False
         for dirpath, dirnames, _ in os.walk(self._abs(rel)):
             sub = os.path.relpath(dirpath, self.root)
             sub = b"" if sub == b"." else sub
@@ -200,12 +206,20 @@ class TreeWatcher:
     def root_replaced(self) -> bool:
         """Whether the resource's path now leads to another directory than the one its
         root watch is on, or to none: a symlink pointed elsewhere (`ln -sfn`), which no
-        event reports. Thread-safe (one stat); False before the first watch."""
+        event reports. One stat, which may block (a hung network filesystem): the reader
+        thread asks, never the trio thread. False before the first watch."""
         try:
             st = os.stat(self.root)
         except OSError:
             return self.root_id is not None
         return self.root_id is not None and (st.st_dev, st.st_ino) != self.root_id
+
+    def _check_root(self) -> None:
+        """Report, once, that the resource's path leads elsewhere (reader thread)."""
+        if not self._root_reported and self.root_replaced():
+            self._root_reported = True
+            self.on_batch(Batch(problems=["the resource's path leads to another "
+                                          "directory"]))
 
     def _forget_all(self) -> None:
         for wd in list(self._paths):
@@ -243,8 +257,10 @@ class TreeWatcher:
         poller.register(self._fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         while True:
-            ready = {fd for fd, _ in poller.poll()}
-            if self._wake_r in ready:
+            ready = {fd for fd, _ in poller.poll(int(ROOT_CHECK_S * 1000))}
+            if not ready:
+                self._check_root()
+            elif self._wake_r in ready:
                 if _STOP in os.read(self._wake_r, 4096):
                     return
                 self._serve_requests()
@@ -273,6 +289,7 @@ class TreeWatcher:
             problem = self._rescan()
             if problem:
                 self.on_batch(Batch(problems=[problem]))
+        self._check_root()  # before the barrier: the capture that asked must know
         # A read that leaves events queued returns at least a buffer less one event, so
         # this many reads take all the queue could hold when the requests came; the
         # bound keeps a writer that never pauses from holding the barrier forever.

@@ -134,9 +134,6 @@ class Watcher:
         token = trio.lowlevel.current_trio_token()
         waiting: dict[str, trio.Event] = {}
         for name, tw in self._threads.items():
-            if self.state[name].healthy and tw.root_replaced():
-                self._note_problem(name, self.state[name],
-                                   "the resource's path leads to another directory")
             synced = waiting[name] = trio.Event()
             redo = rescan and self.state[name].rescan
 
