@@ -79,6 +79,10 @@ class CaptureError(DwsdError):
     code = "capture"
 
 
+class ResourceMissingError(CaptureError):
+    """A resource's directory cannot be opened (gone, unmounted, not a directory)."""
+
+
 class RestoreError(DwsdError):
     """A restore could not be planned or applied."""
 

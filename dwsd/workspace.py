@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Callable, Collection, Mapping, Sequence
 
 from dwsd.config import Config, Resource, load_config
-from dwsd.errors import DwsdError, RestoreError, TagError, UsageError
+from dwsd.errors import DwsdError, ResourceMissingError, RestoreError, TagError, \
+    UsageError
 from dwsd.snapshot.capture import CaptureCounters, CaptureResult, TreeCache, capture_resource
 from dwsd.snapshot.exclude import ExcludeMatcher
 from dwsd.snapshot.statcache import CaptureState, SavedState, file_changes, load_state, \
@@ -251,7 +252,7 @@ class Workspace:
                  for r in self.config.resources}
         on_file = self._progress_counter(progress, paths)
         try:
-            captures = {r.name: self._capture(r, paths[r.name], on_file)
+            captures = {r.name: self._capture_or_keep(r, paths[r.name], on_file)
                         for r in self.config.resources}
             roots = {name: c.root for name, c in captures.items()}
             result = self._record(roots, captures, tags, message, kind)
@@ -339,6 +340,27 @@ class Workspace:
         for path, error in result.unreadable:
             log.warning("%s: cannot read %r: %s", resource.name, path, error)
         return result
+
+    def _capture_or_keep(self, resource: Resource, paths: Collection[bytes] | None,
+                         on_file: Callable[[int], None] | None) -> CaptureResult:
+        """`_capture`, except that a resource whose directory cannot be opened (a disk
+        not mounted, a directory deleted) keeps what the latest snapshot has of it,
+        reported as left out: the other resources are still snapshotted, and the
+        retention of snapshots that lack it cannot drop its history. Raises
+        ResourceMissingError when no snapshot has it yet."""
+        try:
+            return self._capture(resource, paths, on_file)
+        except ResourceMissingError as exc:
+            latest = self.store.catalog.latest()
+            if latest is None or resource.name not in latest.resources:
+                raise
+            log.warning("%s: %s; its content as of snapshot %s is kept", resource.name,
+                        exc, latest.id)
+            meta = latest.root_meta.get(resource.name) or (0o755, os.getuid(),
+                                                             os.getgid(), 0)
+            return CaptureResult(latest.resources[resource.name],
+                                 self._state(resource.name), CaptureCounters(), meta,
+                                 unreadable=[(b"", str(exc))], walked_all=False)
 
     def _record(self, roots: dict[str, ObjectId], captures: dict[str, CaptureResult],
                 tags: Sequence[str], message: str, kind: str) -> SnapshotResult:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dwsd.errors import RefError, TagError, UsageError
+from dwsd.errors import CaptureError, RefError, TagError, UsageError
 from dwsd.workspace import Workspace
 from tests import trees
 from tests.conftest import WriteConfig
@@ -384,3 +384,38 @@ def test_gc_of_blobs_not_yet_durable_does_not_fail_the_next_snapshot(
         trees.write(data_dir / "a.csv", b"v2")
         taken = ws.snapshot(tags=["v2"])
         assert taken.record is not None and ws.check().ok
+
+
+def test_a_missing_resource_keeps_its_last_content_and_the_others_are_snapshotted(
+        tmp_path: Path, write_config: WriteConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    data, results = tmp_path / "data", tmp_path / "results"
+    trees.write(data / "a.csv", b"1")
+    trees.write(results / "r.txt", b"r1")
+    with Workspace.open(write_config({"data": data, "results": results})) as ws:
+        first = ws.snapshot(tags=["v1"]).record
+        assert first is not None
+        data.rename(tmp_path / "unplugged")
+        trees.write(results / "r.txt", b"r2")
+        second = ws.snapshot(tags=["v2"])
+        assert second.record is not None and second.created
+        assert second.record.resources["data"] == first.resources["data"]
+        assert second.record.resources["results"] != first.resources["results"]
+        [(name, path, error)] = second.left_out
+        assert (name, path) == ("data", b"") and "cannot read resource directory" in error
+        (tmp_path / "unplugged").rename(data)
+        back = ws.snapshot(tags=["v3"])
+        assert back.left_out == [] and not back.created  # the same content as v2
+    assert f"data: cannot read resource directory {data}: No such file or directory; " \
+        f"its content as of snapshot {first.id} is kept" in caplog.text
+    caplog.clear()
+
+
+def test_a_resource_missing_from_the_start_fails_the_snapshot(
+        tmp_path: Path, write_config: WriteConfig) -> None:
+    trees.write(tmp_path / "results" / "r.txt", b"r1")
+    config = write_config({"data": tmp_path / "data", "results": tmp_path / "results"})
+    with Workspace.open(config) as ws:
+        with pytest.raises(CaptureError, match="cannot read resource directory"):
+            ws.snapshot(tags=["v1"])
+        assert ws.history() == []

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Collection, Union
 
-from dwsd.errors import CaptureError
+from dwsd.errors import CaptureError, ResourceMissingError
 from dwsd.memory import rare_gc
 from dwsd.snapshot.exclude import ExcludeMatcher
 from dwsd.snapshot.fileread import SMALL_FILE, ReadOutcome, read_xattrs
@@ -176,7 +176,8 @@ def _capture(objects: ObjectStore, root: Path, prev: CaptureState, excludes: Exc
     try:
         root_fd = os.open(root, _OPEN_ROOT)
     except OSError as exc:
-        raise CaptureError(f"cannot read resource directory {root}: {exc.strerror}") from exc
+        raise ResourceMissingError(f"cannot read resource directory {root}: "
+                                   f"{exc.strerror}") from exc
     walker = _Walker(objects, prev, excludes, on_file, os.fstat(root_fd).st_dev, trees,
                      processes, processes_after)
     try:
