@@ -84,6 +84,8 @@ async def test_restore_shows_progress_and_restores(served: Served) -> None:
         (served.data / name).write_text("changed\n")
     diff = await run_dwsctl(served, "diff", "v1")
     assert f"{len(DATA_FILES)} modified" in text(diff.stdout)
+    planned = await run_dwsctl(served, "restore", "v1", "--dry-run")
+    assert "  write  data/file-01.txt" in text(planned.stdout).splitlines()
     restored = await run_dwsctl(served, "restore", "v1")
     assert restored.returncode == 0, restored.stderr
     progress = [line for line in text(restored.stderr).splitlines() if "%" in line]

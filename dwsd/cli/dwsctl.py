@@ -355,7 +355,8 @@ def render_restore(result: dict[str, Any], ns: argparse.Namespace, out: TextIO) 
             print(f"{resource}: {plan['files']:,} files ({human_size(plan['bytes'])}) "
                   f"to write, {plan['removals']:,} to remove", file=out)
             for change in plan.get("changes", []):
-                print(f"  {change['op']:<6} {resource}/{shown(change['path'])}", file=out)
+                op = PLAN_OPS.get(change["op"], change["op"])
+                print(f"  {op:<6} {resource}/{shown(change['path'])}", file=out)
         print(f"dry run: nothing changed (restore of {name})", file=out)
         return EXIT_OK
     print(f"restored {name}: {result['files_written']:,} files written, "
@@ -367,6 +368,10 @@ def render_restore(result: dict[str, Any], ns: argparse.Namespace, out: TextIO) 
         print(f"dwsctl: not restored: {error['resource']}/{shown(error['path'])}: "
               f"{error['error']}", file=sys.stderr)
     return EXIT_ERROR if result["errors"] else EXIT_OK
+
+
+# A plan's "create" writes a file whether one stands there or not.
+PLAN_OPS = {"create": "write"}
 
 
 def render_record_line(verb: Callable[[argparse.Namespace, str], str]) -> Render:
