@@ -360,7 +360,8 @@ class Workspace:
                                                              os.getgid(), 0)
             return CaptureResult(latest.resources[resource.name],
                                  self._state(resource.name), CaptureCounters(), meta,
-                                 unreadable=[(b"", str(exc))], walked_all=False)
+                                 unreadable=[(b"", str(exc))], walked_all=False,
+                                 kept=True)
 
     def _record(self, roots: dict[str, ObjectId], captures: dict[str, CaptureResult],
                 tags: Sequence[str], message: str, kind: str) -> SnapshotResult:
@@ -415,6 +416,8 @@ class Workspace:
         if self.store.objects.log.objects_written:
             self.store.objects.make_durable()  # the states name these objects
         for name, capture in captures.items():
+            if capture.kept:
+                continue  # nothing captured: its state is as it was, trusted or not
             before, state = self._states.get(name), capture.state
             if state.unsaved is None and before is not None and before.unsaved is not None:
                 # A full walk's new state, over one whose saved copy is known: its

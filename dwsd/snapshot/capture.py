@@ -121,6 +121,9 @@ class CaptureResult:
     unreadable: list[tuple[bytes, str]] = field(default_factory=list)
     unstable: list[bytes] = field(default_factory=list)
     walked_all: bool = True  # False: only the dirty paths were looked at
+    # Nothing was captured: the resource could not be opened and its tree of the latest
+    # snapshot stands in (see Workspace._capture_or_keep); `state` is the old one.
+    kept: bool = False
 
 
 @dataclass(slots=True)
