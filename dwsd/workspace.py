@@ -329,6 +329,7 @@ class Workspace:
                  on_file: Callable[[int], None] | None = None) -> CaptureResult:
         """Capture one resource: only `paths` (relative) when given and the capture
         state allows it, else all of it."""
+        self._check_leads_outside(resource)
         prev = self._state(resource.name)
         if paths is not None and not self._state_is_current(resource.name, prev):
             log.info("%s: capture state older than the latest snapshot; walking it all",
@@ -340,6 +341,22 @@ class Workspace:
         for path, error in result.unreadable:
             log.warning("%s: cannot read %r: %s", resource.name, path, error)
         return result
+
+    def _check_leads_outside(self, resource: Resource) -> None:
+        """Raise ResourceMissingError when the resource's path (a symlink, maybe pointed
+        there since the config was checked) leads into the store or the view's mount
+        point: a capture of the daemon's own view would read through its own FUSE
+        server, and a forked reader holding such files deadlocks it."""
+        real = Path(os.path.realpath(resource.path))
+        for what, place in (("the store", self.config.store),
+                            ("the view's mount point", self.config.mount)):
+            if place is None:
+                continue
+            # The mount point itself is not stat'ed: its server may be this process.
+            where = Path(os.path.realpath(place.parent)) / place.name
+            if real.is_relative_to(where) or where.is_relative_to(real):
+                raise ResourceMissingError(f"resource directory {resource.path} leads "
+                                           f"into {what} {place}: not captured")
 
     def _capture_or_keep(self, resource: Resource, paths: Collection[bytes] | None,
                          on_file: Callable[[int], None] | None) -> CaptureResult:
@@ -369,11 +386,13 @@ class Workspace:
         catalog = self.store.catalog
         existing = catalog.by_hash(h)
         if existing is not None and kind != "pre-restore":
-            if kind == "periodic" or (not tags and not message):
+            if kind == "periodic" or (not tags and not message
+                                      and not (kind == "manual"
+                                               and existing.kind == "periodic")):
                 return SnapshotResult(existing if kind != "periodic" else None, False,
                                       captures)
             with self.store.changing_catalog() as cat:
-                merged = cat.merge(existing, tags, message)
+                merged = cat.merge(existing, tags, message, kind)
             return SnapshotResult(merged, False, captures)
         self.store.objects.make_durable()
         totals = [c.state.totals() for c in captures.values()]

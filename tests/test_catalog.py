@@ -58,7 +58,7 @@ def test_ambiguous_hash_prefix_is_an_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("tag", ["", "a/b", ".", "..", "x" * 129, "latest", "20261122T103005Z",
                                  "beef", "0123abcd", "tab\there", " ", " padded",
-                                 "padded ", ".hidden", "-rf"])
+                                 "padded ", ".hidden", "-rf", "caf\udce9"])
 def test_bad_tags_are_refused(tag: str) -> None:
     with pytest.raises(TagError):
         check_tag(tag)

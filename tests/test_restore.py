@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from dwsd.errors import UsageError
+from dwsd.errors import RestoreError, UsageError
 from dwsd.snapshot.restore import RESTORE_TEMP_PREFIX, Progress, plan_restore
 from dwsd.store.ids import hash_bytes
 from dwsd.workspace import Workspace
@@ -524,3 +524,13 @@ def test_sparse_files_stay_sparse_in_the_store_and_when_restored(
 def used(path: Path) -> int:
     """Bytes of disk a file takes (its holes take none)."""
     return path.stat().st_blocks * 512
+
+
+def test_a_target_that_cannot_be_made_is_a_restore_error(two_ws: Workspace,
+                                                         tmp_path: Path) -> None:
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "deeper")
+    with pytest.raises(RestoreError, match="cannot make or open the directory to "
+                                           "restore into"):
+        two_ws.restore("v1", target=tmp_path / "dangling")
+    with pytest.raises(RestoreError, match="cannot make or open"):
+        two_ws.restore("v1", target="/proc/dwsd-cannot-be-here")

@@ -419,3 +419,49 @@ def test_a_resource_missing_from_the_start_fails_the_snapshot(
         with pytest.raises(CaptureError, match="cannot read resource directory"):
             ws.snapshot(tags=["v1"])
         assert ws.history() == []
+
+
+def test_a_snapshot_asked_for_by_hand_that_matches_a_periodic_one_is_kept(
+        data_dir: Path, write_config: WriteConfig) -> None:
+    trees.write(data_dir / "a.csv", b"1")
+    config = write_config({"data": data_dir}, extra="retention: {periodic: {last: 1}}\n")
+    with Workspace.open(config) as ws:
+        periodic = ws.snapshot(kind="periodic").record
+        asked = ws.snapshot(message="keep me: trained model v1").record
+        assert periodic is not None and asked is not None and asked.id == periodic.id
+        assert asked.kind == "manual"  # retention's periodic rule no longer applies
+        bare = ws.snapshot(kind="periodic")  # the same content: nothing recorded
+        trees.write(data_dir / "a.csv", b"2")
+        ws.snapshot(kind="periodic")
+        trees.write(data_dir / "a.csv", b"3")
+        ws.snapshot(kind="periodic")
+        ws.prune()
+        assert bare.record is None
+        assert asked.id in [r.id for r in ws.history()]
+
+
+def test_a_resource_pointed_into_the_view_or_the_store_is_not_captured(
+        tmp_path: Path, write_config: WriteConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    trees.write(tmp_path / "real" / "a.csv", b"1")
+    trees.write(tmp_path / "results" / "r.txt", b"r1")
+    link = tmp_path / "data"
+    link.symlink_to(tmp_path / "real")
+    config = write_config({"data": link, "results": tmp_path / "results"})
+    config.write_text(config.read_text().replace("mount: null",
+                                                 f"mount: {tmp_path / 'view'}"))
+    (tmp_path / "view").mkdir()
+    with Workspace.open(config) as ws:
+        first = ws.snapshot(tags=["v1"]).record
+        assert first is not None
+        for into in (tmp_path / "view", tmp_path / "store" / "objects"):
+            link.unlink()
+            link.symlink_to(into)  # `ln -sfn ~/snapshots/latest/data data`
+            trees.write(tmp_path / "results" / "r.txt", str(into).encode())
+            taken = ws.snapshot(tags=[into.name])
+            assert taken.record is not None
+            assert taken.record.resources["data"] == first.resources["data"]
+            [(_, _, error)] = taken.left_out
+            assert error.startswith(f"resource directory {link} leads into ")
+    assert "the view's mount point" in caplog.text and "into the store" in caplog.text
+    caplog.clear()

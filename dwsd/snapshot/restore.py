@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Literal
 
-from dwsd.errors import CorruptObjectError, ObjectMissingError
+from dwsd.errors import CorruptObjectError, ObjectMissingError, RestoreError
 from dwsd.snapshot import restore_fs
 from dwsd.snapshot.diff import Change, diff_trees, load_entries
 from dwsd.snapshot.restore_fs import IS_ROOT, RESTORE_TEMP_PREFIX, ROOT_DIR_FLAGS, \
@@ -476,8 +476,12 @@ def apply_plan(objects: ObjectStore, root: bytes, plan: Plan,
     to `sweep`, whose `sync` the caller runs when it needs them durable. A corrupt or
     missing blob skips that file (listed in the result's errors); any other error is
     raised once the files already handed to the pool are finished."""
-    os.makedirs(root, exist_ok=True)
-    root_fd = os.open(root, ROOT_DIR_FLAGS)
+    try:
+        os.makedirs(root, exist_ok=True)
+        root_fd = os.open(root, ROOT_DIR_FLAGS)
+    except OSError as exc:  # a dangling symlink, an unwritable or odd target
+        raise RestoreError(f"cannot make or open the directory to restore into, "
+                           f"{os.fsdecode(root)}: {exc.strerror}") from exc
     result = ApplyResult()
     if status is None:
         status = Progress(files_total=plan.files, bytes_total=plan.bytes)

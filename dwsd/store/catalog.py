@@ -115,7 +115,11 @@ def check_tag(tag: str) -> None:
     """Raise TagError unless `tag` is a valid, filename-safe tag."""
     if not isinstance(tag, str) or not tag:
         raise TagError("a tag must be a non-empty string")
-    if len(tag.encode("utf-8", "surrogateescape")) > MAX_TAG_BYTES:
+    try:
+        encoded = tag.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8, smuggled in as surrogates
+        raise TagError(f"tag {tag!r} is not valid UTF-8") from None
+    if len(encoded) > MAX_TAG_BYTES:
         raise TagError(f"tag {tag!r} is longer than {MAX_TAG_BYTES} bytes")
     if "/" in tag or tag in (".", "..") or any(ord(c) < 32 or c == "\x7f" for c in tag):
         raise TagError(f"tag {tag!r} is not a safe file name (no '/', control characters, "
@@ -229,9 +233,11 @@ class Catalog:
         self.snapshots[rec.id] = rec
         return rec
 
-    def merge(self, rec: SnapshotRecord, tags: Iterable[str], message: str
-              ) -> SnapshotRecord:
-        """Add tags and a message to an existing record (same content taken again)."""
+    def merge(self, rec: SnapshotRecord, tags: Iterable[str], message: str,
+              kind: str | None = None) -> SnapshotRecord:
+        """Add tags and a message to an existing record (same content taken again).
+        `kind` "manual" (a snapshot asked for by hand) makes a periodic record manual:
+        retention must not drop what a user asked to keep."""
         new_tags = [t for t in tags if t not in rec.tags]
         for tag in new_tags:
             self._check_free(tag, rec.id)
@@ -239,7 +245,8 @@ class Catalog:
             message = f"{rec.message}\n{message}" if rec.message else message
         else:
             message = rec.message
-        rec = replace(rec, tags=rec.tags + tuple(new_tags), message=message)
+        promoted = "manual" if kind == "manual" and rec.kind == "periodic" else rec.kind
+        rec = replace(rec, tags=rec.tags + tuple(new_tags), message=message, kind=promoted)
         self.snapshots[rec.id] = rec
         return rec
 
