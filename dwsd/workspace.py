@@ -384,7 +384,11 @@ class Workspace:
                 tags: Sequence[str], message: str, kind: str) -> SnapshotResult:
         h = manifest_hash(roots)
         catalog = self.store.catalog
-        existing = catalog.by_hash(h)
+        # Only the latest snapshot's content counts as "no change": content equal to an
+        # older one (a change undone: A, B, then A again) is recorded anew, or `latest`
+        # would go on showing B, and restoring it would bring B back.
+        latest = catalog.latest()
+        existing = latest if latest is not None and latest.hash == h else None
         if existing is not None and kind != "pre-restore":
             if kind == "periodic" or (not tags and not message
                                       and not (kind == "manual"
@@ -416,7 +420,7 @@ class Workspace:
     def _state_is_current(self, name: str, state: CaptureState) -> bool:
         """Dirty paths are changes since the last capture: they may be applied only on
         top of it. A capture made by this process is that, recorded or not (a checkpoint
-        whose content equals an older snapshot is not recorded). A state loaded from
+        whose content equals the latest snapshot is not recorded). A state loaded from
         disk is trusted only when it is the latest snapshot's: a crash between the
         catalog commit and the state save leaves an older one there."""
         if name in self._captured_here:

@@ -215,17 +215,19 @@ def test_an_undo_point_of_a_saved_state_is_its_own_record_kept_by_its_policy(
 
 def test_dirty_paths_still_apply_after_a_checkpoint_that_reverted_content(
         ws: Workspace, tmp_path: Path) -> None:
-    # A checkpoint equal to an older snapshot is not recorded, but it is the capture
-    # the next dirty paths follow: no full walk is needed.
+    # A checkpoint equal to an older snapshot (not the latest) is recorded anew, and it
+    # is the capture the next dirty paths follow: no full walk is needed.
     a = tmp_path / "data" / "a.txt"
     original, mtime = a.read_bytes(), a.stat().st_mtime_ns
-    ws.snapshot(kind="periodic")
+    first = ws.snapshot(kind="periodic").record
     a.write_bytes(b"edited")
     assert ws.snapshot(kind="periodic", dirty={"data": [b"a.txt"]}).created
     a.write_bytes(original)
     os.utime(a, ns=(mtime, mtime))  # as `git checkout` of an old state may leave it
     reverted = ws.snapshot(kind="periodic", dirty={"data": [b"a.txt"]})
-    assert reverted.record is None  # same content as the first snapshot
+    assert first is not None and reverted.record is not None and reverted.created
+    assert reverted.record.hash == first.hash  # the first snapshot's content again
+    assert ws.snapshot(kind="periodic", dirty={"data": [b"a.txt"]}).record is None
     (tmp_path / "data" / "sub" / "b.txt").write_bytes(b"new b")
     result = ws.snapshot(kind="periodic", dirty={"data": [b"sub/b.txt"]})
     assert result.created and result.record is not None
@@ -465,3 +467,24 @@ def test_a_resource_pointed_into_the_view_or_the_store_is_not_captured(
             assert error.startswith(f"resource directory {link} leads into ")
     assert "the view's mount point" in caplog.text and "into the store" in caplog.text
     caplog.clear()
+
+
+def test_a_change_undone_is_a_new_snapshot_and_latest_holds_the_live_files(
+        data_dir: Path, write_config: WriteConfig) -> None:
+    trees.write(data_dir / "keep", b"keep")
+    with Workspace.open(write_config({"data": data_dir})) as ws:
+        a = ws.snapshot(tags=["s1"]).record
+        trees.write(data_dir / "scratch", b"scratch")
+        b = ws.snapshot(tags=["s2"]).record
+        (data_dir / "scratch").unlink()
+        again = ws.snapshot(tags=["s3"])
+        assert a is not None and b is not None and again.record is not None
+        assert again.created and again.record.hash == a.hash
+        assert ws.get("latest").id == again.record.id
+        assert ws.get(a.hash[:8]).id == again.record.id  # the newest of one content
+        assert ws.diff("latest") == {"data": []}
+        same = ws.snapshot(tags=["s4"])  # equal to the latest: merged, as before
+        assert not same.created and same.record is not None
+        assert same.record.id == again.record.id
+        ws.restore("latest")
+        assert not (data_dir / "scratch").exists()
