@@ -342,21 +342,28 @@ class Workspace:
             log.warning("%s: cannot read %r: %s", resource.name, path, error)
         return result
 
+    def _overlapping(self, path: Path) -> str | None:
+        """"the store ..." or "the view's mount point ..." when `path`, symlinks
+        resolved, is inside it or holds it; else None. The mount point itself is not
+        stat'ed: its server may be this process."""
+        real = Path(os.path.realpath(path))
+        for what, place in (("the store", self.config.store),
+                            ("the view's mount point", self.config.mount)):
+            if place is None:
+                continue
+            where = Path(os.path.realpath(place.parent)) / place.name
+            if real.is_relative_to(where) or where.is_relative_to(real):
+                return f"{what} {place}"
+        return None
+
     def _check_leads_outside(self, resource: Resource) -> None:
         """Raise ResourceMissingError when the resource's path (a symlink, maybe pointed
         there since the config was checked) leads into the store or the view's mount
         point: a capture of the daemon's own view would read through its own FUSE
         server, and a forked reader holding such files deadlocks it."""
-        real = Path(os.path.realpath(resource.path))
-        for what, place in (("the store", self.config.store),
-                            ("the view's mount point", self.config.mount)):
-            if place is None:
-                continue
-            # The mount point itself is not stat'ed: its server may be this process.
-            where = Path(os.path.realpath(place.parent)) / place.name
-            if real.is_relative_to(where) or where.is_relative_to(real):
-                raise ResourceMissingError(f"resource directory {resource.path} leads "
-                                           f"into {what} {place}: not captured")
+        if (place := self._overlapping(resource.path)) is not None:
+            raise ResourceMissingError(f"resource directory {resource.path} leads into "
+                                       f"{place}: not captured")
 
     def _capture_or_keep(self, resource: Resource, paths: Collection[bytes] | None,
                          on_file: Callable[[int], None] | None) -> CaptureResult:
@@ -609,11 +616,8 @@ class Workspace:
     def _restore_to(self, rec: SnapshotRecord, by_resource: dict[str, list[bytes] | None],
                     target: Path, dry_run: bool, progress: ProgressFn | None
                     ) -> RestoreResult:
-        real = Path(os.path.realpath(target))
-        for what, place in (("the store", self.config.store),
-                            ("the view's mount point", self.config.mount)):
-            if place is not None and real.is_relative_to(os.path.realpath(place)):
-                raise UsageError(f"restore target {target} is inside {what} {place}")
+        if (place := self._overlapping(target)) is not None:
+            raise UsageError(f"restore target {target} is inside {place}")
         if target.exists() and not target.is_dir():
             raise UsageError(f"restore target {target} is not a directory")
         if target.exists() and any(target.iterdir()):

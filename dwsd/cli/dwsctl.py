@@ -212,9 +212,8 @@ def progress_line(op: str, data: dict[str, Any], elapsed: float, bar_width: int 
         filled = int(fraction * bar_width)
         parts.append("[" + "#" * filled + "-" * (bar_width - filled) + "]")
     parts.append(f"{fraction * 100:3.0f}%")
-    parts.append(f"{data.get('files_done', 0):,}/{data.get('files_total', 0):,} files")
-    parts.append(f"{human_size(data.get('bytes_done', 0))}/"
-                 f"{human_size(data.get('bytes_total', 0))}")
+    parts.append(f"{files:,}/{files_total:,} files")
+    parts.append(f"{human_size(size)}/{human_size(size_total)}")
     if ETA_AFTER_FRACTION <= fraction < 1 and elapsed >= ETA_AFTER_S:
         parts.append(f"ETA {human_duration(elapsed * (total - done) / done)}")
     return " ".join(parts)

@@ -66,9 +66,10 @@ async def serve_control(socket_path: Path, handlers: Mapping[str, Handler], *,
                         task_status: trio.TaskStatus["ControlServer"] =
                         trio.TASK_STATUS_IGNORED) -> None:
     """Serve `handlers` on `socket_path` until cancelled; reports readiness (the socket
-    accepts connections) through `task_status`, with the `ControlServer`. Raises ControlSocketError if the socket
-    cannot be set up, e.g. when another daemon answers on it. Removes the socket on exit
-    (unless it has been replaced by another one meanwhile)."""
+    accepts connections) through `task_status`, with the `ControlServer`. Raises
+    ControlSocketError if the socket cannot be set up, e.g. when another daemon answers
+    on it. Removes the socket on exit (unless it has been replaced by another one
+    meanwhile)."""
     sock, identity = await bind_control_socket(socket_path)
     server = ControlServer(handlers, limits, allowed_uids or default_allowed_uids())
     try:

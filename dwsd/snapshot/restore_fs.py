@@ -17,7 +17,7 @@ from dwsd.crashpoints import crash_point
 from dwsd.errors import CorruptObjectError, RestoreError
 from dwsd.store.fsutil import syncfs
 from dwsd.store.ids import Hasher, ObjectId, hash_bytes
-from dwsd.store.objects import SPARSE_BLOCK, ObjectStore, write_sparse
+from dwsd.store.objects import ObjectStore, end_sparse, write_sparse
 from dwsd.store.tree import BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, Entry
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -147,8 +147,7 @@ def _copy_verified(src: int, out: int, entry: Entry, buf: memoryview) -> None:
         write_sparse(out, buf[:n])
     else:
         oid = _copy_rest(src, out, entry.size, buf, n)
-    if entry.size >= SPARSE_BLOCK:
-        os.ftruncate(out, entry.size)  # a hole at the end was not written
+    end_sparse(out, entry.size)
     if oid != entry.ref:
         raise CorruptObjectError(f"blob {entry.ref} is corrupt (content hash differs)")
 

@@ -161,11 +161,10 @@ class ObjectStore:
                 except OSError as exc:
                     raise self._translate(exc, "writing a blob") from exc
                 length += n
-            if length >= SPARSE_BLOCK:
-                try:
-                    os.ftruncate(out, length)  # a hole at the end was not written
-                except OSError as exc:
-                    raise self._translate(exc, "writing a blob") from exc
+            try:
+                end_sparse(out, length)
+            except OSError as exc:
+                raise self._translate(exc, "writing a blob") from exc
         except BaseException:
             _discard(out, tmp)
             raise
@@ -195,8 +194,7 @@ class ObjectStore:
         out = self._open_new(tmp)
         try:
             write_sparse(out, memoryview(data))
-            if len(data) >= SPARSE_BLOCK:
-                os.ftruncate(out, len(data))  # a hole at the end was not written
+            end_sparse(out, len(data))
         except OSError as exc:
             _discard(out, tmp)
             raise self._translate(exc, "writing an object") from exc
@@ -433,8 +431,7 @@ _ZEROS = bytes(SPARSE_BLOCK)
 def write_sparse(fd: int, view: memoryview) -> None:
     """Write `view` at `fd`'s offset as `write_all` does, but seek over each whole
     SPARSE_BLOCK of zeros (counted from the start of `view`) instead of writing it. The
-    caller sets the file's final length (`ftruncate`): a hole at its end is not
-    written."""
+    caller ends the file with `end_sparse`."""
     n = len(view)
     if n < SPARSE_BLOCK:
         write_all(fd, view)
@@ -452,6 +449,13 @@ def write_sparse(fd: int, view: memoryview) -> None:
         pending = end
     if pending < n:
         write_all(fd, view[pending:])
+
+
+def end_sparse(fd: int, length: int) -> None:
+    """Give a file written with `write_sparse` its `length`: a hole at its end was not
+    written."""
+    if length >= SPARSE_BLOCK:
+        os.ftruncate(fd, length)
 
 
 def write_all(fd: int, view: memoryview) -> None:
