@@ -20,6 +20,7 @@ from dwsd.fuse.ops import (ROOT_TIMEOUT, SMALL_BLOB, SNAPSHOT_TIMEOUT, ViewOps,
 from dwsd.fuse.vfs import LATEST, ROOT
 from dwsd.store.ids import ObjectId
 from dwsd.store.store import Store
+from dwsd.store.tree import Entry, decode_tree
 from tests import trees
 from tests.fusehelp import (cached_pages, delete_snapshot, drop_pages, page_vector,
                              take_snapshot, tag_snapshot, wait_until)
@@ -233,7 +234,7 @@ async def test_once_pushed_a_file_opens_without_reading_until_its_inode_is_forgo
         assert handle.fd is not None
         await ops.release(info.fh)
         assert ops._open_content == 0 and len(pages.pushed) == 1
-        await ops.forget([(b_txt, ops.vfs.node(b_txt).lookups)])
+        await ops.forget([(b_txt, ops.vfs.lookups(b_txt))])
         b_txt = await resolve(ops, b"v1", b"data", b"sub", b"b.txt")
         assert await read_file(ops, b_txt) == b"beta\n"
         assert len(pages.pushed) == 2
@@ -408,7 +409,7 @@ async def test_readdir_counts_lookups_only_for_entries_taken(ops: ViewOps,
         await listdir(ops, listing, sub)
         assert len(ops.vfs) == before + 1  # the refused entry's node is gone again
         taken = listing.entries[0][1]
-        assert ops.vfs.node(taken).lookups == 1
+        assert ops.vfs.lookups(taken) == 1
         live = len(ops.vfs)
         await ops.forget([(taken, 1)])
         assert len(ops.vfs) == live - 1
@@ -429,7 +430,7 @@ async def test_readdir_whose_reply_fails_counts_no_lookup_for_it(
         with pytest.raises(pyfuse3.FUSEError):
             await listdir(ops, listing, sub)
         assert len(ops.vfs) == before + 1  # the one entry taken
-        assert ops.vfs.node(listing.entries[0][1]).lookups == 1
+        assert ops.vfs.lookups(listing.entries[0][1]) == 1
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
         "view: unexpected error in readdir(1, 0, None)"]
     caplog.clear()
@@ -817,21 +818,20 @@ async def test_trees_loaded_ahead_reach_the_view_in_one_hand_over_per_batch(
 
 
 async def test_a_request_gets_the_tree_it_waits_for_before_its_batch_ends(
-        tmp_path: Path, listing: Listing) -> None:
+        tmp_path: Path, listing: Listing, monkeypatch: pytest.MonkeyPatch) -> None:
     ops = five_subdirectories(tmp_path, listing)
     data = await resolve(ops, b"v1", b"data")
     data_tree = ops.vfs.node(data).tree
     assert data_tree is not None
     first, *_, last = [e.ref for e in ops._load_tree(data_tree)]  # a ... e
     gates = {first: threading.Event(), last: threading.Event()}
-    load_tree = ops._load_tree
 
-    def gated_load(oid: ObjectId) -> Any:
+    def gated_decode(data: bytes, oid: str = "?") -> list[Entry]:
         if oid in gates:
             gates[oid].wait(TIMEOUT)
-        return load_tree(oid)
+        return decode_tree(data, oid)
 
-    ops._load_tree = gated_load  # type: ignore[method-assign]
+    monkeypatch.setattr(ops_module, "decode_tree", gated_decode)
     with trio.fail_after(TIMEOUT):
         fh = await ops.opendir(data)  # the five subtrees load ahead, in one batch
         async with trio.open_nursery() as nursery:

@@ -131,7 +131,7 @@ def test_a_hard_link_keeps_its_inode_number_after_the_kernel_forgets_it(
     resource = walk(view, b"v1", b"data")
     a = walk(view, b"v1", b"data", b"a.txt")
     for inode in (a, resource, snapshot):  # the kernel drops the whole path
-        view.forget(inode, view.node(inode).lookups)
+        view.forget(inode, view.lookups(inode))
     with pytest.raises(NoEntry):
         view.getattr(a)
     assert walk(view, b"v1", b"data", b"sub", b"b.txt") == a
@@ -184,8 +184,54 @@ def test_children_are_what_lookup_gives_from_any_position(view: View) -> None:
     names = view.listdir(resource)
     listed = list(view.children(resource, names, 1))
     assert [(i, name) for i, name, _ in listed] == [(1, b"link"), (2, b"sub")]
-    assert [n.lookups for n in map(view.node, (a.inode for _, _, a in listed))] == [1, 1]
+    assert [view.lookups(a.inode) for _, _, a in listed] == [1, 1]
     assert [attrs for _, _, attrs in listed] == [view.lookup(resource, n) for n in names[1:]]
+
+
+def test_a_name_listed_then_looked_up_is_one_inode_with_two_references(
+        view: View) -> None:
+    resource = walk(view, b"v1", b"data")
+    view.add_tree(ROOT_TREE, ROOT_ENTRIES)
+    listed = {name: attrs for _, name, attrs in
+              view.children(resource, view.listdir(resource), 0)}
+    sub = view.lookup(resource, b"sub")
+    assert sub == listed[b"sub"] and view.lookups(sub.inode) == 2
+    view.forget(sub.inode, 1)
+    assert view.getattr(sub.inode) == sub  # one reference left
+    view.forget(sub.inode, 1)
+    with pytest.raises(NoEntry):
+        view.getattr(sub.inode)
+
+
+def test_a_directory_s_names_keep_their_numbers_while_one_is_held(view: View) -> None:
+    resource = walk(view, b"v1", b"data")
+    view.add_tree(ROOT_TREE, ROOT_ENTRIES)
+    before = len(view)
+    first = {name: a.inode for _, name, a in
+             view.children(resource, view.listdir(resource), 0)}
+    assert len(view) == before + 3
+    view.forget(first[b"sub"], 1)
+    again = {name: a.inode for _, name, a in
+             view.children(resource, view.listdir(resource), 0)}
+    assert again == first  # `link` was still held: the block, and its numbers, stayed
+    for name, inode in first.items():
+        view.forget(inode, view.lookups(inode))
+    assert len(view) == before
+    renumbered = view.lookup(resource, b"link").inode
+    assert renumbered not in first.values()  # a new block, new numbers: never reused
+
+
+def test_a_listed_directory_keeps_working_after_its_tree_leaves_the_cache() -> None:
+    view = View(uid=0, gid=0, tree_cache_entries=1)
+    view.refresh(catalog(FIRST))
+    resource = walk(view, b"v1", b"data")
+    view.add_tree(ROOT_TREE, ROOT_ENTRIES)
+    sub = view.lookup(resource, b"sub").inode
+    view.add_tree(SUB_TREE, SUB_ENTRIES)  # pushes ROOT_TREE out (room for 1 entry)
+    assert ROOT_TREE not in view.trees
+    assert view.getattr(sub).mode == stat.S_IFDIR | 0o750
+    assert view.dot_lookup(sub, b"..") == resource
+    assert view.describe(sub) == "v1/data/sub"
 
 
 def test_children_skip_root_names_gone_since_the_listing(view: View) -> None:

@@ -52,13 +52,13 @@ from typing import Any, Awaitable, Callable, Concatenate, Container, Coroutine, 
 import pyfuse3
 import trio
 
-from dwsd.errors import CorruptObjectError, ObjectMissingError
-from dwsd.fuse.vfs import ROOT, Attributes, Inode, RootChange, View, ViewError
+from dwsd.errors import CorruptObjectError, ObjectMissingError, StoreError
+from dwsd.fuse.vfs import ROOT, Attributes, Inode, Listed, RootChange, View, ViewError
 from dwsd.store.catalog import Catalog
 from dwsd.store.ids import ObjectId, hash_bytes
 from dwsd.store.objects import hash_fd
 from dwsd.store.store import Store
-from dwsd.store.tree import Entry, decode_tree
+from dwsd.store.tree import TYPE_BITS, Entry, decode_tree
 
 log = logging.getLogger(__name__)
 
@@ -278,23 +278,10 @@ class ViewOps(pyfuse3.Operations):
         """pyfuse3 attributes with timeouts: short for the root and its names, long below
         (an inode's attributes never change; see vfs). `timeout`, when given, is
         the one for every name in the inode's directory."""
-        out = pyfuse3.EntryAttributes()
-        out.st_ino = attrs.inode
-        out.generation = 0
         if timeout is None:
             timeout = ROOT_TIMEOUT if self.vfs.volatile(attrs.inode) else SNAPSHOT_TIMEOUT
-        out.entry_timeout = timeout
-        out.attr_timeout = timeout
-        out.st_mode = attrs.mode
-        out.st_nlink = attrs.nlink
-        out.st_uid = attrs.uid
-        out.st_gid = attrs.gid
-        out.st_rdev = attrs.rdev
-        out.st_size = attrs.size
-        out.st_blksize = BLOCK_SIZE
-        out.st_blocks = (attrs.size + 511) // 512
-        out.st_atime_ns = out.st_mtime_ns = out.st_ctime_ns = attrs.mtime_ns
-        return out
+        return fuse_attributes(attrs.inode, attrs.mode, attrs.nlink, attrs.uid, attrs.gid,
+                               attrs.rdev, attrs.size, attrs.mtime_ns, timeout)
 
     async def _ensure_tree(self, inode: int) -> None:
         """Load the tree of directory `inode` into the cache if it is not there, or wait
@@ -366,6 +353,11 @@ class ViewOps(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._dir(fh)
         await self._ensure_tree(handle.inode)
+        if self.vfs.node(handle.inode).tree is not None:
+            listed = self.vfs.listed(handle.inode)
+            if not listed.links:
+                self._reply_listed(listed, start_id, token)
+                return
         # One timeout for all the names of a directory: the root's follow the catalog,
         # the rest are below a snapshot (vfs.volatile). A walk meets every name here.
         timeout = ROOT_TIMEOUT if handle.inode == ROOT else SNAPSHOT_TIMEOUT
@@ -381,6 +373,34 @@ class ViewOps(pyfuse3.Operations):
             if not taken:
                 self.vfs.refused(attrs.inode)
                 return
+
+    def _reply_listed(self, listed: Listed, start: int, token: pyfuse3.ReaddirToken
+                      ) -> None:
+        """Answer a readdir of a tree directory with no hard links, counting a kernel
+        reference for each name taken. A walk meets every name here, so the loop makes
+        no object a name: it fills one pyfuse3 attributes object in turn (the reply
+        copies it), from the entry itself, as vfs.entry_attributes would."""
+        entries, base, reply = listed.entries, listed.base, self._readdir_reply
+        attrs = fuse_attributes(0, 0, 1, 0, 0, 0, 0, 0, SNAPSHOT_TIMEOUT)
+        type_bits = TYPE_BITS
+        taken = start
+        try:
+            for i in range(start, len(entries)):
+                entry = entries[i]
+                attrs.st_ino = base + i
+                attrs.st_mode = type_bits[entry.kind] | entry.mode
+                attrs.st_uid = entry.uid
+                attrs.st_gid = entry.gid
+                attrs.st_rdev = entry.rdev
+                attrs.st_size = size = entry.size
+                attrs.st_blocks = (size + 511) >> 9
+                attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = entry.mtime_ns
+                if not reply(token, entry.name, attrs, i + 1):
+                    break
+                taken = i + 1
+        finally:
+            listed.count(start, taken)
+            self.vfs.release_if_unused(listed)
 
     @_fuse_errors
     async def releasedir(self, fh: int) -> None:
@@ -786,17 +806,26 @@ class ViewOps(pyfuse3.Operations):
             _call_safely(done)
 
     def _load_trees(self, oids: list[ObjectId], deliver: Callable[..., None]) -> None:
-        """Load trees for the cache (blocks); errors are left to the requests. The
-        trees go to the trio thread together at the end, or at once when a request
-        waits for one of them: each hand-over wakes that thread, and one per tree cost
-        a walk more than the trees' decoding."""
+        """Load trees for the cache (blocks), read together (see
+        ObjectStore.get_trees); errors are left to the requests. The trees go to the
+        trio thread together at the end, or at once when a request waits for one of
+        them: each hand-over wakes that thread, and one per tree cost a walk more than
+        the trees' decoding."""
+        self.store.objects.read_trees_ahead()
+        try:
+            read = self.store.objects.get_trees(oids)
+        except StoreError as exc:
+            log.debug("view: prefetch of %d trees: %s", len(oids), exc)
+            return
         loaded: list[tuple[ObjectId, list[Entry] | None]] = []
-        for oid in oids:
+        for oid, data in read:
+            entries: list[Entry] | None = None
             try:
-                entries: list[Entry] | None = self._load_tree(oid)
-            except Exception as exc:
-                log.debug("view: prefetch of tree %s: %s", oid, exc)
-                entries = None
+                entries = decode_tree(data, oid) if isinstance(data, bytes) else None
+            except CorruptObjectError as exc:
+                data = exc
+            if isinstance(data, Exception):
+                log.debug("view: prefetch of tree %s: %s", oid, data)
             loaded.append((oid, entries))
             if oid in self._awaited:
                 deliver(self._trees_loaded, loaded)
@@ -875,6 +904,26 @@ class ViewOps(pyfuse3.Operations):
 
     setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only
     write = create = setxattr = removexattr = _read_only
+
+
+def fuse_attributes(inode: int, mode: int, nlink: int, uid: int, gid: int, rdev: int,
+                    size: int, mtime_ns: int, timeout: float) -> pyfuse3.EntryAttributes:
+    """pyfuse3's attributes of one inode; atime and ctime are shown equal to mtime."""
+    out = pyfuse3.EntryAttributes()
+    out.st_ino = inode
+    out.generation = 0
+    out.entry_timeout = timeout
+    out.attr_timeout = timeout
+    out.st_mode = mode
+    out.st_nlink = nlink
+    out.st_uid = uid
+    out.st_gid = gid
+    out.st_rdev = rdev
+    out.st_size = size
+    out.st_blksize = BLOCK_SIZE
+    out.st_blocks = (size + 511) // 512
+    out.st_atime_ns = out.st_mtime_ns = out.st_ctime_ns = mtime_ns
+    return out
 
 
 def _part(content: bytes, offset: int, length: int) -> bytes:

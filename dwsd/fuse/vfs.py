@@ -16,14 +16,19 @@ Layout::
 Inodes. A node is identified by a key that fixes its content for good, so an inode's
 attributes and children never change: a snapshot directory is keyed by (name, snapshot
 id), so a tag moved to another snapshot gets a new inode; `latest` is keyed by its
-target; a resource directory by (snapshot directory name, snapshot id, resource). Below
-a resource a node is keyed by (parent inode, name), except hard links (entries with the
-same non-zero `ino` in one resource of one snapshot directory), which share the key
-(resource key, ino) and so one inode. Keys that do not contain an inode number keep their
-inode number even after the kernel forgets the node. A node lives while the kernel holds
-a lookup count on it (`lookup` and `children` raise it, `forget` and `refused` lower
-it); nodes of a deleted snapshot keep working until forgotten, as long as their objects
-exist.
+target; a resource directory by (snapshot directory name, snapshot id, resource). These
+keep their inode number even after the kernel forgets the node.
+
+Below a resource, the names of a tree directory get their inodes together (`Listed`):
+the name at position i of the directory's tree is inode base + i, numbered when the
+directory is first listed or looked in, and its Node is made only when a request names
+the inode (a walk lists every name and asks about almost none). Hard links (entries with
+the same non-zero `ino` in one resource of one snapshot directory) are the exception:
+they share the key (resource key, ino), so one inode, kept after a forget like the keys
+above. A node lives while the kernel holds a lookup count on it (`lookup` and `children`
+raise it, `forget` and `refused` lower it); a directory's block of numbers lives while
+any of its names does. Nodes of a deleted snapshot keep working until forgotten, as long
+as their objects exist.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ import errno
 import itertools
 import os
 import stat
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Hashable, Iterator, NamedTuple, NewType, Sequence
@@ -169,6 +175,33 @@ class Node:
     content_pushed: bool = False
 
 
+@dataclass(slots=True, eq=False)
+class Listed:
+    """The inodes of the names in one tree directory: the name at position i is inode
+    `base + i` (a hard-linked file's position is unused: it has its keyed inode, see
+    `links`), with the kernel's references to it in `counts[i]`. `live` counts the
+    positions referenced; at zero the block goes. `directory` is the directory's inode,
+    `record` and `resource` what its nodes inherit."""
+
+    base: int
+    entries: Sequence[Entry]
+    directory: Inode
+    record: SnapshotRecord | None
+    resource: NodeKey
+    links: bool  # some entry is a hard-linked file
+    counts: array  # type: ignore[type-arg]
+    live: int = 0
+
+    def count(self, start: int, stop: int) -> None:
+        """One kernel reference for each position in [start, stop) (a listing's names
+        the kernel took; none is a hard link)."""
+        counts = self.counts
+        for i in range(start, stop):
+            if not counts[i]:
+                self.live += 1
+            counts[i] += 1
+
+
 # -- root names ---------------------------------------------------------------------------
 
 def root_items(catalog: Catalog) -> dict[bytes, RootItem]:
@@ -279,6 +312,13 @@ class View:
         self._nodes: dict[Inode, Node] = {ROOT: root}
         self._by_key: dict[NodeKey, Inode] = {"root": ROOT}
         self._next_inode = ROOT + 1
+        # Blocks of inodes of tree directories' names: by directory inode, and by base
+        # (`_bases` sorted: numbers only grow, so a new block goes at the end), and the
+        # nodes made of their positions.
+        self._listed: dict[Inode, Listed] = {}
+        self._bases: list[int] = []
+        self._by_base: dict[int, Listed] = {}
+        self._listed_nodes: dict[Inode, Node] = {}
 
     # -- catalog ------------------------------------------------------------------------
 
@@ -306,33 +346,94 @@ class View:
 
     def node(self, inode: int) -> Node:
         """The node of a live inode; raises NoEntry for an unknown (forgotten) one."""
-        try:
-            return self._nodes[Inode(inode)]
-        except KeyError:
-            raise NoEntry(f"no inode {inode}") from None
+        node = self._live(Inode(inode))
+        if node is None:
+            raise NoEntry(f"no inode {inode}")
+        return node
+
+    def _live(self, inode: Inode) -> Node | None:
+        """The node of a live inode, made now if it is a listed name's; else None."""
+        node = self._nodes.get(inode)
+        if node is not None:
+            return node
+        node = self._listed_nodes.get(inode)
+        if node is not None:
+            return node
+        listed = self._listed_at(inode)
+        if listed is None or not listed.counts[inode - listed.base]:
+            return None
+        entry = listed.entries[inode - listed.base]
+        node = self._listed_nodes[inode] = Node(
+            inode, NodeKind.ENTRY, None, listed.directory, entry.name,
+            entry_attributes(inode, entry), listed.record,
+            entry.ref if entry.kind == DIR else None, entry, listed.resource)
+        return node
+
+    def _listed_at(self, inode: int) -> Listed | None:
+        """The block that numbers `inode`, if any."""
+        i = bisect.bisect_right(self._bases, inode) - 1
+        if i < 0:
+            return None
+        listed = self._by_base[self._bases[i]]
+        return listed if inode < listed.base + len(listed.entries) else None
+
+    def lookups(self, inode: int) -> int:
+        """The kernel's references to `inode` as counted here (0 if unknown)."""
+        listed = self._listed_at(inode) if inode not in self._nodes else None
+        if listed is not None:
+            return int(listed.counts[inode - listed.base])
+        node = self._nodes.get(Inode(inode))
+        return node.lookups if node is not None else 0
 
     def getattr(self, inode: int) -> Attributes:
         return self.node(inode).attrs
 
     def lookup(self, parent: int, name: bytes) -> Attributes:
         """Resolve `name` in directory `parent` and count one kernel reference to it."""
-        node = self._child(self.node(parent), name)
-        node.lookups += 1
-        return node.attrs
+        node = self.node(parent)
+        if node.tree is not None:
+            entries = self.trees.get(node.tree)
+            i = bisect.bisect_left(entries, name, key=entry_name)
+            if i == len(entries) or entries[i].name != name:
+                raise NoEntry(name)
+            return self._take(node, entries, i)
+        child = self._child(node, name)
+        child.lookups += 1
+        return child.attrs
+
+    def _take(self, directory: Node, entries: Sequence[Entry], i: int) -> Attributes:
+        """Count a kernel reference to the name at position `i` of tree directory
+        `directory` and return its attributes."""
+        entry = entries[i]
+        if entry.ino and entry.kind == FILE:
+            node = self._entry_node(directory, entry)
+            node.lookups += 1
+            return node.attrs
+        listed = self.listed(directory.inode)
+        inode = Inode(listed.base + i)
+        listed.count(i, i + 1)
+        made = self._listed_nodes.get(inode)
+        return made.attrs if made is not None else entry_attributes(inode, entry)
 
     def dot_lookup(self, parent: int, name: bytes) -> Inode:
         """`.` or `..` of directory `parent` (counted like `lookup`). `..` of a node
         whose parent was forgotten is refused with NoEntry."""
         node = self.node(parent)
         target = self.node(node.inode if name == b"." else node.parent)
-        target.lookups += 1
+        listed = self._listed_at(target.inode) if target.inode in self._listed_nodes else None
+        if listed is not None:
+            listed.count(target.inode - listed.base, target.inode - listed.base + 1)
+        else:
+            target.lookups += 1
         return target.inode
 
     def volatile(self, inode: int) -> bool:
         """True for the root and its names, which follow the catalog; everything below
         a snapshot directory is immutable."""
         node = self._nodes.get(Inode(inode))
-        return node is None or node.inode == ROOT or node.parent == ROOT
+        if node is None:
+            return self._listed_at(inode) is None
+        return node.inode == ROOT or node.parent == ROOT
 
     def refused(self, inode: int) -> None:
         """Take back the reference `children` counted for an entry the kernel did not
@@ -342,24 +443,70 @@ class View:
     def forget(self, inode: int, count: int) -> None:
         """Lower a node's lookup count; at zero the node goes. Never raises."""
         node = self._nodes.get(Inode(inode))
-        if node is None or node.inode == ROOT:
+        if node is None:
+            self._forget_listed(inode, count)
+            return
+        if node.inode == ROOT:
             return
         node.lookups -= count
         if node.lookups <= 0:
             self._drop(node)
 
+    def _forget_listed(self, inode: int, count: int) -> None:
+        listed = self._listed_at(inode)
+        if listed is None:
+            return
+        i = inode - listed.base
+        held = listed.counts[i]
+        if not held:
+            return
+        listed.counts[i] = max(0, held - count)
+        if listed.counts[i]:
+            return
+        self._listed_nodes.pop(Inode(inode), None)
+        listed.live -= 1
+        self.release_if_unused(listed)
+
+    def listed(self, inode: int) -> Listed:
+        """The block of inodes of tree directory `inode`'s names, numbered now if it has
+        none (its tree must be cached). A caller that counts no reference in a new block
+        hands it to `release_if_unused`."""
+        listed = self._listed.get(Inode(inode))
+        if listed is not None:
+            return listed
+        directory = self.node(inode)
+        assert directory.tree is not None
+        entries = self.trees.get(directory.tree)
+        base = self._next_inode
+        self._next_inode += max(1, len(entries))
+        listed = Listed(base, entries, directory.inode, directory.record,
+                        directory.resource, any(e.ino and e.kind == FILE for e in entries),
+                        array("I", bytes(4 * len(entries))))
+        self._listed[directory.inode] = listed
+        self._bases.append(base)
+        self._by_base[base] = listed
+        return listed
+
+    def release_if_unused(self, listed: Listed) -> None:
+        """Drop a block none of whose names the kernel holds (again: nothing)."""
+        if listed.live or self._by_base.get(listed.base) is not listed:
+            return
+        if self._listed.get(listed.directory) is listed:
+            del self._listed[listed.directory]
+        del self._by_base[listed.base]
+        del self._bases[bisect.bisect_left(self._bases, listed.base)]
+
     def _drop(self, node: Node) -> None:
+        # Keyed nodes (snapshot and resource directories, `latest`, hard-link groups)
+        # keep their numbers in `_by_key`: the kernel may forget an inode between a
+        # client's visits to two names of one hard-linked file (memory pressure,
+        # drop_caches), and tar or rsync -H would then see two files. They are few, so
+        # the map stays small.
         del self._nodes[node.inode]
-        # Snapshot and resource directories, `latest` and hard-link groups keep their
-        # numbers: the kernel may forget an inode between a client's visits to two names
-        # of one hard-linked file (memory pressure, drop_caches), and tar or rsync -H
-        # would then see two files. They are few, so the map stays small.
-        if not _keeps_number(node.key) and self._by_key.get(node.key) == node.inode:
-            del self._by_key[node.key]
 
     def __len__(self) -> int:
         """Number of live inodes (the root included)."""
-        return len(self._nodes)
+        return len(self._nodes) + sum(listed.live for listed in self._by_base.values())
 
     # -- directories --------------------------------------------------------------------
 
@@ -372,7 +519,7 @@ class View:
         return None
 
     def add_tree(self, oid: ObjectId, entries: Sequence[Entry]) -> None:
-        """Cache a decoded tree (from a worker thread's `decode_tree`)."""
+        """Cache a decoded tree (from `decode_tree`)."""
         self.trees.put(oid, entries)
 
     def uncached_subtrees(self, oid: ObjectId, limit: int) -> list[ObjectId]:
@@ -396,7 +543,7 @@ class View:
         paths), into the subdirectories after it and on past its directory's end. Trees
         not cached are passed over. Nothing when its directory's tree is not cached."""
         node = self.node(inode)
-        parent = self._nodes.get(node.parent)
+        parent = self._live(node.parent)
         if parent is None or parent.tree is None or parent.tree not in self.trees:
             return Neighbours(None, [])
         entries = self.trees.get(parent.tree)
@@ -430,7 +577,7 @@ class View:
                     yield entry.ref, entry.size
                 elif entry.kind == DIR and entry.ref in self.trees:
                     stack.append(iter(self.trees.get(entry.ref)))
-            parent = self._nodes.get(directory.parent)
+            parent = self._live(directory.parent)
             if parent is None or parent.tree is None or parent.tree not in self.trees:
                 return
             start = bisect.bisect_right(self.trees.get(parent.tree), directory.name,
@@ -468,20 +615,17 @@ class View:
                 node.lookups += 1
                 yield index, names[index], node.attrs
             return
-        entries, entry_node = self.trees.get(parent.tree), self._entry_node
+        entries = self.trees.get(parent.tree)
         for index in range(start, len(entries)):
-            entry = entries[index]
-            node = entry_node(parent, entry)
-            node.lookups += 1
-            yield index, entry.name, node.attrs
+            yield index, entries[index].name, self._take(parent, entries, index)
 
     def _child(self, parent: Node, name: bytes) -> Node:
+        """The node of `name` in a root or snapshot directory (tree directories number
+        their names in blocks: see `_take`)."""
         if parent.kind is NodeKind.ROOT:
             return self._root_child(name)
         if parent.kind is NodeKind.SNAPSHOT:
             return self._resource_child(parent, name)
-        if parent.tree is not None:
-            return self._entry_child(parent, name)
         raise NotADirectory(f"{self.describe(parent.inode)} is not a directory")
 
     def _root_child(self, name: bytes) -> Node:
@@ -530,32 +674,15 @@ class View:
                 record=rec, tree=rec.resources[resource], resource=key))
         return node
 
-    def _entry_child(self, parent: Node, name: bytes) -> Node:
-        assert parent.tree is not None
-        entries = self.trees.get(parent.tree)
-        i = bisect.bisect_left(entries, name, key=entry_name)
-        if i == len(entries) or entries[i].name != name:
-            raise NoEntry(name)
-        return self._entry_node(parent, entries[i])
-
     def _entry_node(self, parent: Node, entry: Entry) -> Node:
-        """The node of `entry`, a name in tree directory `parent`; made on first use.
-        This runs for every name a listing shows: keep it lean."""
-        if entry.ino and entry.kind == FILE:
-            key: NodeKey = ("link", parent.resource, entry.ino)
-        else:
-            key = ("entry", parent.inode, entry.name)
-        # `_find` and `_add`, inlined: a call each cost a tenth of a walk's listing.
-        inode = self._by_key.get(key)
-        if inode is None:
-            inode = self._by_key[key] = Inode(self._next_inode)
-            self._next_inode += 1
-        elif (node := self._nodes.get(inode)) is not None:
-            return node
-        node = self._nodes[inode] = Node(
-            inode, NodeKind.ENTRY, key, parent.inode, entry.name,
-            entry_attributes(inode, entry), parent.record,
-            entry.ref if entry.kind == DIR else None, entry, parent.resource)
+        """The node of hard-linked file `entry`, a name in tree directory `parent`,
+        shared by every name of its link group in the resource; made on first use."""
+        inode, node = self._find(("link", parent.resource, entry.ino))
+        if node is None:
+            node = self._add(Node(
+                inode, NodeKind.ENTRY, ("link", parent.resource, entry.ino), parent.inode,
+                entry.name, entry_attributes(inode, entry), parent.record, None, entry,
+                parent.resource))
         return node
 
     def _find(self, key: NodeKey) -> tuple[Inode, Node | None]:
@@ -604,16 +731,12 @@ class View:
     def describe(self, inode: int) -> str:
         """A best-effort path of `inode` below the mount, for log lines."""
         parts: list[bytes] = []
-        node = self._nodes.get(Inode(inode))
+        node = self._live(Inode(inode))
         while node is not None and node.inode != ROOT:
             parts.append(node.name)
-            node = self._nodes.get(node.parent)
+            node = self._live(node.parent)
         prefix = "" if node is not None else ".../"
         return prefix + os.fsdecode(b"/".join(reversed(parts)))
-
-
-def _keeps_number(key: NodeKey) -> bool:
-    return isinstance(key, tuple) and key[0] in ("snapshot", "resource", "latest", "link")
 
 
 def entry_attributes(inode: Inode, entry: Entry) -> Attributes:

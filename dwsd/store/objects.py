@@ -28,7 +28,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Iterable, Iterator, Literal, Sequence
 
 from dwsd.crashpoints import crash_point
 from dwsd.errors import CorruptObjectError, ObjectMissingError, StoreError
@@ -308,6 +308,23 @@ class ObjectStore:
         if hash_bytes(data) != oid:
             raise CorruptObjectError(f"{kind[:-1]} {oid} is corrupt (content hash differs)")
         return data
+
+    def get_trees(self, oids: Sequence[ObjectId]) -> list[tuple[ObjectId, bytes | Exception]]:
+        """Read and verify trees `oids` (valid ids, in any number) together, as `get`
+        would one by one: each with its encoding or the ObjectMissingError or
+        CorruptObjectError that `get` would raise for it, in the order given. Raises
+        StoreError when the database cannot be read."""
+        self.reads["trees"] += len(oids)
+        found = self.trees.get_many(oids)
+        out: list[tuple[ObjectId, bytes | Exception]] = []
+        for oid in oids:
+            data = found.get(oid)
+            if data is None:
+                data = ObjectMissingError(f"tree {oid} is missing from the store")
+            elif not isinstance(data, Exception) and hash_bytes(data) != oid:
+                data = CorruptObjectError(f"tree {oid} is corrupt (content hash differs)")
+            out.append((oid, data))
+        return out
 
     def open_blob(self, oid: ObjectId) -> int:
         """Open a blob for reading; the caller closes the fd. Raises ObjectMissingError."""

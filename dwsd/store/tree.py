@@ -68,17 +68,17 @@ class Entry(NamedTuple):
     @property
     def st_mode(self) -> int:
         """The full st_mode (type bits and permissions)."""
-        return _TYPE_BITS[self.kind] | self.mode
+        return TYPE_BITS[self.kind] | self.mode
 
 
-_TYPE_BITS = {
+TYPE_BITS = {  # kind -> the st_mode type bits
     FILE: stat_mod.S_IFREG, DIR: stat_mod.S_IFDIR, SYMLINK: stat_mod.S_IFLNK,
     FIFO: stat_mod.S_IFIFO, SOCKET: stat_mod.S_IFSOCK, CHAR: stat_mod.S_IFCHR,
     BLOCK: stat_mod.S_IFBLK,
 }
 
 
-_KIND_OF_TYPE = {bits: kind for kind, bits in _TYPE_BITS.items()}
+_KIND_OF_TYPE = {bits: kind for kind, bits in TYPE_BITS.items()}
 
 
 def kind_of_mode(st_mode: int) -> bytes:

@@ -53,7 +53,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import zstandard
 
@@ -127,10 +127,41 @@ class TreeDB:
         stored = self._lookup(oid, "SELECT data FROM trees WHERE id = ?", "reading a tree")
         if stored is None or isinstance(stored, bytes):
             return stored  # absent, or still in the buffer (uncompressed)
+        plain = self._decompressed(oid, stored[0])
+        if isinstance(plain, Exception):
+            raise plain
+        return plain
+
+    def get_many(self, oids: Sequence[ObjectId]) -> dict[ObjectId, bytes | Exception]:
+        """The encodings of the trees `oids` that are stored (uncompressed, not
+        verified), by id, in one query per _LOOKUP_BATCH ids (a read transaction each:
+        one lookup a tree took a transaction each); a tree that does not decompress
+        maps to its CorruptObjectError. Absent trees are absent from the result."""
+        found: dict[ObjectId, bytes | Exception] = {}
+        with self._lock:
+            for oid in oids:
+                if (plain := self._buffer.get(oid)) is not None:
+                    found[oid] = plain
+            wanted = {raw_id(oid): oid for oid in oids if oid not in found}
+            raws = list(wanted)
+            try:
+                for i in range(0, len(raws), _LOOKUP_BATCH):
+                    batch = raws[i:i + _LOOKUP_BATCH]
+                    marks = ",".join("?" * len(batch))
+                    rows = self._con.execute(
+                        f"SELECT id, data FROM trees WHERE id IN ({marks})", batch).fetchall()
+                    for raw, stored in rows:
+                        oid = wanted[bytes(raw)]
+                        found[oid] = self._decompressed(oid, stored)
+            except sqlite3.Error as exc:
+                raise self._error(exc, "reading trees") from exc
+        return found
+
+    def _decompressed(self, oid: ObjectId, stored: bytes) -> bytes | Exception:
         try:
-            return _decompress(stored[0])
+            return _decompress(stored)
         except (zlib.error, zstandard.ZstdError, ValueError):
-            raise CorruptObjectError(f"tree {oid} is corrupt (does not decompress)") from None
+            return CorruptObjectError(f"tree {oid} is corrupt (does not decompress)")
 
     def read_ahead(self) -> None:
         """Start a thread that asks the kernel to read the database and its log into
