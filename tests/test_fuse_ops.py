@@ -415,25 +415,62 @@ async def test_readdir_counts_lookups_only_for_entries_taken(ops: ViewOps,
         assert len(ops.vfs) == live - 1
 
 
-async def test_readdir_whose_reply_fails_counts_no_lookup_for_it(
-        ops: ViewOps, listing: Listing, caplog: pytest.LogCaptureFixture) -> None:
+def failing_after_one(listing: Listing) -> Any:
+    """A readdir_reply that takes one entry, then fails."""
     def failing(token: Any, name: bytes, attrs: pyfuse3.EntryAttributes,
                 next_id: int) -> bool:
         if listing.entries:
             raise RuntimeError("reply buffer gone")
         return listing(token, name, attrs, next_id)
+    return failing
 
+
+async def test_readdir_whose_reply_fails_counts_no_lookup(
+        ops: ViewOps, listing: Listing, caplog: pytest.LogCaptureFixture) -> None:
+    """pyfuse3 answers a failed readdir with an error and drops its buffer: the kernel
+    holds none of the names given before the failure."""
     with trio.fail_after(TIMEOUT):
-        sub = await resolve(ops, b"v1", b"data", b"sub")
+        sub = await resolve(ops, b"v1", b"data", b"sub")  # has a hard link: vfs.children
         before = len(ops.vfs)
-        ops._readdir_reply = failing
+        ops._readdir_reply = failing_after_one(listing)
         with pytest.raises(pyfuse3.FUSEError):
             await listdir(ops, listing, sub)
-        assert len(ops.vfs) == before + 1  # the one entry taken
-        assert ops.vfs.lookups(listing.entries[0][1]) == 1
+        assert len(ops.vfs) == before
+        assert ops.vfs.lookups(listing.entries[0][1]) == 0
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
         "view: unexpected error in readdir(1, 0, None)"]
     caplog.clear()
+
+
+async def test_a_failed_readdir_of_a_directory_without_hard_links_counts_none(
+        tmp_path: Path, listing: Listing, caplog: pytest.LogCaptureFixture) -> None:
+    ops = five_subdirectories(tmp_path, listing)
+    with trio.fail_after(TIMEOUT):
+        data = await resolve(ops, b"v1", b"data")
+        before = len(ops.vfs)
+        ops._readdir_reply = failing_after_one(listing)
+        with pytest.raises(pyfuse3.FUSEError):
+            await listdir(ops, listing, data)
+        assert len(ops.vfs) == before and ops.vfs.lookups(listing.entries[0][1]) == 0
+        assert not ops.vfs._by_base  # nothing holds its block of inodes
+    caplog.clear()
+    ops.shutdown()
+
+
+async def test_listing_a_directory_of_hard_links_keeps_no_block_of_inodes(
+        tmp_path: Path, listing: Listing) -> None:
+    """Its names are all keyed inodes: a block made to look at it must not stay."""
+    source = tmp_path / "src"
+    trees.write(source / "d" / "h1", b"x")
+    os.link(source / "d" / "h1", source / "d" / "h2")
+    take_snapshot(tmp_path / "store", {"data": source}, tags=["v1"])
+    ops = make_ops(tmp_path / "store", listing)
+    with trio.fail_after(TIMEOUT):
+        d = await resolve(ops, b"v1", b"data", b"d")
+        blocks = len(ops.vfs._by_base)  # data's, holding d
+        assert await listdir(ops, listing, d) == [b"h1", b"h2"]
+        assert len(ops.vfs._by_base) == blocks
+    ops.shutdown()
 
 
 async def test_root_readdir_loads_no_tree(ops: ViewOps, listing: Listing) -> None:

@@ -234,6 +234,26 @@ def test_a_listed_directory_keeps_working_after_its_tree_leaves_the_cache() -> N
     assert view.describe(sub) == "v1/data/sub"
 
 
+def test_dropping_blocks_oldest_first_keeps_the_block_index_small() -> None:
+    """The kernel forgets the oldest inodes first; dropping each block must not cost a
+    pass over all the others (that was quadratic in the number of directories)."""
+    many = [Entry(b"d%04d" % i, DIR, 0o755, 0, 0, 0, ref=SUB_TREE) for i in range(1000)]
+    view = View(uid=0, gid=0)
+    view.refresh(catalog(FIRST))
+    resource = walk(view, b"v1", b"data")
+    view.add_tree(ROOT_TREE, many)
+    view.add_tree(SUB_TREE, [Entry(b"f", FILE, 0o644, 0, 0, 0, ref=BLOB)])
+    files = [view.lookup(view.lookup(resource, e.name).inode, b"f").inode for e in many]
+    blocks = len(view._by_base)
+    for inode in files:  # oldest first
+        view.forget(inode, 1)
+        assert len(view._bases) <= 2 * len(view._by_base) + 64
+    assert len(view._by_base) == blocks - len(many)
+    with pytest.raises(NoEntry):
+        view.getattr(files[0])
+    assert view.lookup(view.lookup(resource, b"d0999").inode, b"f").inode not in files
+
+
 def test_children_skip_root_names_gone_since_the_listing(view: View) -> None:
     names = view.listdir(ROOT)
     view.refresh(catalog(SECOND))

@@ -353,26 +353,40 @@ class ViewOps(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._dir(fh)
         await self._ensure_tree(handle.inode)
+        listed = None
         if self.vfs.node(handle.inode).tree is not None:
             listed = self.vfs.listed(handle.inode)
             if not listed.links:
                 self._reply_listed(listed, start_id, token)
                 return
+        try:
+            self._reply_children(handle, start_id, token)
+        finally:
+            if listed is not None:  # made above, maybe with nothing counted in it
+                self.vfs.release_if_unused(listed)
+
+    def _reply_children(self, handle: _OpenDir, start: int, token: pyfuse3.ReaddirToken
+                        ) -> None:
+        """Answer a readdir through vfs.children: the root, snapshot directories, and
+        tree directories with hard links. children counts a reference for each name it
+        gives; the kernel holds none for a name it did not take, and none at all when
+        the handler fails (pyfuse3 then answers with an error, dropping the buffer)."""
         # One timeout for all the names of a directory: the root's follow the catalog,
-        # the rest are below a snapshot (vfs.volatile). A walk meets every name here.
+        # the rest are below a snapshot (vfs.volatile).
         timeout = ROOT_TIMEOUT if handle.inode == ROOT else SNAPSHOT_TIMEOUT
         reply, attributes = self._readdir_reply, self.entry_attributes
-        # A root name gone since opendir is skipped: "may or may not be returned".
-        for index, name, attrs in self.vfs.children(handle.inode, handle.names, start_id):
-            # children counted the kernel's reference; it has none unless it took it.
-            try:
-                taken = reply(token, name, attributes(attrs, timeout), index + 1)
-            except BaseException:
-                self.vfs.refused(attrs.inode)
-                raise
-            if not taken:
-                self.vfs.refused(attrs.inode)
-                return
+        given: list[int] = []
+        try:
+            # A root name gone since opendir is skipped: "may or may not be returned".
+            for index, name, attrs in self.vfs.children(handle.inode, handle.names, start):
+                given.append(attrs.inode)
+                if not reply(token, name, attributes(attrs, timeout), index + 1):
+                    self.vfs.refused(given.pop())
+                    return
+        except BaseException:
+            for inode in given:
+                self.vfs.refused(inode)
+            raise
 
     def _reply_listed(self, listed: Listed, start: int, token: pyfuse3.ReaddirToken
                       ) -> None:
@@ -398,8 +412,10 @@ class ViewOps(pyfuse3.Operations):
                 if not reply(token, entry.name, attrs, i + 1):
                     break
                 taken = i + 1
+            # Counted only now: after a failure the kernel gets none of them (see
+            # _reply_children).
+            self.vfs.count_listed(listed, start, taken)
         finally:
-            listed.count(start, taken)
             self.vfs.release_if_unused(listed)
 
     @_fuse_errors

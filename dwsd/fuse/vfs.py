@@ -192,15 +192,6 @@ class Listed:
     counts: array  # type: ignore[type-arg]
     live: int = 0
 
-    def count(self, start: int, stop: int) -> None:
-        """One kernel reference for each position in [start, stop) (a listing's names
-        the kernel took; none is a hard link)."""
-        counts = self.counts
-        for i in range(start, stop):
-            if not counts[i]:
-                self.live += 1
-            counts[i] += 1
-
 
 # -- root names ---------------------------------------------------------------------------
 
@@ -316,9 +307,10 @@ class View:
         # (`_bases` sorted: numbers only grow, so a new block goes at the end), and the
         # nodes made of their positions.
         self._listed: dict[Inode, Listed] = {}
-        self._bases: list[int] = []
+        self._bases: list[int] = []  # may hold bases of blocks gone: see release_if_unused
         self._by_base: dict[int, Listed] = {}
         self._listed_nodes: dict[Inode, Node] = {}
+        self._listed_live = 0  # positions referenced, in all blocks
 
     # -- catalog ------------------------------------------------------------------------
 
@@ -374,8 +366,9 @@ class View:
         i = bisect.bisect_right(self._bases, inode) - 1
         if i < 0:
             return None
-        listed = self._by_base[self._bases[i]]
-        return listed if inode < listed.base + len(listed.entries) else None
+        listed = self._by_base.get(self._bases[i])  # None: that block is gone
+        return listed if listed is not None and inode < listed.base + len(listed.entries) \
+            else None
 
     def lookups(self, inode: int) -> int:
         """The kernel's references to `inode` as counted here (0 if unknown)."""
@@ -411,7 +404,7 @@ class View:
             return node.attrs
         listed = self.listed(directory.inode)
         inode = Inode(listed.base + i)
-        listed.count(i, i + 1)
+        self.count_listed(listed, i, i + 1)
         made = self._listed_nodes.get(inode)
         return made.attrs if made is not None else entry_attributes(inode, entry)
 
@@ -422,7 +415,8 @@ class View:
         target = self.node(node.inode if name == b"." else node.parent)
         listed = self._listed_at(target.inode) if target.inode in self._listed_nodes else None
         if listed is not None:
-            listed.count(target.inode - listed.base, target.inode - listed.base + 1)
+            position = target.inode - listed.base
+            self.count_listed(listed, position, position + 1)
         else:
             target.lookups += 1
         return target.inode
@@ -465,7 +459,18 @@ class View:
             return
         self._listed_nodes.pop(Inode(inode), None)
         listed.live -= 1
+        self._listed_live -= 1
         self.release_if_unused(listed)
+
+    def count_listed(self, listed: Listed, start: int, stop: int) -> None:
+        """One kernel reference for each position in [start, stop) of block `listed`
+        (names the kernel took; none is a hard link)."""
+        counts, before = listed.counts, listed.live
+        for i in range(start, stop):
+            if not counts[i]:
+                listed.live += 1
+            counts[i] += 1
+        self._listed_live += listed.live - before
 
     def listed(self, inode: int) -> Listed:
         """The block of inodes of tree directory `inode`'s names, numbered now if it has
@@ -488,13 +493,17 @@ class View:
         return listed
 
     def release_if_unused(self, listed: Listed) -> None:
-        """Drop a block none of whose names the kernel holds (again: nothing)."""
+        """Drop a block none of whose names the kernel holds (again: nothing). Its base
+        stays in `_bases` (numbers are never reused, so it finds no block) until the
+        gone outnumber the live: deleting from the middle of the list each time made a
+        forget of many directories, oldest first, quadratic."""
         if listed.live or self._by_base.get(listed.base) is not listed:
             return
         if self._listed.get(listed.directory) is listed:
             del self._listed[listed.directory]
         del self._by_base[listed.base]
-        del self._bases[bisect.bisect_left(self._bases, listed.base)]
+        if len(self._bases) > 2 * len(self._by_base) + 64:
+            self._bases = list(self._by_base)  # made in increasing order: sorted
 
     def _drop(self, node: Node) -> None:
         # Keyed nodes (snapshot and resource directories, `latest`, hard-link groups)
@@ -506,7 +515,7 @@ class View:
 
     def __len__(self) -> int:
         """Number of live inodes (the root included)."""
-        return len(self._nodes) + sum(listed.live for listed in self._by_base.values())
+        return len(self._nodes) + self._listed_live
 
     # -- directories --------------------------------------------------------------------
 

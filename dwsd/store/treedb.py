@@ -138,6 +138,7 @@ class TreeDB:
         one lookup a tree took a transaction each); a tree that does not decompress
         maps to its CorruptObjectError. Absent trees are absent from the result."""
         found: dict[ObjectId, bytes | Exception] = {}
+        rows: list[tuple[bytes, bytes]] = []
         with self._lock:
             for oid in oids:
                 if (plain := self._buffer.get(oid)) is not None:
@@ -148,13 +149,13 @@ class TreeDB:
                 for i in range(0, len(raws), _LOOKUP_BATCH):
                     batch = raws[i:i + _LOOKUP_BATCH]
                     marks = ",".join("?" * len(batch))
-                    rows = self._con.execute(
+                    rows += self._con.execute(
                         f"SELECT id, data FROM trees WHERE id IN ({marks})", batch).fetchall()
-                    for raw, stored in rows:
-                        oid = wanted[bytes(raw)]
-                        found[oid] = self._decompressed(oid, stored)
             except sqlite3.Error as exc:
                 raise self._error(exc, "reading trees") from exc
+        for raw, stored in rows:  # outside the lock, as `get` does: a lookup need not wait
+            oid = wanted[bytes(raw)]
+            found[oid] = self._decompressed(oid, stored)
         return found
 
     def _decompressed(self, oid: ObjectId, stored: bytes) -> bytes | Exception:
