@@ -483,16 +483,26 @@ class Workspace:
     def diff(self, ref: str, other: str | None = None) -> dict[str, list[Change]]:
         """Changes per resource from snapshot `ref` to snapshot `other`, or to the live
         files when `other` is None (captured first; the capture state is not saved, so
-        a diff never changes what the next snapshot sees as new)."""
+        a diff never changes what the next snapshot sees as new). A resource whose live
+        directory cannot be read has one change, `unavailable`, and is not compared."""
         old = self.get(ref)
+        unavailable: dict[str, list[Change]] = {}
         if other is not None:
-            new_roots: Mapping[str, ObjectId | None] = self.get(other).resources
+            new_roots: dict[str, ObjectId | None] = dict(self.get(other).resources)
         else:
-            new_roots = {r.name: self._capture(r, None).root for r in self.config.resources}
-        names = sorted(set(old.resources) | set(new_roots))
-        return {name: list(diff_trees(self.store.objects, old.resources.get(name),
-                                      new_roots.get(name)))
-                for name in names}
+            new_roots = {}
+            for r in self.config.resources:
+                try:
+                    new_roots[r.name] = self._capture(r, None).root
+                except ResourceMissingError as exc:
+                    # One resource whose directory is gone must not hide the others'
+                    # changes, nor show all its files as removed: it is not compared.
+                    log.warning("%s: %s; not compared", r.name, exc)
+                    unavailable[r.name] = [Change(b"", "unavailable", None, None)]
+        changes = {name: list(diff_trees(self.store.objects, old.resources.get(name),
+                                         new_roots.get(name)))
+                   for name in set(old.resources) | set(new_roots) if name not in unavailable}
+        return dict(sorted((changes | unavailable).items()))
 
     # -- restore ------------------------------------------------------------------------
 

@@ -203,6 +203,17 @@ def test_diff_prints_one_line_per_change_whatever_the_name(
     assert capsys.readouterr().out.splitlines() == ["added     data/a\\nb", "1 added"]
 
 
+def test_diff_names_a_resource_it_could_not_compare_and_exits_1(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    result = {"data": [{"status": "unavailable", "path": "", "kind": None}],
+              "results": [{"status": "modified", "path": "r.txt", "kind": "file"}]}
+    ns = dwsctl.build_parser().parse_args(["diff", "v1"])
+    assert dwsctl.render_diff(result, ns, sys.stdout) == dwsctl.EXIT_ERROR
+    assert capsys.readouterr().out.splitlines() == [
+        "unavailable data/ (its directory cannot be read: not compared; see the daemon's "
+        "log)", "modified  results/r.txt", "1 modified, 1 unavailable"]
+
+
 def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert dwsctl.main(["--help"]) == 0
     out = capsys.readouterr().out

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dwsd.errors import CaptureError, RefError, TagError, UsageError
+from dwsd.snapshot.diff import Change
 from dwsd.workspace import Workspace
 from tests import trees
 from tests.conftest import WriteConfig
@@ -410,6 +411,23 @@ def test_a_missing_resource_keeps_its_last_content_and_the_others_are_snapshotte
         assert back.left_out == [] and not back.created  # the same content as v2
     assert f"data: cannot read resource directory {data}: No such file or directory; " \
         f"its content as of snapshot {first.id} is kept" in caplog.text
+    caplog.clear()
+
+
+def test_a_diff_to_the_live_files_shows_a_missing_resource_as_not_compared(
+        tmp_path: Path, write_config: WriteConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    data, results = tmp_path / "data", tmp_path / "results"
+    trees.write(data / "a.csv", b"1")
+    trees.write(results / "r.txt", b"r1")
+    with Workspace.open(write_config({"data": data, "results": results})) as ws:
+        ws.snapshot(tags=["v1"])
+        data.rename(tmp_path / "unplugged")
+        trees.write(results / "r.txt", b"r22")
+        changes = ws.diff("v1")
+    assert changes["data"] == [Change(b"", "unavailable", None, None)]  # not all removed
+    assert [(c.path, c.status) for c in changes["results"]] == [(b"r.txt", "modified")]
+    assert "data: cannot read resource directory" in caplog.text
     caplog.clear()
 
 

@@ -341,10 +341,14 @@ def render_diff(result: dict[str, list[dict[str, Any]]], ns: argparse.Namespace,
     for resource, changes in result.items():
         for change in changes:
             counts[change["status"]] = counts.get(change["status"], 0) + 1
+            if change["status"] == "unavailable":
+                print(f"unavailable {resource}/ (its directory cannot be read: not "
+                      "compared; see the daemon's log)", file=out)
+                continue
             print(f"{change['status']:<9} {resource}/{shown(change['path'])}", file=out)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     print(summary or "no differences", file=out)
-    return EXIT_OK
+    return EXIT_ERROR if "unavailable" in counts else EXIT_OK
 
 
 def render_restore(result: dict[str, Any], ns: argparse.Namespace, out: TextIO) -> int:

@@ -15,7 +15,9 @@ from dwsd.store.ids import ObjectId
 from dwsd.store.objects import ObjectStore
 from dwsd.store.tree import DIR, Entry, decode_tree
 
-Status = Literal["added", "removed", "modified", "metadata"]
+# "unavailable": the live files of a resource could not be read (its directory is
+# missing), so nothing of it was compared; the change has no path and no entries.
+Status = Literal["added", "removed", "modified", "metadata", "unavailable"]
 
 
 @dataclass(frozen=True)
