@@ -14,16 +14,13 @@ rm -rf "$work"; mkdir -p "$work" "$mnt"
 sed "s|^mount: .*|mount: \"$mnt\"|" "$bench/dwsd/config.yaml" > "$work/view.yaml"
 trap 'fusermount3 -u -z "$mnt" 2>/dev/null || true; rm -rf "$work"' EXIT
 
-walk() {
-  "$py" - "$1" <<'PY'
-import os, sys, time
-t0, pending = time.perf_counter(), [sys.argv[1]]
-while pending:
-    with os.scandir(pending.pop()) as listing:
-        for entry in listing:
-            os.lstat(entry.path)
-            if entry.is_dir(follow_symlinks=False):
-                pending.append(entry.path)
+walk() {  # the bench's own walk (steps_view.walk)
+  "$py" - "$here/bench" "$1" <<'PY'
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from steps_view import walk
+t0 = time.perf_counter()
+walk(sys.argv[2])
 print(f"{time.perf_counter() - t0:.3f}")
 PY
 }

@@ -389,12 +389,18 @@ def test_gc_of_blobs_not_yet_durable_does_not_fail_the_next_snapshot(
         assert taken.record is not None and ws.check().ok
 
 
-def test_a_missing_resource_keeps_its_last_content_and_the_others_are_snapshotted(
-        tmp_path: Path, write_config: WriteConfig, caplog: pytest.LogCaptureFixture
-) -> None:
+def data_and_results(tmp_path: Path) -> tuple[Path, Path]:
+    """Two resource directories, data/a.csv and results/r.txt."""
     data, results = tmp_path / "data", tmp_path / "results"
     trees.write(data / "a.csv", b"1")
     trees.write(results / "r.txt", b"r1")
+    return data, results
+
+
+def test_a_missing_resource_keeps_its_last_content_and_the_others_are_snapshotted(
+        tmp_path: Path, write_config: WriteConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    data, results = data_and_results(tmp_path)
     with Workspace.open(write_config({"data": data, "results": results})) as ws:
         first = ws.snapshot(tags=["v1"]).record
         assert first is not None
@@ -417,9 +423,7 @@ def test_a_missing_resource_keeps_its_last_content_and_the_others_are_snapshotte
 def test_a_diff_to_the_live_files_shows_a_missing_resource_as_not_compared(
         tmp_path: Path, write_config: WriteConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
-    data, results = tmp_path / "data", tmp_path / "results"
-    trees.write(data / "a.csv", b"1")
-    trees.write(results / "r.txt", b"r1")
+    data, results = data_and_results(tmp_path)
     with Workspace.open(write_config({"data": data, "results": results})) as ws:
         ws.snapshot(tags=["v1"])
         data.rename(tmp_path / "unplugged")
