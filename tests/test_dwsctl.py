@@ -214,6 +214,15 @@ def test_diff_names_a_resource_it_could_not_compare_and_exits_1(
         "log)", "modified  results/r.txt", "1 modified, 1 unavailable"]
 
 
+def test_a_double_dash_given_as_the_tag_is_a_usage_error(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # argparse drops it, leaving no TAG: the daemon is not asked (no socket here).
+    assert dwsctl.main(["--socket", str(tmp_path / "none.sock"), "tag", "v1", "--", "--"]
+                       ) == dwsctl.EXIT_USAGE
+    assert capsys.readouterr().err == (
+        "dwsctl: tag: TAG missing ('--' ends the options; it is not a value)\n")
+
+
 def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert dwsctl.main(["--help"]) == 0
     out = capsys.readouterr().out

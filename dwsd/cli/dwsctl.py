@@ -499,6 +499,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    # argparse drops a `--` given as a value (`dwsctl tag v1 -- --`), leaving an empty
+    # list for a required REF or TAG, which reached the daemon as a type error.
+    missing = [name.upper() for name in ("ref", "tag")
+               if not isinstance(getattr(ns, name, ""), str)]
+    if missing:
+        return fail(f"{ns.command}: {' and '.join(missing)} missing ('--' ends the "
+                    "options; it is not a value)", EXIT_USAGE)
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="surrogateescape")  # non-UTF-8 file names as bytes
     try:
