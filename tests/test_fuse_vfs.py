@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dwsd.fuse import vfs as vfs_module
 from dwsd.fuse.vfs import AHEAD_ENTRIES_VISITED, LATEST, ROOT, Attributes, NoAttribute, \
     NoEntry, NotADirectory, TreeCache, TreeNotLoaded, View, WrongKind, root_items, \
     safe_name, time_ns
@@ -203,22 +204,45 @@ def test_a_name_listed_then_looked_up_is_one_inode_with_two_references(
         view.getattr(sub.inode)
 
 
-def test_a_directory_s_names_keep_their_numbers_while_one_is_held(view: View) -> None:
+def test_a_path_keeps_its_inode_number_after_the_kernel_forgets_it(view: View) -> None:
     resource = walk(view, b"v1", b"data")
     view.add_tree(ROOT_TREE, ROOT_ENTRIES)
     before = len(view)
     first = {name: a.inode for _, name, a in
              view.children(resource, view.listdir(resource), 0)}
+    sub = first[b"sub"]
+    view.add_tree(SUB_TREE, SUB_ENTRIES)
     assert len(view) == before + 3
-    view.forget(first[b"sub"], 1)
-    again = {name: a.inode for _, name, a in
-             view.children(resource, view.listdir(resource), 0)}
-    assert again == first  # `link` was still held: the block, and its numbers, stayed
-    for name, inode in first.items():
+    for inode in first.values():
         view.forget(inode, view.lookups(inode))
     assert len(view) == before
-    renumbered = view.lookup(resource, b"link").inode
-    assert renumbered not in first.values()  # a new block, new numbers: never reused
+    with pytest.raises(NoEntry):
+        view.getattr(sub)
+    again = {name: a.inode for _, name, a in
+             view.children(resource, view.listdir(resource), 0)}
+    assert again == first  # the same numbers: find or git see the same files
+
+
+def test_the_numbers_of_the_oldest_directories_are_forgotten_past_the_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vfs_module, "KNOWN_DIRECTORIES", 16)
+    many = [Entry(b"d%04d" % i, DIR, 0o755, 0, 0, 0, ref=SUB_TREE) for i in range(100)]
+    view = View(uid=0, gid=0)
+    view.refresh(catalog(FIRST))
+    resource = walk(view, b"v1", b"data")
+    view.add_tree(ROOT_TREE, many)
+    view.add_tree(SUB_TREE, [Entry(b"f", FILE, 0o644, 0, 0, 0, ref=BLOB)])
+    files = {}
+    for e in many:
+        d = view.lookup(resource, e.name).inode
+        files[e.name] = view.lookup(d, b"f").inode
+        view.forget(files[e.name], 1)
+        view.forget(d, 1)
+    assert len(view._known_bases) <= 16 and len(view._bases) <= 16 + len(view._by_base)
+    last = view.lookup(view.lookup(resource, b"d0099").inode, b"f").inode
+    assert last == files[b"d0099"]  # still known: the same number
+    oldest = view.lookup(view.lookup(resource, b"d0000").inode, b"f").inode
+    assert oldest not in files.values()  # forgotten: a new number, never a reused one
 
 
 def test_a_listed_directory_keeps_working_after_its_tree_leaves_the_cache() -> None:
@@ -232,26 +256,6 @@ def test_a_listed_directory_keeps_working_after_its_tree_leaves_the_cache() -> N
     assert view.getattr(sub).mode == stat.S_IFDIR | 0o750
     assert view.dot_lookup(sub, b"..") == resource
     assert view.describe(sub) == "v1/data/sub"
-
-
-def test_dropping_blocks_oldest_first_keeps_the_block_index_small() -> None:
-    """The kernel forgets the oldest inodes first; dropping each block must not cost a
-    pass over all the others (that was quadratic in the number of directories)."""
-    many = [Entry(b"d%04d" % i, DIR, 0o755, 0, 0, 0, ref=SUB_TREE) for i in range(1000)]
-    view = View(uid=0, gid=0)
-    view.refresh(catalog(FIRST))
-    resource = walk(view, b"v1", b"data")
-    view.add_tree(ROOT_TREE, many)
-    view.add_tree(SUB_TREE, [Entry(b"f", FILE, 0o644, 0, 0, 0, ref=BLOB)])
-    files = [view.lookup(view.lookup(resource, e.name).inode, b"f").inode for e in many]
-    blocks = len(view._by_base)
-    for inode in files:  # oldest first
-        view.forget(inode, 1)
-        assert len(view._bases) <= 2 * len(view._by_base) + 64
-    assert len(view._by_base) == blocks - len(many)
-    with pytest.raises(NoEntry):
-        view.getattr(files[0])
-    assert view.lookup(view.lookup(resource, b"d0999").inode, b"f").inode not in files
 
 
 def test_children_skip_root_names_gone_since_the_listing(view: View) -> None:

@@ -22,13 +22,17 @@ keep their inode number even after the kernel forgets the node.
 Below a resource, the names of a tree directory get their inodes together (`Listed`):
 the name at position i of the directory's tree is inode base + i, numbered when the
 directory is first listed or looked in, and its Node is made only when a request names
-the inode (a walk lists every name and asks about almost none). Hard links (entries with
-the same non-zero `ino` in one resource of one snapshot directory) are the exception:
-they share the key (resource key, ino), so one inode, kept after a forget like the keys
-above. A node lives while the kernel holds a lookup count on it (`lookup` and `children`
-raise it, `forget` and `refused` lower it); a directory's block of numbers lives while
-any of its names does. Nodes of a deleted snapshot keep working until forgotten, as long
-as their objects exist.
+the inode (a walk lists every name and asks about almost none). The directory keeps its
+base after the kernel forgets its names, so a path keeps its inode number (the
+directory's own is kept by its parent's base, up to the resource's keyed one) as long as
+the view runs, for the last KNOWN_DIRECTORIES directories numbered: `find`, `git status`
+and the like see the same file between two visits. Hard links (entries with the same
+non-zero `ino` in one resource of one snapshot directory) are the exception: they share
+the key (resource key, ino), so one inode, kept after a forget like the keys above. A
+node lives while the kernel holds a lookup count on it (`lookup` and `children` raise
+it, `forget` and `refused` lower it); a directory's block of references lives while any
+of its names does. Nodes of a deleted snapshot keep working until forgotten, as long as
+their objects exist.
 """
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ NAME_MAX = 255
 DIR_MODE = 0o755
 DEFAULT_TREE_CACHE_ENTRIES = 65536
 AHEAD_ENTRIES_VISITED = 256  # entries `neighbour_files` looks at past a file, at most
+KNOWN_DIRECTORIES = 1 << 18  # directories whose numbers are kept after a forget (~30 MB)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
@@ -303,12 +308,16 @@ class View:
         self._nodes: dict[Inode, Node] = {ROOT: root}
         self._by_key: dict[NodeKey, Inode] = {"root": ROOT}
         self._next_inode = ROOT + 1
-        # Blocks of inodes of tree directories' names: by directory inode, and by base
-        # (`_bases` sorted: numbers only grow, so a new block goes at the end), and the
-        # nodes made of their positions.
+        # Blocks of inodes of tree directories' names: the live ones by directory inode
+        # and by base, and the nodes made of their positions. A directory keeps its base
+        # when its block goes (`_known_bases`; past KNOWN_DIRECTORIES, the least recently
+        # listed are forgotten), so its names get the same numbers when the kernel looks
+        # them up again. `_bases` holds every base known or live, sorted (numbers only
+        # grow).
         self._listed: dict[Inode, Listed] = {}
-        self._bases: list[int] = []  # may hold bases of blocks gone: see release_if_unused
         self._by_base: dict[int, Listed] = {}
+        self._known_bases: dict[Inode, int] = {}
+        self._bases: list[int] = []
         self._listed_nodes: dict[Inode, Node] = {}
         self._listed_live = 0  # positions referenced, in all blocks
 
@@ -482,28 +491,38 @@ class View:
         directory = self.node(inode)
         assert directory.tree is not None
         entries = self.trees.get(directory.tree)
-        base = self._next_inode
-        self._next_inode += max(1, len(entries))
+        base = self._known_bases.pop(directory.inode, None)
+        if base is not None:
+            self._known_bases[directory.inode] = base  # listed again: newest
+        else:
+            base = self._known_bases[directory.inode] = self._next_inode
+            self._next_inode += max(1, len(entries))
+            self._bases.append(base)
+            if len(self._known_bases) > KNOWN_DIRECTORIES:
+                self._forget_oldest_bases()
         listed = Listed(base, entries, directory.inode, directory.record,
                         directory.resource, any(e.ino and e.kind == FILE for e in entries),
                         array("I", bytes(4 * len(entries))))
         self._listed[directory.inode] = listed
-        self._bases.append(base)
         self._by_base[base] = listed
         return listed
 
+    def _forget_oldest_bases(self) -> None:
+        """Forget the bases of the eighth of the directories known that were listed
+        longest ago (their names get new numbers when listed again), bounding the
+        memory of numbers."""
+        for directory in list(itertools.islice(self._known_bases, KNOWN_DIRECTORIES // 8)):
+            del self._known_bases[directory]
+        self._bases = sorted(set(self._known_bases.values()) | set(self._by_base))
+
     def release_if_unused(self, listed: Listed) -> None:
-        """Drop a block none of whose names the kernel holds (again: nothing). Its base
-        stays in `_bases` (numbers are never reused, so it finds no block) until the
-        gone outnumber the live: deleting from the middle of the list each time made a
-        forget of many directories, oldest first, quadratic."""
+        """Drop a block none of whose names the kernel holds (again: nothing); its
+        directory keeps its base (see `_known_bases`)."""
         if listed.live or self._by_base.get(listed.base) is not listed:
             return
         if self._listed.get(listed.directory) is listed:
             del self._listed[listed.directory]
         del self._by_base[listed.base]
-        if len(self._bases) > 2 * len(self._by_base) + 64:
-            self._bases = list(self._by_base)  # made in increasing order: sorted
 
     def _drop(self, node: Node) -> None:
         # Keyed nodes (snapshot and resource directories, `latest`, hard-link groups)
