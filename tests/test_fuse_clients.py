@@ -156,6 +156,19 @@ def test_find_counts_the_same_entries(mounted: Mounted) -> None:
     assert count(mounted.view / "data") == count(mounted.odd) > 40
 
 
+def test_inode_numbers_stay_after_the_kernel_forgets_the_inodes(mounted: Mounted) -> None:
+    def numbers() -> bytes:
+        res = run(["find", ".", "-printf", "%i %p\\n"], cwd=mounted.view / "data")
+        assert res.returncode == 0, res.stderr[:2000]
+        return res.stdout
+    before = numbers()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("2\n")  # dentries and inodes
+    except PermissionError:
+        pytest.skip("dropping the kernel's caches needs root")
+    assert numbers() == before
+
+
 def test_shell_cd_ls_cat_stat(mounted: Mounted) -> None:
     script = ("cd v1/data && ls >/dev/null && cat sub/hello.txt && "
               "stat -c '%a %h %s' link-1 && ls -l ../../latest | grep -c 'latest ->'")
