@@ -194,7 +194,7 @@ class Listed:
     record: SnapshotRecord | None
     resource: NodeKey
     links: bool  # some entry is a hard-linked file
-    counts: array  # type: ignore[type-arg]
+    counts: array[int]
     live: int = 0
 
 
