@@ -273,10 +273,16 @@ def test_a_replaced_resource_directory_is_snapshotted_as_it_is_now(
                      "the watcher to see the directory go")
         d.ctl("snapshot", "-t", "t2")
         assert holds_live_state(d, "t2")
-        trees.write(data / "a.py", b"v3")  # not watched until a reconcile: walked whole
-        d.ctl("snapshot", "-t", "t3")
+        # That snapshot's sync watched the new directory: healthy, its changes followed
+        # by their events again (no reconcile needed), nothing left in `status`.
+        data_status = d.status()["resources"]["data"]
+        assert data_status["healthy"] and data_status["problems"] == []
+        trees.write(data / "a.py", b"v3")
+        taken = d.ctl("snapshot", "-t", "t3", json_out=True)
+        assert taken["counters"]["dirs_listed"] == 0  # the dirty path, not a full walk
         assert holds_live_state(d, "t3")
         d.wait_for_log("data: the resource directory was moved or deleted")
+        d.wait_for_log("data: every directory is watched again")
     finally:
         assert d.stop() == 0
 

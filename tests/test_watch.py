@@ -16,7 +16,7 @@ import trio
 from dwsd.config import load_config
 from dwsd.snapshot.exclude import ExcludeMatcher
 from dwsd.watch import inotify
-from dwsd.watch.inotify import Batch, TreeWatcher
+from dwsd.watch.inotify import ROOT_ELSEWHERE, ROOT_GONE, Batch, TreeWatcher
 from dwsd.watch.watcher import Watcher
 from tests import trees
 
@@ -312,19 +312,39 @@ async def watching_resource(path: Path, write_config: object) -> AsyncIterator[W
             nursery.cancel_scope.cancel()
 
 
-async def test_a_replaced_resource_is_walked_whole(
+async def test_a_replaced_resource_is_walked_whole_until_the_next_sync_watches_it(
         data_dir: Path, write_config: object, caplog: pytest.LogCaptureFixture) -> None:
     async with watching_resource(data_dir, write_config) as watcher:
         await trio.to_thread.run_sync(shutil.rmtree, data_dir)
-        data_dir.mkdir()
+        data_dir.mkdir()  # `rm -rf results && mkdir results`, as a pipeline does
         await watcher.sync()
-        assert not watcher.all_healthy()
-        assert watcher.take().full == {"data"}
-        assert watcher.take().full == {"data"}  # every capture, not only the next
-        await watcher.sync(rescan=True)  # a reconcile's: the new directory is watched
+        assert watcher.take().full == {"data"}  # what changed meanwhile was not seen
+        # By the next capture's sync (no reconcile) at the latest, the new directory is
+        # watched (the sync that saw the old one go may have done it already).
+        await watcher.sync()
         assert watcher.all_healthy() and watcher.state["data"].watches == 1
-    assert "data: the resource directory was moved or deleted; checkpoints walk it all" \
+        assert watcher.state["data"].problems == []  # status: nothing wrong now
+        assert watcher.take().full == set()
+        await trio.to_thread.run_sync(trees.write, data_dir / "new.txt", b"seen")
+        await watcher.sync()
+        assert watcher.take().dirty["data"] >= {b"new.txt"}  # followed by its events
+    assert f"data: {ROOT_GONE}; checkpoints walk it all until it is watched again" \
         in caplog.text
+    caplog.clear()
+
+
+async def test_a_resource_that_stays_missing_is_walked_whole_and_tried_at_each_sync(
+        data_dir: Path, tmp_path: Path, write_config: object,
+        caplog: pytest.LogCaptureFixture) -> None:
+    async with watching_resource(data_dir, write_config) as watcher:
+        data_dir.rename(tmp_path / "unplugged")
+        await watcher.sync()
+        for _ in range(2):
+            await watcher.sync()
+            assert not watcher.all_healthy() and watcher.take().full == {"data"}
+        (tmp_path / "unplugged").rename(data_dir)
+        await watcher.sync()
+        assert watcher.all_healthy() and watcher.take().full == set()
     caplog.clear()
 
 
@@ -342,9 +362,9 @@ async def test_a_resource_symlink_pointed_elsewhere_is_walked_whole(
         tmp.rename(link)  # `ln -sfn v2 current`: no watched directory sees it
         await watcher.sync()
         assert not watcher.all_healthy() and watcher.take().full == {"data"}
-        await watcher.sync(rescan=True)
+        await watcher.sync()  # the next capture's: v2 is watched now
         assert watcher.all_healthy() and watcher.take().full == set()
-    assert "data: the resource's path leads to another directory" in caplog.text
+    assert f"data: {ROOT_ELSEWHERE}" in caplog.text
     caplog.clear()
 
 

@@ -55,6 +55,11 @@ _STOP, _SYNC = b"k", b"s"
 # How often the reader thread checks, when idle, that the resource's path still leads to
 # the directory it watches: a symlink pointed elsewhere (`ln -sfn`) raises no event.
 ROOT_CHECK_S = 30.0
+# The problems of the resource directory itself (as opposed to a watch limit or an
+# error below it): what is at the path now can usually be watched at once.
+ROOT_GONE = "the resource directory was moved or deleted"
+ROOT_ELSEWHERE = "the resource's path leads to another directory"
+ROOT_PROBLEMS = (ROOT_GONE, ROOT_ELSEWHERE)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -218,8 +223,7 @@ class TreeWatcher:
         """Report, once, that the resource's path leads elsewhere (reader thread)."""
         if not self._root_reported and self.root_replaced():
             self._root_reported = True
-            self.on_batch(Batch(problems=["the resource's path leads to another "
-                                          "directory"]))
+            self.on_batch(Batch(problems=[ROOT_ELSEWHERE]))
 
     def _forget_all(self) -> None:
         for wd in list(self._paths):
@@ -327,7 +331,7 @@ class TreeWatcher:
             # that is not the resource, or nothing. Only full walks are right until a
             # re-scan watches what is at the resource's path again.
             self._forget_all()
-            batch.problems.append("the resource directory was moved or deleted")
+            batch.problems.append(ROOT_GONE)
             return
         if parent is None or not name:
             return  # events on a watched directory itself are seen from its parent

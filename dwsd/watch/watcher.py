@@ -6,7 +6,9 @@ trio thread, which owns all of this state. A resource whose events cannot be tru
 overflow, watch limit, watcher error) is marked `needs_full`: its next capture is a full
 reconcile walk, and `status` shows why. An unhealthy resource (watch limit, error, its
 directory replaced, moved away or missing) is walked whole at every capture, gets its
-watches re-scanned at each `sync(rescan=True)` and is healthy again once all are in.
+watches re-scanned at each `sync(rescan=True)` (a reconcile's), or at every sync when its
+own directory was the problem (`rm -rf results && mkdir results` in a pipeline: the new
+directory can be watched at once), and is healthy again once all are in.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import trio
 
 from dwsd.config import Resource
 from dwsd.snapshot.exclude import ExcludeMatcher
-from dwsd.watch.inotify import Batch, TreeWatcher
+from dwsd.watch.inotify import ROOT_PROBLEMS, Batch, TreeWatcher
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,8 @@ class ResourceWatch:
     changed: set[bytes] = field(default_factory=set)  # paths events named: the changes
     needs_full: bool = True     # nothing is known before the first reconcile walk
     healthy: bool = True        # events can be trusted (no watch limit or error)
-    rescan: bool = False        # watches may be missing: re-scan at the next reconcile
+    rescan: bool = False        # watches may be missing: re-scan at the next reconcile...
+    rescan_soon: bool = False   # ...or at the next sync (the resource directory's problem)
     overflows: int = 0
     problems: list[str] = field(default_factory=list)
     last_event: float | None = None
@@ -117,6 +120,11 @@ class Watcher:
             state.overflows += 1
             log.warning("%s: inotify queue overflowed; the next checkpoint walks it all",
                         name)
+        elif problem in ROOT_PROBLEMS:
+            state.healthy = False
+            state.rescan = state.rescan_soon = True
+            log.warning("%s: %s; checkpoints walk it all until it is watched again "
+                        "(tried at each one)", name, problem)
         else:
             state.healthy = False
             state.rescan = True
@@ -135,7 +143,8 @@ class Watcher:
         waiting: dict[str, trio.Event] = {}
         for name, tw in self._threads.items():
             synced = waiting[name] = trio.Event()
-            redo = rescan and self.state[name].rescan
+            state = self.state[name]
+            redo = state.rescan and (rescan or state.rescan_soon)
 
             def done(problem: str | None, name: str = name, redo: bool = redo,
                      synced: trio.Event = synced) -> None:
@@ -153,8 +162,9 @@ class Watcher:
                 synced: trio.Event) -> None:
         state = self.state[name]
         if rescanned and problem is None:
-            state.healthy, state.rescan = True, False
+            state.healthy, state.rescan, state.rescan_soon = True, False, False
             state.watches = self._threads[name].watches if name in self._threads else 0
+            state.problems.clear()  # `status` shows what is wrong now; the log, history
             log.info("%s: every directory is watched again", name)
         synced.set()
 
