@@ -348,6 +348,20 @@ async def test_a_resource_that_stays_missing_is_walked_whole_and_tried_at_each_s
     caplog.clear()
 
 
+async def test_a_resource_missing_at_start_is_watched_once_it_appears(
+        tmp_path: Path, write_config: object, caplog: pytest.LogCaptureFixture) -> None:
+    data = tmp_path / "late-disk"
+    async with watching_resource(data, write_config) as watcher:
+        await watcher.sync()
+        assert not watcher.all_healthy() and watcher.take().full == {"data"}
+        data.mkdir()  # the disk is mounted
+        await watcher.sync()
+        assert watcher.all_healthy() and watcher.state["data"].watches == 1
+    assert "data: cannot watch the resource directory (No such file or directory); " \
+        "checkpoints walk it all until it is watched again" in caplog.text
+    caplog.clear()
+
+
 async def test_a_resource_symlink_pointed_elsewhere_is_walked_whole(
         tmp_path: Path, write_config: object, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "v1").mkdir()

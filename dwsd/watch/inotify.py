@@ -56,10 +56,16 @@ _STOP, _SYNC = b"k", b"s"
 # the directory it watches: a symlink pointed elsewhere (`ln -sfn`) raises no event.
 ROOT_CHECK_S = 30.0
 # The problems of the resource directory itself (as opposed to a watch limit or an
-# error below it): what is at the path now can usually be watched at once.
+# error below it): what is at the path now, or soon (a disk mounted late), can usually
+# be watched at once.
 ROOT_GONE = "the resource directory was moved or deleted"
 ROOT_ELSEWHERE = "the resource's path leads to another directory"
-ROOT_PROBLEMS = (ROOT_GONE, ROOT_ELSEWHERE)
+ROOT_UNWATCHABLE = "cannot watch the resource directory"  # then "(why)"
+
+
+def is_root_problem(problem: str) -> bool:
+    return problem in (ROOT_GONE, ROOT_ELSEWHERE) or problem.startswith(ROOT_UNWATCHABLE)
+
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -163,7 +169,7 @@ class TreeWatcher:
                 self._add_watch(b"")
                 st = os.stat(self.root)
             except OSError as exc:
-                return f"cannot watch the resource directory ({exc.strerror})"
+                return f"{ROOT_UNWATCHABLE} ({exc.strerror})"
             self.root_id = (st.st_dev, st.st_ino)
             self._root_reported = False
         for dirpath, dirnames, _ in os.walk(self._abs(rel)):

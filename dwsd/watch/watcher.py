@@ -20,7 +20,7 @@ import trio
 
 from dwsd.config import Resource
 from dwsd.snapshot.exclude import ExcludeMatcher
-from dwsd.watch.inotify import ROOT_PROBLEMS, Batch, TreeWatcher
+from dwsd.watch.inotify import Batch, TreeWatcher, is_root_problem
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class Watcher:
             state.overflows += 1
             log.warning("%s: inotify queue overflowed; the next checkpoint walks it all",
                         name)
-        elif problem in ROOT_PROBLEMS:
+        elif is_root_problem(problem):
             state.healthy = False
             state.rescan = state.rescan_soon = True
             log.warning("%s: %s; checkpoints walk it all until it is watched again "
