@@ -17,7 +17,7 @@ from dwsd.config import load_config
 from dwsd.snapshot.exclude import ExcludeMatcher
 from dwsd.watch import inotify
 from dwsd.watch.inotify import ROOT_ELSEWHERE, ROOT_GONE, Batch, TreeWatcher
-from dwsd.watch.watcher import Watcher
+from dwsd.watch.watcher import Taken, Watcher
 from tests import trees
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -312,6 +312,11 @@ async def watching_resource(path: Path, write_config: object) -> AsyncIterator[W
             nursery.cancel_scope.cancel()
 
 
+def sees(taken: Taken, path: bytes) -> bool:
+    """Whether the capture handed `taken` looks at `path` of resource "data"."""
+    return "data" in taken.full or path in taken.dirty.get("data", set())
+
+
 async def test_a_replaced_resource_is_walked_whole_until_the_next_sync_watches_it(
         data_dir: Path, write_config: object, caplog: pytest.LogCaptureFixture) -> None:
     async with watching_resource(data_dir, write_config) as watcher:
@@ -319,15 +324,16 @@ async def test_a_replaced_resource_is_walked_whole_until_the_next_sync_watches_i
         data_dir.mkdir()  # `rm -rf results && mkdir results`, as a pipeline does
         await watcher.sync()
         assert watcher.take().full == {"data"}  # what changed meanwhile was not seen
-        # By the next capture's sync (no reconcile) at the latest, the new directory is
-        # watched (the sync that saw the old one go may have done it already).
-        await watcher.sync()
-        assert watcher.all_healthy() and watcher.state["data"].watches == 1
-        assert watcher.state["data"].problems == []  # status: nothing wrong now
-        assert watcher.take().full == set()
+        # Written while maybe nothing watches the new directory yet: the next capture
+        # must see it all the same (it walks whole whatever the re-scan missed).
+        await trio.to_thread.run_sync(trees.write, data_dir / "d" / "early.txt", b"1")
+        await watcher.sync()  # the next capture's (no reconcile): watched again by now
+        assert watcher.all_healthy() and watcher.state["data"].problems == []
+        assert sees(watcher.take(), b"d/early.txt")
         await trio.to_thread.run_sync(trees.write, data_dir / "new.txt", b"seen")
         await watcher.sync()
-        assert watcher.take().dirty["data"] >= {b"new.txt"}  # followed by its events
+        taken = watcher.take()
+        assert taken.full == set() and b"new.txt" in taken.dirty["data"]  # by its events
     assert f"data: {ROOT_GONE}; checkpoints walk it all until it is watched again" \
         in caplog.text
     caplog.clear()
@@ -344,7 +350,10 @@ async def test_a_resource_that_stays_missing_is_walked_whole_and_tried_at_each_s
             assert not watcher.all_healthy() and watcher.take().full == {"data"}
         (tmp_path / "unplugged").rename(data_dir)
         await watcher.sync()
-        assert watcher.all_healthy() and watcher.take().full == set()
+        assert watcher.all_healthy()
+        assert watcher.take().full == {"data"}  # once, for what happened unwatched
+        await watcher.sync()
+        assert watcher.take().full == set()
     caplog.clear()
 
 
@@ -376,8 +385,10 @@ async def test_a_resource_symlink_pointed_elsewhere_is_walked_whole(
         tmp.rename(link)  # `ln -sfn v2 current`: no watched directory sees it
         await watcher.sync()
         assert not watcher.all_healthy() and watcher.take().full == {"data"}
-        await watcher.sync()  # the next capture's: v2 is watched now
-        assert watcher.all_healthy() and watcher.take().full == set()
+        await watcher.sync()  # the next capture's: v2 is watched now, walked once
+        assert watcher.all_healthy() and watcher.take().full == {"data"}
+        await watcher.sync()
+        assert watcher.take().full == set()
     assert f"data: {ROOT_ELSEWHERE}" in caplog.text
     caplog.clear()
 

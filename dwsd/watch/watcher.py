@@ -163,6 +163,9 @@ class Watcher:
         state = self.state[name]
         if rescanned and problem is None:
             state.healthy, state.rescan, state.rescan_soon = True, False, False
+            # What changed while watches were missing raised no event: the capture
+            # this sync is for (the next one at the latest) walks the resource whole.
+            state.needs_full = True
             state.watches = self._threads[name].watches if name in self._threads else 0
             state.problems.clear()  # `status` shows what is wrong now; the log, history
             log.info("%s: every directory is watched again", name)
