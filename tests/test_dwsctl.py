@@ -208,6 +208,8 @@ def test_diff_names_a_resource_it_could_not_compare_and_exits_1(
     result = {"data": [{"status": "unavailable", "path": "", "kind": None}],
               "results": [{"status": "modified", "path": "r.txt", "kind": "file"}]}
     ns = dwsctl.build_parser().parse_args(["diff", "v1"])
+    assert dwsctl.render_json("diff", result, sys.stdout) == dwsctl.EXIT_ERROR  # --json
+    assert '"status": "unavailable"' in capsys.readouterr().out
     assert dwsctl.render_diff(result, ns, sys.stdout) == dwsctl.EXIT_ERROR
     assert capsys.readouterr().out.splitlines() == [
         "unavailable data/ (its directory cannot be read: not compared; see the daemon's "

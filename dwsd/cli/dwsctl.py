@@ -456,7 +456,9 @@ RENDER: dict[str, Render] = {
 def render_json(op: str, result: Any, out: TextIO) -> int:
     print(json.dumps(result, indent=2, ensure_ascii=True), file=out)
     failed = ((op == "check" and not result["ok"]) or (op == "restore" and result["errors"])
-              or (op == "snapshot" and result["unreadable"]))
+              or (op == "snapshot" and result["unreadable"])
+              or (op == "diff" and any(change["status"] == "unavailable"
+                                       for changes in result.values() for change in changes)))
     return EXIT_ERROR if failed else EXIT_OK
 
 
