@@ -252,8 +252,7 @@ class Workspace:
                  for r in self.config.resources}
         on_file = self._progress_counter(progress, paths)
         try:
-            captures = {r.name: self._capture_or_keep(r, paths[r.name], on_file)
-                        for r in self.config.resources}
+            captures, absent = self._capture_all(paths, on_file)
             roots = {name: c.root for name, c in captures.items()}
             result = self._record(roots, captures, tags, message, kind)
         except BaseException:
@@ -261,9 +260,32 @@ class Workspace:
             raise
         result.objects_written = write_log.objects_written
         result.bytes_written = write_log.bytes_written
-        result.left_out = self._keep_left_out(captures, paths)
+        result.left_out = absent + self._keep_left_out(captures, paths)
         self._keep_states(captures, walked=any(p is None for p in paths.values()))
         return result
+
+    def _capture_all(self, paths: Mapping[str, Collection[bytes] | None],
+                     on_file: Callable[[int], None] | None
+                     ) -> tuple[dict[str, CaptureResult], list[tuple[str, bytes, str]]]:
+        """Capture (or keep, see `_capture_or_keep`) every resource; a resource whose
+        directory cannot be read and that no snapshot has yet (a disk not mounted yet,
+        a resource just added) is left out of the snapshot, reported as (name, b"",
+        why), so it does not stop the others being snapshotted. Raises
+        ResourceMissingError when that leaves nothing to snapshot."""
+        captures: dict[str, CaptureResult] = {}
+        absent: list[tuple[str, bytes, str]] = []
+        first: ResourceMissingError | None = None
+        for r in self.config.resources:
+            try:
+                captures[r.name] = self._capture_or_keep(r, paths[r.name], on_file)
+            except ResourceMissingError as exc:
+                log.warning("%s: %s; not in this snapshot (no snapshot has it yet)",
+                            r.name, exc)
+                absent.append((r.name, b"", str(exc)))
+                first = first or exc
+        if not captures and first is not None:
+            raise first
+        return captures, absent
 
     def _keep_left_out(self, captures: Mapping[str, CaptureResult],
                        paths: Mapping[str, Collection[bytes] | None]

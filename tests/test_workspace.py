@@ -435,14 +435,36 @@ def test_a_diff_to_the_live_files_shows_a_missing_resource_as_not_compared(
     caplog.clear()
 
 
-def test_a_resource_missing_from_the_start_fails_the_snapshot(
-        tmp_path: Path, write_config: WriteConfig) -> None:
+def test_a_resource_no_snapshot_has_yet_is_left_out_while_its_directory_is_missing(
+        tmp_path: Path, write_config: WriteConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A disk not mounted yet, or a resource just added: the others are snapshotted.
     trees.write(tmp_path / "results" / "r.txt", b"r1")
-    config = write_config({"data": tmp_path / "data", "results": tmp_path / "results"})
+    data = tmp_path / "data"
+    config = write_config({"data": data, "results": tmp_path / "results"})
     with Workspace.open(config) as ws:
+        first = ws.snapshot(tags=["v1"])
+        assert first.record is not None and set(first.record.resources) == {"results"}
+        [(name, path, error)] = first.left_out
+        assert (name, path) == ("data", b"") and "cannot read resource directory" in error
+        trees.write(data / "a.csv", b"1")
+        second = ws.snapshot(tags=["v2"])
+        assert second.record is not None and second.left_out == []
+        assert set(second.record.resources) == {"data", "results"}
+        ws.restore("v1")  # a snapshot without `data` leaves it alone
+        assert (data / "a.csv").read_bytes() == b"1"
+    assert "data: cannot read resource directory" in caplog.text
+    caplog.clear()
+
+
+def test_a_snapshot_with_every_resource_missing_fails(
+        tmp_path: Path, write_config: WriteConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Workspace.open(write_config({"data": tmp_path / "data"})) as ws:
         with pytest.raises(CaptureError, match="cannot read resource directory"):
             ws.snapshot(tags=["v1"])
         assert ws.history() == []
+    caplog.clear()
 
 
 def test_a_snapshot_asked_for_by_hand_that_matches_a_periodic_one_is_kept(
