@@ -313,8 +313,13 @@ async def watching_resource(path: Path, write_config: object) -> AsyncIterator[W
 
 
 def sees(taken: Taken, path: bytes) -> bool:
-    """Whether the capture handed `taken` looks at `path` of resource "data"."""
-    return "data" in taken.full or path in taken.dirty.get("data", set())
+    """Whether the capture handed `taken` looks at `path` of resource "data": it walks
+    the resource whole, or the path is dirty, or a directory above it is to be walked
+    whole (a new directory is dirty as "name/")."""
+    dirty = taken.dirty.get("data", set())
+    parts = path.split(b"/")
+    above = {b"/".join(parts[:i]) + b"/" for i in range(1, len(parts))}
+    return "data" in taken.full or path in dirty or bool(above & dirty)
 
 
 async def test_a_replaced_resource_is_walked_whole_until_the_next_sync_watches_it(
