@@ -634,6 +634,24 @@ def test_dirty_write_through_one_hard_link_updates_its_partners(store: Store, da
     assert stored[b"y"] == b"new"
 
 
+def test_dirty_new_hard_link_makes_its_unchanged_partner_a_link_too(
+        store: Store, data_dir: Path) -> None:
+    trees.write(data_dir / "deep" / "solo", b"content")
+    (data_dir / "empty").mkdir()
+    trees.settle()
+    first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    os.link(data_dir / "deep" / "solo", data_dir / "empty" / "solo-link")
+    # inotify names the new link and its directory, never deep/solo (only its link
+    # count changed): the capture must find it, or the two names would be two files.
+    second = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES,
+                              [b"empty", b"empty/solo-link"])
+    full = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    assert second.root == full.root
+    [solo] = trees.entries(store.objects, second.root, b"deep")
+    [link] = trees.entries(store.objects, second.root, b"empty")
+    assert solo.ino and solo.ino == link.ino
+
+
 def test_hard_links_on_a_filesystem_mounted_inside_get_their_own_group(
         store: Store, data_dir: Path) -> None:
     inner = data_dir / "mnt"

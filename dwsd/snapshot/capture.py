@@ -430,7 +430,7 @@ class _Walker:
     def update(self, root_fd: int, prev_root: ObjectId, dirty: Collection[bytes]) -> _DirJob:
         """Capture only `dirty` paths on top of the previous root tree."""
         self.state = self.prev.derive()
-        paths = set(dirty) | self._link_partners(prev_root, dirty)
+        paths = set(dirty) | self._link_partners(root_fd, prev_root, dirty)
         if len(paths) >= WARM_AHEAD_MIN and self._looks_cold(root_fd, paths):
             # Not cached (a change made before a restart, a busy machine): the paths'
             # inodes, the files' pages and the store's fan-out directories the new blobs
@@ -454,16 +454,26 @@ class _Walker:
             _lstat_quietly(dfd, path)
         return time.perf_counter() - started > COLD_LSTAT_S * len(sample)
 
-    def _link_partners(self, prev_root: ObjectId, dirty: Collection[bytes]) -> set[bytes]:
+    def _link_partners(self, root_fd: int, prev_root: ObjectId, dirty: Collection[bytes]
+                       ) -> set[bytes]:
         """The other names of hard-linked files among `dirty`: a write through one name
-        changes them all, but inotify reports only the name written through. Costs the
-        trees on the dirty paths (read anyway) and, only when one of them was a hard
-        link, one scan of the stat cache."""
+        changes them all, but inotify reports only the name written through; and a new
+        name linked to a file (`ln a b`) makes that file a hard link, which inotify does
+        not report for it either. Costs the trees on the dirty paths (read anyway), an
+        lstat of each new name (the capture's, ahead), and, only when one of them is a
+        hard link, one scan of the stat cache."""
         linked = set()
         for path in dirty:
             prev = self._prev_entry(prev_root, path)
             if prev is not None and prev.kind == FILE and prev.ino:
                 linked.add(prev.ino)
+            elif prev is None and not path.endswith(b"/"):
+                try:
+                    st = os.stat(path, dir_fd=root_fd, follow_symlinks=False)
+                except OSError:
+                    continue  # gone, or below something that is not a directory
+                if st.st_nlink > 1 and stat_mod.S_ISREG(st.st_mode):
+                    linked.add(st.st_ino)  # as the stat cache keeps it
         if not linked:
             return set()
         return {p for p, f in self.prev.files.items() if f.ino in linked}
