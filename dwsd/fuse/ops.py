@@ -837,11 +837,11 @@ class ViewOps(pyfuse3.Operations):
         for oid, data in read:
             entries: list[Entry] | None = None
             try:
-                entries = decode_tree(data, oid) if isinstance(data, bytes) else None
-            except CorruptObjectError as exc:
-                data = exc
-            if isinstance(data, Exception):
-                log.debug("view: prefetch of tree %s: %s", oid, data)
+                if isinstance(data, Exception):
+                    raise data
+                entries = decode_tree(data, oid)
+            except (ObjectMissingError, CorruptObjectError) as exc:
+                log.debug("view: prefetch of tree %s: %s", oid, exc)
             loaded.append((oid, entries))
             if oid in self._awaited:
                 deliver(self._trees_loaded, loaded)

@@ -120,16 +120,13 @@ class Watcher:
             state.overflows += 1
             log.warning("%s: inotify queue overflowed; the next checkpoint walks it all",
                         name)
-        elif is_root_problem(problem):
-            state.healthy = False
-            state.rescan = state.rescan_soon = True
-            log.warning("%s: %s; checkpoints walk it all until it is watched again "
-                        "(tried at each one)", name, problem)
         else:
-            state.healthy = False
-            state.rescan = True
-            log.warning("%s: %s; checkpoints walk it all until a reconcile can watch "
-                        "it all again", name, problem)
+            soon = is_root_problem(problem)
+            state.healthy, state.rescan = False, True
+            state.rescan_soon = state.rescan_soon or soon
+            log.warning("%s: %s; checkpoints walk it all until %s", name, problem,
+                        "it is watched again (tried at each one)" if soon
+                        else "a reconcile can watch it all again")
 
     # -- for the scheduler and the daemon (trio thread) --------------------------------
 
