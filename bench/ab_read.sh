@@ -2,14 +2,15 @@
 # Alternating cold reads of the whole bench set (every file in path order, 1 MiB reads,
 # as the bench's view_read step) through `dwsd mount` at an older revision and as
 # checked out, so machine drift hits each side alike. Fresh mount, page cache dropped
-# after mounting; prints seconds per class of file.
-#   bench/ab_read.sh [OLD_REV] [ROUNDS]     (root: drops the page cache)
+# after mounting; prints seconds per class of file. DIR reads one class alone (large,
+# medium or small).
+#   bench/ab_read.sh [OLD_REV] [ROUNDS] [DIR]     (root: drops the page cache)
 # Uses the bench data set and store (/var/tmp/dwsd-bench; bench.py makes them).
 set -euo pipefail
 . "$(dirname "$0")/ab_mount.sh"
 rounds=${2:-3}
 ab_setup read "${1:-HEAD~1}"
-(cd "$bench/data-full" && find . -type f | sed 's|^\./||' | LC_ALL=C sort) > "$work/files"
+(cd "$bench/data-full" && find "${3:-.}" -type f | sed 's|^\./||' | LC_ALL=C sort) > "$work/files"
 echo "cold read of all files: seconds for large/ medium/ small/ and in all"
 measure() {
   "$py" - "$mnt/bench-first/data" "$work/files" <<'PY'

@@ -15,6 +15,7 @@ from typing import Iterator
 import pytest
 
 from dwsd.fuse.mount import READ_AHEAD_KB, mount_device
+from dwsd.fuse.ops import LIST_AFTER_LOOKUPS, LIST_SHARE
 from dwsd.store.store import Store
 from tests import trees
 from tests.conftest import WriteConfig
@@ -145,6 +146,45 @@ def test_the_view_reads_ahead_in_windows_of_read_ahead_kb(store: Path,
                    f"read_ahead_kb = {READ_AHEAD_KB}")
         with open(mountpoint / "v1" / "data" / "big.bin", "rb") as f:
             assert f.read() == (store.parent / "src" / "big.bin").read_bytes()
+
+
+def server_read_calls(server: ViewServer) -> int:
+    """read(2)-like calls the server made so far (/proc/PID/io syscr): it makes one to
+    take each request from the kernel."""
+    assert server.proc is not None
+    with open(f"/proc/{server.proc.pid}/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("syscr:"))
+
+
+def test_a_reader_of_names_one_by_one_gets_their_directory_listed_ahead(
+        tmp_path: Path, mountpoint: Path) -> None:
+    require_fuse()
+    names = [f"f{i:03}" for i in range(100)]
+    for name in names:
+        trees.write(tmp_path / "src" / "many" / name, name.encode())
+    take_snapshot(tmp_path / "store", {"data": tmp_path / "src"}, tags=["v1"])
+    top = mountpoint / "v1" / "data" / "many"
+    with serving(tmp_path / "store", mountpoint) as server:
+        first = max(LIST_AFTER_LOOKUPS, len(names) // LIST_SHARE)
+        for name in names[:first]:  # opened by path, as from a file list: no readdir
+            assert (top / name).read_bytes() == name.encode()
+        # A name the kernel has from the listing is stat'ed without a request; each
+        # probe looks up a new name, from the end, until one needs none.
+        probes = list(reversed(names[first:]))
+
+        def probe_needs_no_request() -> bool:
+            before = server_read_calls(server)
+            os.stat(top / probes.pop(0))
+            return server_read_calls(server) == before
+        wait_until(probe_needs_no_request, UPDATE_TIMEOUT, "the directory listed ahead")
+        assert len(probes) > 50
+        before = server_read_calls(server)
+        sizes = [os.stat(top / name).st_size for name in probes]
+        # None but a stray read of the catalog by its fallback check: 50 or more
+        # LOOKUPs without the listing.
+        assert server_read_calls(server) - before <= 2
+        assert sizes == [4] * len(probes)
+        assert (top / probes[0]).read_bytes() == probes[0].encode()
 
 
 def test_mount_device_finds_a_mount_whose_path_mountinfo_escapes(tmp_path: Path) -> None:

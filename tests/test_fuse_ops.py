@@ -789,6 +789,84 @@ async def test_when_the_warmer_is_gone_files_are_read_ahead_in_threads(
     ops.shutdown()
 
 
+class ListRecorder:
+    """A `list_ahead` stand-in that keeps the paths it got; `refuse` answers a full
+    queue that many times, `gone` a helper that is gone."""
+
+    def __init__(self) -> None:
+        self.paths: list[bytes] = []
+        self.refuse = 0
+        self.gone = False
+
+    def __call__(self, path: bytes) -> bool:
+        if self.gone:
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+        if self.refuse:
+            self.refuse -= 1
+            return False
+        self.paths.append(path)
+        return True
+
+
+def directories_of(tmp_path: Path, listing: Listing, *sizes: int
+                   ) -> tuple[ViewOps, ListRecorder]:
+    """Handlers with a ListRecorder over a snapshot (tag v1) of directories d<size>
+    holding `size` files each."""
+    source = tmp_path / "src"
+    for size in sizes:
+        for i in range(size):
+            trees.write(source / f"d{size}" / f"f{i:03}", b"x")
+    take_snapshot(tmp_path / "store", {"data": source}, tags=["v1"])
+    recorder = ListRecorder()
+    return make_ops(tmp_path / "store", listing, list_ahead=recorder), recorder
+
+
+async def lookups_until_listed(ops: ViewOps, recorder: ListRecorder, size: int
+                               ) -> int | None:
+    """Look up the names of d<size> one by one: after how many it was listed ahead."""
+    listed = None
+    for i in range(size):
+        await resolve(ops, b"v1", b"data", f"d{size}".encode(), f"f{i:03}".encode())
+        if recorder.paths and listed is None:
+            listed = i + 1
+    return listed
+
+
+@pytest.mark.parametrize(("size", "after"), [(4, None), (8, 2), (64, 4), (200, 12)])
+async def test_a_directory_whose_names_are_looked_up_one_by_one_is_listed_ahead_once(
+        tmp_path: Path, listing: Listing, size: int, after: int | None) -> None:
+    ops, recorder = directories_of(tmp_path, listing, size)
+    with trio.fail_after(TIMEOUT):
+        assert await lookups_until_listed(ops, recorder, size) == after
+    # Once, by its path below the mount; never the root, the snapshot or `data` (whose
+    # one name was looked up again and again).
+    assert recorder.paths == ([] if after is None else [f"v1/data/d{size}".encode()])
+    assert ops.counters.listed_ahead == len(recorder.paths)
+
+
+async def test_a_listing_refused_by_a_full_queue_is_asked_for_at_the_next_name(
+        tmp_path: Path, listing: Listing) -> None:
+    ops, recorder = directories_of(tmp_path, listing, 8)
+    recorder.refuse = 1
+    with trio.fail_after(TIMEOUT):
+        assert await lookups_until_listed(ops, recorder, 8) == 3
+    assert recorder.paths == [b"v1/data/d8"] and ops.counters.listed_ahead == 1
+
+
+async def test_when_the_warmer_is_gone_nothing_is_listed_ahead(
+        tmp_path: Path, listing: Listing, caplog: pytest.LogCaptureFixture) -> None:
+    ops, recorder = directories_of(tmp_path, listing, 8, 9)
+    recorder.gone = True
+    with trio.fail_after(TIMEOUT):
+        assert await lookups_until_listed(ops, recorder, 8) is None
+        recorder.gone = False
+        assert await lookups_until_listed(ops, recorder, 9) is None
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "view: no warmer process (Broken pipe); directories are not listed ahead from "
+        "now on"]
+    caplog.clear()
+
+
 async def test_shutdown_drops_the_contents_read_ahead(ops: ViewOps) -> None:
     with trio.fail_after(TIMEOUT):
         blob = ops.vfs.blob(await resolve(ops, b"v1", b"data", b"sub", b"c.txt"))

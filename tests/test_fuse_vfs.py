@@ -332,6 +332,15 @@ def test_describe_names_the_path_for_log_lines(view: View) -> None:
     assert view.describe(inode) == "v1/data/sub/b.txt"
 
 
+def test_path_is_exact_or_none_where_describe_guesses(view: View) -> None:
+    inode = walk(view, b"v1", b"data", b"sub", b"b.txt")
+    sub = view.node(inode).parent
+    assert view.path(inode) == b"v1/data/sub/b.txt" and view.path(ROOT) == b""
+    view.forget(sub, 1)  # the kernel forgot the directory (not its name b.txt)
+    assert view.path(inode) is None
+    assert view.describe(inode) == ".../b.txt"
+
+
 def test_the_model_does_not_import_pyfuse3() -> None:
     code = "import sys, dwsd.fuse.vfs; sys.exit('pyfuse3' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=30).returncode == 0

@@ -44,6 +44,9 @@ def test_handed_files_end_up_in_the_page_cache_past_odd_ones(tmp_path: Path,
         pytest.skip("this filesystem keeps the pages (tmpfs)")
     os.mkfifo(tmp_path / "fifo")
     odd = [str(tmp_path / "missing"), str(tmp_path / "fifo"), str(tmp_path)]
+    # Directories to list, two of them not: the listing thread goes on past them.
+    for directory in (tmp_path / "missing", tmp_path / "fifo", tmp_path):
+        assert warmer.list_dir(os.fsencode(directory))
     assert warmer.warm(odd + [str(p) for p in paths])
     pages = SIZE // os.sysconf("SC_PAGE_SIZE")
     wait_until(lambda: all(cached_pages(p) == (pages, pages) for p in paths), 10,

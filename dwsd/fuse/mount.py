@@ -60,7 +60,9 @@ async def serve_view(store_path: Path | str, mountpoint: Path | str, *,
     warmer = Warmer()
     try:
         ops = ViewOps(store, invalidate=_invalidate_entry,
-                      store_pages=pyfuse3.notify_store, warm=warmer.warm)
+                      store_pages=pyfuse3.notify_store, warm=warmer.warm,
+                      list_ahead=functools.partial(_list_below, warmer,
+                                                   os.fsencode(mountpoint)))
         first_key = await trio.to_thread.run_sync(catalog_key, store.catalog.path)
         await ops.reload_catalog()
         try:
@@ -84,6 +86,10 @@ async def serve_view(store_path: Path | str, mountpoint: Path | str, *,
             log.info("view at %s unmounted", mountpoint)
     finally:
         warmer.close()  # blocks briefly: the helper ends at the end of its input
+
+
+def _list_below(warmer: Warmer, mountpoint: bytes, path: bytes) -> bool:
+    return warmer.list_dir(os.path.join(mountpoint, path))
 
 
 async def _run_fuse(mountpoint: Path, scope: trio.CancelScope) -> None:

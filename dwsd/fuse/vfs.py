@@ -756,15 +756,26 @@ class View:
                 return value
         raise NoAttribute(name)
 
+    def path(self, inode: int) -> bytes | None:
+        """The path of `inode` below the mount (b"" for the root), or None when a
+        directory on the way is no longer known here."""
+        parts, whole = self._path_parts(inode)
+        return b"/".join(parts) if whole else None
+
     def describe(self, inode: int) -> str:
         """A best-effort path of `inode` below the mount, for log lines."""
+        parts, whole = self._path_parts(inode)
+        return ("" if whole else ".../") + os.fsdecode(b"/".join(parts))
+
+    def _path_parts(self, inode: int) -> tuple[list[bytes], bool]:
+        """The names from the root down to `inode`, and whether they reach the root."""
         parts: list[bytes] = []
         node = self._live(Inode(inode))
         while node is not None and node.inode != ROOT:
             parts.append(node.name)
             node = self._live(node.parent)
-        prefix = "" if node is not None else ".../"
-        return prefix + os.fsdecode(b"/".join(reversed(parts)))
+        parts.reverse()
+        return parts, node is not None
 
 
 def entry_attributes(inode: Inode, entry: Entry) -> Attributes:

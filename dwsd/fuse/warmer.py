@@ -1,5 +1,5 @@
 """A helper process that reads store files into the kernel's page cache ahead of the
-view's opens.
+view's opens, and lists view directories ahead of a reader's lookups.
 
 The view serves a small file's open from the page cache on its trio thread, with no
 worker thread (`ViewOps._small_content`). Files not cached there were read ahead by a
@@ -8,17 +8,26 @@ fought over the GIL, and the thread spent about 550 µs a blob where a plain loo
 80-100 µs. A separate process shares the page cache and nothing else: the server only
 writes paths into a pipe, and its opens find the files cached.
 
-Protocol: NUL-terminated paths on stdin, each read front to back and dropped; errors
-are ignored (the open that follows meets and reports them). The process ends at the end
-of its input, so it ends with its server, however that ends.
+A directory of the view listed by this process gives the kernel every name's entry in
+a few READDIRPLUS replies, where a reader opening the names one by one costs a LOOKUP
+round trip each (`ViewOps._count_lookup`). The listings run on a thread of their own:
+their replies come from the server, busy with that reader, and reads queued behind
+them would come too late.
+
+Protocol: NUL-terminated paths on stdin. A path ending in "/" is a directory to list,
+any other a file to read front to back; what was read or listed is dropped, and errors
+are ignored (the open or lookup that follows meets and reports them). The process ends
+at the end of its input, so it ends with its server, however that ends.
 """
 from __future__ import annotations
 
 import os
+import queue
 import select
 import signal
 import subprocess
 import sys
+import threading
 from typing import Sequence
 
 READ_SIZE = 1 << 20
@@ -54,6 +63,13 @@ class Warmer:
             return False
         return True
 
+    def list_dir(self, path: bytes) -> bool:
+        """Queue directory `path` (absolute, in the view) to be listed; as `warm`. A
+        path too long to open by name (PATH_MAX, which is PIPE_BUF here) is dropped."""
+        if len(path) >= select.PIPE_BUF:
+            return True
+        return self.warm([os.fsdecode(path.rstrip(b"/") + b"/")])
+
     def _start(self) -> None:
         # close_fds: the helper must hold nothing of the server's (the FUSE device
         # would keep a dead server's mount alive).
@@ -84,12 +100,28 @@ def main() -> None:
     # A Ctrl-C at a terminal reaches the whole process group: the server ends, and
     # this process with it at the end of its input, without a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    listings: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+    # A daemon: the process ends at the end of its input even with a listing waiting
+    # for a server that is gone.
+    threading.Thread(target=_list_all, args=(listings,), daemon=True).start()
     buf = bytearray(READ_SIZE)
     pending = b""
     while chunk := os.read(0, 65536):
         *paths, pending = (pending + chunk).split(b"\0")
         for path in paths:
-            _read(path, buf)
+            if path.endswith(b"/"):
+                listings.put(path)
+            else:
+                _read(path, buf)
+
+
+def _list_all(listings: "queue.SimpleQueue[bytes]") -> None:
+    while True:
+        path = listings.get()
+        try:
+            os.listdir(path)
+        except OSError:
+            pass
 
 
 def _read(path: bytes, buf: bytearray) -> None:
