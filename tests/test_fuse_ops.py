@@ -844,6 +844,40 @@ async def test_a_directory_whose_names_are_looked_up_one_by_one_is_listed_ahead_
     assert ops.counters.listed_ahead == len(recorder.paths)
 
 
+async def test_the_root_and_snapshot_directories_are_never_listed_ahead(
+        tmp_path: Path, listing: Listing) -> None:
+    ops, recorder = directories_of(tmp_path, listing, 8)
+    for i in range(8):
+        tag_snapshot(tmp_path / "store", "v1", f"t{i}")
+    with trio.fail_after(TIMEOUT):
+        await ops.reload_catalog()
+        for name in ops.vfs.listdir(ROOT):  # 11 names: 9 tags, the id and latest
+            snapshot = (await ops.lookup(ROOT, name)).st_ino
+            if name != LATEST:
+                await ops.lookup(snapshot, b"data")
+    assert recorder.paths == []
+
+
+async def test_a_directory_larger_than_list_ahead_max_is_left_to_lookups(
+        tmp_path: Path, listing: Listing, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops_module, "LIST_AHEAD_MAX", 199)
+    ops, recorder = directories_of(tmp_path, listing, 200)
+    with trio.fail_after(TIMEOUT):
+        assert await lookups_until_listed(ops, recorder, 200) is None
+
+
+async def test_the_count_starts_over_once_the_kernel_forgot_the_directorys_names(
+        tmp_path: Path, listing: Listing) -> None:
+    ops, recorder = directories_of(tmp_path, listing, 8)
+    with trio.fail_after(TIMEOUT):
+        first = await resolve(ops, b"v1", b"data", b"d8", b"f000")
+        await ops.forget([(first, 1)])
+        await resolve(ops, b"v1", b"data", b"d8", b"f001")
+        assert recorder.paths == []  # one name since the kernel forgot the other
+        await resolve(ops, b"v1", b"data", b"d8", b"f002")
+    assert recorder.paths == [b"v1/data/d8"]
+
+
 async def test_a_listing_refused_by_a_full_queue_is_asked_for_at_the_next_name(
         tmp_path: Path, listing: Listing) -> None:
     ops, recorder = directories_of(tmp_path, listing, 8)

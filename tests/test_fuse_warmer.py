@@ -44,13 +44,44 @@ def test_handed_files_end_up_in_the_page_cache_past_odd_ones(tmp_path: Path,
         pytest.skip("this filesystem keeps the pages (tmpfs)")
     os.mkfifo(tmp_path / "fifo")
     odd = [str(tmp_path / "missing"), str(tmp_path / "fifo"), str(tmp_path)]
-    # Directories to list, two of them not: the listing thread goes on past them.
-    for directory in (tmp_path / "missing", tmp_path / "fifo", tmp_path):
-        assert warmer.list_dir(os.fsencode(directory))
     assert warmer.warm(odd + [str(p) for p in paths])
     pages = SIZE // os.sysconf("SC_PAGE_SIZE")
     wait_until(lambda: all(cached_pages(p) == (pages, pages) for p in paths), 10,
                "every page cached")
+
+
+def test_handed_directories_are_listed_past_odd_ones(tmp_path: Path,
+                                                    warmer: Warmer) -> None:
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    trees.write(listed / "a", b"a")
+    os.mkfifo(tmp_path / "fifo")
+    # A listing reads the directory, which sets its access time when that is older
+    # than its last change (relatime) or always (strictatime).
+    os.utime(listed, (0, os.stat(listed).st_mtime))
+    for odd in (tmp_path / "missing", tmp_path / "fifo", tmp_path / "fifo" / "below"):
+        assert warmer.list_dir(os.fsencode(odd))
+    assert warmer.list_dir(os.fsencode(listed))
+    if "noatime" in mount_options(listed):
+        pytest.skip("this filesystem keeps no access times")
+    wait_until(lambda: os.stat(listed).st_atime > 0, 10, "the directory listed")
+
+
+def mount_options(path: Path) -> list[str]:
+    """The options of the mount `path` is on, from /proc/self/mountinfo."""
+    device = os.stat(path).st_dev
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            major, minor = fields[2].split(":")
+            if os.makedev(int(major), int(minor)) == device:
+                return fields[5].split(",")
+    return []
+
+
+def test_a_long_path_is_dropped_not_written_in_pieces(warmer: Warmer) -> None:
+    assert warmer.list_dir(b"/" + b"d" * 4094)  # with "/" and NUL, past PIPE_BUF
+    assert warmer.pid is None  # nothing written: the helper was not even started
 
 
 def test_a_warmer_that_is_behind_refuses_a_batch_without_blocking(

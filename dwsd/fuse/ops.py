@@ -95,17 +95,22 @@ WARMED_KEPT = 4096          # blobs remembered as handed to the warmer (not sent
 # A reader that opens or stats the names of a directory it has not listed (paths from a
 # manifest or a file list, a shuffled data loader) costs a LOOKUP round trip a name.
 # Once LIST_AFTER_LOOKUPS names, or 1/LIST_SHARE of the names, whichever is more, were
-# looked up in a tree directory of at least LIST_AHEAD_MIN names, the warmer process
-# lists it through the mount: the kernel then has every name's entry from a few
-# READDIRPLUS replies (25 names or more each, plus an opendir and a releasedir), and
-# the reader's next names need no request. So a listing costs about what the lookups
-# before it did, and one `cat` of a file lists nothing. The bench set's 20,000 small
-# files (1,000 directories of about 20), read cold in path order: 6.1-6.8 s without,
-# 5.1-5.6 s with (`bench/ab_read.sh`, 3 alternating rounds).
+# looked up in a tree directory of LIST_AHEAD_MIN to LIST_AHEAD_MAX names, the warmer
+# process lists it through the mount: the kernel then has every name's entry from a few
+# READDIRPLUS replies (each up to a page of entries, about 25 short names, or more on
+# kernels that fill the reader's larger buffer; plus an opendir, a last empty reply and
+# a releasedir), and the reader's next names need no request. So a listing costs at
+# most a few requests more than the lookups before it, and one `cat` of a file lists
+# nothing. The count lives as long as the kernel holds a name of the directory
+# (`Listed.looked_up`). The bench set's 20,000 small files (1,000 directories of about
+# 20), read cold in path order: 6.1-6.8 s without, 5.1-5.6 s with (`bench/ab_read.sh`,
+# 3 alternating rounds).
 LIST_AFTER_LOOKUPS = 2
 LIST_SHARE = 16
 LIST_AHEAD_MIN = 8
-LOOKUPS_COUNTED = 4096      # directories whose lookups are counted; the oldest go
+# Larger directories are left to lookups: a listing would have the kernel hold an inode
+# for each of their names (about 1 KB each) for a reader that may want a few.
+LIST_AHEAD_MAX = 1 << 16
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -212,8 +217,6 @@ class ViewOps(pyfuse3.Operations):
         # Blobs handed to `warm` -> whether opening it should send the next batch.
         self._warmed: OrderedDict[ObjectId, bool] = OrderedDict()
         self._list_ahead = list_ahead
-        # Tree directories -> names looked up in them, the most recent last.
-        self._lookups_in: OrderedDict[Inode, int] = OrderedDict()
         self.counters = ViewCounters()
         self._inode_handles: dict[int, int] = {}  # open file handles per inode
         self._open_content = 0  # bytes of content the open handles hold
@@ -344,30 +347,33 @@ class ViewOps(pyfuse3.Operations):
             inode = self.vfs.dot_lookup(parent_inode, name)
             return self.entry_attributes(self.vfs.getattr(inode))
         await self._ensure_tree(parent_inode)
-        attrs = self.vfs.lookup(parent_inode, name)
+        reply = self.entry_attributes(self.vfs.lookup(parent_inode, name))
         if self._list_ahead is not None:
-            self._count_lookup(Inode(parent_inode))
-        return self.entry_attributes(attrs)
+            # Speculative: must not fail the lookup, whose reference is counted.
+            try:
+                self._count_lookup(Inode(parent_inode))
+            except Exception:
+                log.exception("view: listing ahead failed; not listing ahead from now on")
+                self._list_ahead = None
+        return reply
 
     def _count_lookup(self, directory: Inode) -> None:
-        """Count a name looked up in `directory`; have a tree directory listed ahead
-        when the count reaches its threshold (see LIST_AFTER_LOOKUPS), once while it
-        is counted. Never blocks."""
-        tree = self.vfs.node(directory).tree
-        if tree is None:  # the root or a snapshot: their names come from the catalog
-            return
-        seen = self._lookups_in.pop(directory, 0) + 1
-        self._lookups_in[directory] = seen
-        if len(self._lookups_in) > LOOKUPS_COUNTED:
-            self._lookups_in.popitem(last=False)
-        names = len(self.vfs.trees.get(tree))
-        if names < LIST_AHEAD_MIN or seen != max(LIST_AFTER_LOOKUPS, names // LIST_SHARE):
+        """Count a name looked up in `directory` (its tree cached); have a tree
+        directory listed ahead when the count reaches its threshold (see
+        LIST_AFTER_LOOKUPS). Never blocks."""
+        if self.vfs.node(directory).tree is None:
+            return  # the root or a snapshot: their names come from the catalog
+        listed = self.vfs.listed(directory)
+        listed.looked_up += 1
+        self.vfs.release_if_unused(listed)  # only hard-linked files were looked up
+        names = len(listed.entries)
+        if not (LIST_AHEAD_MIN <= names <= LIST_AHEAD_MAX and
+                listed.looked_up == max(LIST_AFTER_LOOKUPS, names // LIST_SHARE)):
             return
         path = self.vfs.path(directory)
-        if path is None or self._list_ahead is None:
-            return
+        assert self._list_ahead is not None
         try:
-            queued = self._list_ahead(path)
+            queued = path is not None and self._list_ahead(path)
         except OSError as exc:
             log.warning("view: no warmer process (%s); directories are not listed "
                         "ahead from now on", exc.strerror)
@@ -375,8 +381,8 @@ class ViewOps(pyfuse3.Operations):
             return
         if queued:
             self.counters.listed_ahead += 1
-        else:  # its queue is full: again at the next name
-            self._lookups_in[directory] = seen - 1
+        else:  # its queue is full (or a directory on the way is gone): at the next name
+            listed.looked_up -= 1
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:

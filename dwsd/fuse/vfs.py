@@ -196,6 +196,7 @@ class Listed:
     links: bool  # some entry is a hard-linked file
     counts: array[int]
     live: int = 0
+    looked_up: int = 0  # names the kernel looked up one by one (ops lists ahead)
 
 
 # -- root names ---------------------------------------------------------------------------

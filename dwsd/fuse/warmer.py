@@ -65,10 +65,12 @@ class Warmer:
 
     def list_dir(self, path: bytes) -> bool:
         """Queue directory `path` (absolute, in the view) to be listed; as `warm`. A
-        path too long to open by name (PATH_MAX, which is PIPE_BUF here) is dropped."""
-        if len(path) >= select.PIPE_BUF:
+        path too long to open by name (PATH_MAX, which is PIPE_BUF here) is dropped:
+        it could not be written to the pipe in one piece either."""
+        message = path.rstrip(b"/") + b"/"
+        if len(message) + 1 > select.PIPE_BUF:
             return True
-        return self.warm([os.fsdecode(path.rstrip(b"/") + b"/")])
+        return self.warm([os.fsdecode(message)])
 
     def _start(self) -> None:
         # close_fds: the helper must hold nothing of the server's (the FUSE device
@@ -108,10 +110,12 @@ def main() -> None:
     pending = b""
     while chunk := os.read(0, 65536):
         *paths, pending = (pending + chunk).split(b"\0")
+        # Listings first: the reader they are for waits on lookups meanwhile.
         for path in paths:
             if path.endswith(b"/"):
                 listings.put(path)
-            else:
+        for path in paths:
+            if not path.endswith(b"/"):
                 _read(path, buf)
 
 
@@ -119,7 +123,9 @@ def _list_all(listings: "queue.SimpleQueue[bytes]") -> None:
     while True:
         path = listings.get()
         try:
-            os.listdir(path)
+            with os.scandir(path) as entries:
+                for _ in entries:
+                    pass
         except OSError:
             pass
 
