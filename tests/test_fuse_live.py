@@ -15,7 +15,7 @@ from typing import Iterator
 import pytest
 
 from dwsd.fuse.mount import READ_AHEAD_KB, mount_device
-from dwsd.fuse.ops import LIST_AFTER_LOOKUPS, LIST_SHARE
+from dwsd.fuse.ops import listing_threshold
 from dwsd.store.store import Store
 from tests import trees
 from tests.conftest import WriteConfig
@@ -166,7 +166,7 @@ def test_a_reader_of_names_one_by_one_gets_their_directory_listed_ahead(
     with serving(tmp_path / "store", mountpoint) as server:
         top = os.open(mountpoint / "v1" / "data" / "many", os.O_RDONLY | os.O_DIRECTORY)
         try:
-            first = max(LIST_AFTER_LOOKUPS, len(names) // LIST_SHARE)
+            first = listing_threshold(len(names))
             for name in names[:first]:  # opened by name, as from a file list: no readdir
                 fd = os.open(name, os.O_RDONLY, dir_fd=top)
                 assert os.read(fd, 16) == name.encode()

@@ -832,7 +832,7 @@ async def lookups_until_listed(ops: ViewOps, recorder: ListRecorder, size: int
     return listed
 
 
-@pytest.mark.parametrize(("size", "after"), [(4, None), (8, 2), (64, 4), (200, 12)])
+@pytest.mark.parametrize(("size", "after"), [(15, None), (16, 4), (40, 5), (200, 12)])
 async def test_a_directory_whose_names_are_looked_up_one_by_one_is_listed_ahead_once(
         tmp_path: Path, listing: Listing, size: int, after: int | None) -> None:
     ops, recorder = directories_of(tmp_path, listing, size)
@@ -846,12 +846,12 @@ async def test_a_directory_whose_names_are_looked_up_one_by_one_is_listed_ahead_
 
 async def test_the_root_and_snapshot_directories_are_never_listed_ahead(
         tmp_path: Path, listing: Listing) -> None:
-    ops, recorder = directories_of(tmp_path, listing, 8)
-    for i in range(8):
+    ops, recorder = directories_of(tmp_path, listing, 16)
+    for i in range(16):
         tag_snapshot(tmp_path / "store", "v1", f"t{i}")
     with trio.fail_after(TIMEOUT):
         await ops.reload_catalog()
-        for name in ops.vfs.listdir(ROOT):  # 11 names: 9 tags, the id and latest
+        for name in ops.vfs.listdir(ROOT):  # 19 names: 17 tags, the id and latest
             snapshot = (await ops.lookup(ROOT, name)).st_ino
             if name != LATEST:
                 await ops.lookup(snapshot, b"data")
@@ -866,35 +866,53 @@ async def test_a_directory_larger_than_list_ahead_max_is_left_to_lookups(
         assert await lookups_until_listed(ops, recorder, 200) is None
 
 
-async def test_the_count_starts_over_once_the_kernel_forgot_the_directorys_names(
+async def test_the_count_starts_over_once_the_kernel_forgot_the_directory(
         tmp_path: Path, listing: Listing) -> None:
-    ops, recorder = directories_of(tmp_path, listing, 8)
+    ops, recorder = directories_of(tmp_path, listing, 16)  # listed at the 4th name
     with trio.fail_after(TIMEOUT):
-        first = await resolve(ops, b"v1", b"data", b"d8", b"f000")
-        await ops.forget([(first, 1)])
-        await resolve(ops, b"v1", b"data", b"d8", b"f001")
-        assert recorder.paths == []  # one name since the kernel forgot the other
-        await resolve(ops, b"v1", b"data", b"d8", b"f002")
-    assert recorder.paths == [b"v1/data/d8"]
+        names = [await resolve(ops, b"v1", b"data", b"d16", f"f{i:03}".encode())
+                 for i in range(3)]
+        directory = ops.vfs.node(names[0]).parent
+        await ops.forget([(inode, 1) for inode in names] + [(directory, 3)])
+        for i in range(3, 6):
+            await resolve(ops, b"v1", b"data", b"d16", f"f{i:03}".encode())
+        assert recorder.paths == []  # three names since the kernel forgot the others
+        await resolve(ops, b"v1", b"data", b"d16", b"f006")
+    assert recorder.paths == [b"v1/data/d16"]
+
+
+async def test_a_directory_of_hard_links_is_listed_ahead_too(
+        tmp_path: Path, listing: Listing) -> None:
+    source = tmp_path / "src"
+    (source / "d16").mkdir(parents=True)
+    for i in range(16):  # each name of d16 a second name of a file in orig
+        trees.write(source / "orig" / f"f{i:03}", f"{i}".encode())
+        os.link(source / "orig" / f"f{i:03}", source / "d16" / f"f{i:03}")
+    take_snapshot(tmp_path / "store", {"data": source}, tags=["v1"])
+    recorder = ListRecorder()
+    ops = make_ops(tmp_path / "store", listing, list_ahead=recorder)
+    with trio.fail_after(TIMEOUT):
+        assert await lookups_until_listed(ops, recorder, 16) == 4
+    assert recorder.paths == [b"v1/data/d16"]
 
 
 async def test_a_listing_refused_by_a_full_queue_is_asked_for_at_the_next_name(
         tmp_path: Path, listing: Listing) -> None:
-    ops, recorder = directories_of(tmp_path, listing, 8)
+    ops, recorder = directories_of(tmp_path, listing, 16)
     recorder.refuse = 1
     with trio.fail_after(TIMEOUT):
-        assert await lookups_until_listed(ops, recorder, 8) == 3
-    assert recorder.paths == [b"v1/data/d8"] and ops.counters.listed_ahead == 1
+        assert await lookups_until_listed(ops, recorder, 16) == 5
+    assert recorder.paths == [b"v1/data/d16"] and ops.counters.listed_ahead == 1
 
 
 async def test_when_the_warmer_is_gone_nothing_is_listed_ahead(
         tmp_path: Path, listing: Listing, caplog: pytest.LogCaptureFixture) -> None:
-    ops, recorder = directories_of(tmp_path, listing, 8, 9)
+    ops, recorder = directories_of(tmp_path, listing, 16, 17)
     recorder.gone = True
     with trio.fail_after(TIMEOUT):
-        assert await lookups_until_listed(ops, recorder, 8) is None
+        assert await lookups_until_listed(ops, recorder, 16) is None
         recorder.gone = False
-        assert await lookups_until_listed(ops, recorder, 9) is None
+        assert await lookups_until_listed(ops, recorder, 17) is None
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         "view: no warmer process (Broken pipe); directories are not listed ahead from "
         "now on"]

@@ -94,23 +94,33 @@ READY_BYTES = 16 << 20      # ...and at most this many bytes of them
 WARMED_KEPT = 4096          # blobs remembered as handed to the warmer (not sent again)
 # A reader that opens or stats the names of a directory it has not listed (paths from a
 # manifest or a file list, a shuffled data loader) costs a LOOKUP round trip a name.
-# Once LIST_AFTER_LOOKUPS names, or 1/LIST_SHARE of the names, whichever is more, were
-# looked up in a tree directory of LIST_AHEAD_MIN to LIST_AHEAD_MAX names, the warmer
-# process lists it through the mount: the kernel then has every name's entry from a few
-# READDIRPLUS replies (each up to a page of entries, about 25 short names, or more on
-# kernels that fill the reader's larger buffer; plus an opendir, a last empty reply and
-# a releasedir), and the reader's next names need no request. So a listing costs at
-# most a few requests more than the lookups before it, and one `cat` of a file lists
-# nothing. The count lives as long as the kernel holds a name of the directory
-# (`Listed.looked_up`). The bench set's 20,000 small files (1,000 directories of about
-# 20), read cold in path order: 6.1-6.8 s without, 5.1-5.6 s with (`bench/ab_read.sh`,
-# 3 alternating rounds).
-LIST_AFTER_LOOKUPS = 2
+# Once a tree directory of LIST_AHEAD_MIN to LIST_AHEAD_MAX names had as many names
+# looked up as a listing of it costs requests, and at least 1/LIST_SHARE of them
+# (`listing_threshold`), the warmer process lists it through the mount: the kernel then
+# has every name's entry from a few READDIRPLUS replies, and the reader's next names
+# need no request. A listing costs an opendir, a reply for each page of entries (about
+# NAMES_PER_REPLY short names; more on kernels that fill the reader's larger buffer), a
+# last empty reply and a releasedir. So a listing never costs more than the lookups
+# before it, and a reader that takes a few names of each directory (a sample) lists
+# nothing. The count lives as long as the kernel holds the directory
+# (`Node.looked_up`). The bench set's 20,000 small files (1,000 directories of about
+# 20, listed at the 4th name), read cold in path order: 5.19-5.42 s without, 4.54-5.19 s
+# with (`bench/ab_read.sh c524c12 3 small`). Listing after the 2nd name gained more
+# there (6.1-6.8 s against 5.1-5.6 s in whole-set reads), but made a reader of 2 random
+# names in each of 2,000 directories of 40 slower (4.1-4.4 s against 3.1-3.7 s) and
+# had the kernel hold 5 times the inodes.
+NAMES_PER_REPLY = 25
 LIST_SHARE = 16
-LIST_AHEAD_MIN = 8
+LIST_AHEAD_MIN = 16
 # Larger directories are left to lookups: a listing would have the kernel hold an inode
 # for each of their names (about 1 KB each) for a reader that may want a few.
 LIST_AHEAD_MAX = 1 << 16
+
+
+def listing_threshold(names: int) -> int:
+    """Names looked up one by one in a directory of `names` names after which it is
+    listed ahead (see NAMES_PER_REPLY)."""
+    return max(3 + -(-names // NAMES_PER_REPLY), names // LIST_SHARE)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -359,16 +369,15 @@ class ViewOps(pyfuse3.Operations):
 
     def _count_lookup(self, directory: Inode) -> None:
         """Count a name looked up in `directory` (its tree cached); have a tree
-        directory listed ahead when the count reaches its threshold (see
-        LIST_AFTER_LOOKUPS). Never blocks."""
-        if self.vfs.node(directory).tree is None:
+        directory listed ahead when the count reaches `listing_threshold`. Never
+        blocks."""
+        node = self.vfs.node(directory)
+        if node.tree is None:
             return  # the root or a snapshot: their names come from the catalog
-        listed = self.vfs.listed(directory)
-        listed.looked_up += 1
-        self.vfs.release_if_unused(listed)  # only hard-linked files were looked up
-        names = len(listed.entries)
+        node.looked_up += 1
+        names = len(self.vfs.trees.get(node.tree))
         if not (LIST_AHEAD_MIN <= names <= LIST_AHEAD_MAX and
-                listed.looked_up == max(LIST_AFTER_LOOKUPS, names // LIST_SHARE)):
+                node.looked_up == listing_threshold(names)):
             return
         path = self.vfs.path(directory)
         assert self._list_ahead is not None
@@ -382,7 +391,7 @@ class ViewOps(pyfuse3.Operations):
         if queued:
             self.counters.listed_ahead += 1
         else:  # its queue is full (or a directory on the way is gone): at the next name
-            listed.looked_up -= 1
+            node.looked_up -= 1
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:

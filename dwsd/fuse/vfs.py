@@ -178,6 +178,8 @@ class Node:
     # The file's whole content was given to the kernel's page cache (ops: pushed at an
     # open). Its pages go at the latest with the kernel's inode, and so does this node.
     content_pushed: bool = False
+    # Names of this directory the kernel looked up one by one (ops lists it ahead).
+    looked_up: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -196,7 +198,6 @@ class Listed:
     links: bool  # some entry is a hard-linked file
     counts: array[int]
     live: int = 0
-    looked_up: int = 0  # names the kernel looked up one by one (ops lists ahead)
 
 
 # -- root names ---------------------------------------------------------------------------
