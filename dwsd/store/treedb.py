@@ -138,19 +138,13 @@ class TreeDB:
         one lookup a tree took a transaction each); a tree that does not decompress
         maps to its CorruptObjectError. Absent trees are absent from the result."""
         found: dict[ObjectId, bytes | Exception] = {}
-        rows: list[tuple[bytes, bytes]] = []
         with self._lock:
             for oid in oids:
                 if (plain := self._buffer.get(oid)) is not None:
                     found[oid] = plain
             wanted = {raw_id(oid): oid for oid in oids if oid not in found}
-            raws = list(wanted)
             try:
-                for i in range(0, len(raws), _LOOKUP_BATCH):
-                    batch = raws[i:i + _LOOKUP_BATCH]
-                    marks = ",".join("?" * len(batch))
-                    rows += self._con.execute(
-                        f"SELECT id, data FROM trees WHERE id IN ({marks})", batch).fetchall()
+                rows = self._select_in("id, data", list(wanted))
             except sqlite3.Error as exc:
                 raise self._error(exc, "reading trees") from exc
         for raw, stored in rows:  # outside the lock, as `get` does: a lookup need not wait
@@ -243,13 +237,18 @@ class TreeDB:
         return [(raw[r], len(data)) for r, data in rows]
 
     def _existing(self, raws: list[bytes]) -> set[bytes]:
-        found: set[bytes] = set()
+        return {bytes(row[0]) for row in self._select_in("id", raws)}
+
+    def _select_in(self, columns: str, raws: list[bytes]) -> list[tuple[Any, ...]]:
+        """`columns` of the stored trees among the raw ids `raws`, one query per
+        _LOOKUP_BATCH of them; the lock is held."""
+        rows: list[tuple[Any, ...]] = []
         for i in range(0, len(raws), _LOOKUP_BATCH):
             batch = raws[i:i + _LOOKUP_BATCH]
             marks = ",".join("?" * len(batch))
-            found.update(bytes(r[0]) for r in self._con.execute(
-                f"SELECT id FROM trees WHERE id IN ({marks})", batch))
-        return found
+            rows += self._con.execute(
+                f"SELECT {columns} FROM trees WHERE id IN ({marks})", batch).fetchall()
+        return rows
 
     def insert_stored(self, oid: ObjectId, stored: bytes) -> None:
         """Insert a tree as stored (compressed) into the open transaction: for moving
