@@ -1,6 +1,7 @@
 """The store on real disks: format, writer lock, full disks, check."""
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -394,3 +395,54 @@ def test_read_ahead_reads_the_whole_tree_database_at_most_once_a_while(
         assert disk_reads_during(reader.read_ahead) == 0  # too large to be asked for
     finally:
         reader.close()
+
+
+class _Range(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
+
+
+_SYS_CACHESTAT = 451  # the same number on every architecture (Linux 6.5)
+
+
+def dirty_pages(path: Path) -> int:
+    """How many of `path`'s pages in the page cache are dirty: written to, and no write
+    to the disk started (cachestat(2)); skips the test on kernels without it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out = _CacheStat()
+        if libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(_Range(0, 0)), ctypes.byref(out),
+                        0) != 0:
+            pytest.skip(f"no cachestat(2): {os.strerror(ctypes.get_errno())}")
+        return int(out.dirty)
+    finally:
+        os.close(fd)
+
+
+def test_a_new_blobs_writeback_is_started_when_it_is_written(tmp_path: Path) -> None:
+    """The batch flush before a catalog entry then finds the data on its way to disk."""
+    plain = tmp_path / "plain"
+    plain.write_bytes(os.urandom(1 << 20))
+    if dirty_pages(plain) == 0:
+        pytest.skip("this filesystem keeps no dirty pages (tmpfs?)")
+    source = tmp_path / "source"
+    source.write_bytes(os.urandom(1 << 20))
+    with Store.open(tmp_path / "s", create=True) as store:
+        objects = store.objects
+        small, new = objects.store_bytes("blobs", os.urandom(1 << 20))
+        assert new
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            streamed, length, new = objects.put_stream("blobs", fd, bytearray(1 << 16))
+        finally:
+            os.close(fd)
+        assert new and length == 1 << 20
+        assert dirty_pages(objects.blob_file(small)) == 0
+        assert dirty_pages(objects.blob_file(streamed)) == 0
+        assert dirty_pages(source) > 0  # what a file written and closed looks like
+        assert objects.get("blobs", streamed) == source.read_bytes()

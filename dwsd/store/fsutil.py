@@ -1,7 +1,8 @@
 """Small durable-filesystem primitives: atomic replace, directory fsync, syncfs.
 
-Durability is batched: object writes are plain write+rename, and `syncfs` makes every one of
-them durable in one system call before a catalog entry that references them is renamed in.
+Durability is batched: object writes are plain write+rename (each blob's writeback started
+as it is closed), and `syncfs` makes every one of them durable in one system call before a
+catalog entry that references them is renamed in.
 """
 from __future__ import annotations
 
@@ -32,6 +33,25 @@ def syncfs(fd: int) -> None:
     if _libc.syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def start_writeback(fd: int) -> None:
+    """Have the kernel start writing the file `fd`'s dirty pages to disk now, without
+    waiting for it; a hint, never an error. It gives no durability: a `syncfs` or an
+    fsync still has to follow, but then finds the data written or on its way, so the
+    batch flush at the end of a snapshot waits for the journal rather than for all of
+    the batch's writes (a warm snapshot of the bench set's 1% change, 202 new blobs:
+    the flush took 1 ms instead of 17-24, the snapshot 0.155-0.165 s instead of
+    0.18-0.20).
+
+    POSIX_FADV_DONTNEED does it on Linux: it starts writeback of the dirty pages, then
+    drops the pages already clean; a blob just written has none clean, so its pages
+    stay cached. sync_file_range(SYNC_FILE_RANGE_WRITE) was tried too and saved a
+    third as much (its flush still took 10-18 ms)."""
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

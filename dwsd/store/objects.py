@@ -32,7 +32,8 @@ from typing import Iterable, Iterator, Literal, Sequence
 
 from dwsd.crashpoints import crash_point
 from dwsd.errors import CorruptObjectError, ObjectMissingError, StoreError
-from dwsd.store.fsutil import clean_temps, fsync_dir, open_cached, syncfs, temp_name
+from dwsd.store.fsutil import (clean_temps, fsync_dir, open_cached, start_writeback, syncfs,
+                               temp_name)
 from dwsd.store.ids import Hasher, ObjectId, hash_bytes, validate_object_id
 from dwsd.store.treedb import FILENAME as TREE_DB, TreeDB
 
@@ -168,12 +169,13 @@ class ObjectStore:
         except BaseException:
             _discard(out, tmp)
             raise
-        os.close(out)
         oid = hasher.object_id()
         target = self.blob_file(oid)
         if os.path.exists(target):
-            os.unlink(tmp)
+            _discard(out, tmp)  # its pages go unwritten
             return oid, length, False
+        start_writeback(out)
+        os.close(out)
         return oid, length, self._publish(oid, tmp, length, target)
 
     def _log_trees(self, written: list[tuple[ObjectId, int]]) -> None:
@@ -201,6 +203,7 @@ class ObjectStore:
         except BaseException:
             _discard(out, tmp)
             raise
+        start_writeback(out)
         os.close(out)
 
     def _publish(self, oid: ObjectId, tmp: str | Path, length: int, target: str) -> bool:
