@@ -301,6 +301,30 @@ def test_a_dirty_capture_on_threads_stores_and_counts_what_one_thread_would(
     assert results["here"][0] == len(changed)
 
 
+def test_the_files_a_full_walk_leaves_to_read_are_read_on_threads_when_enough(
+        tmp_path: Path, data_dir: Path) -> None:
+    """Once the walk is over, its last batch of opened files is read on threads (its
+    thread only waits for them then); a few are read as before, on the walking thread.
+    Either way the same content is stored."""
+    paths = trees.make_many_files(data_dir, 200, per_dir=20)
+    for changed in (capture.READ_AFTER_WALK_MIN, capture.READ_AFTER_WALK_MIN - 1):
+        with Store.open(tmp_path / f"s{changed}", create=True) as s:
+            first = capture_resource(s.objects, data_dir, CaptureState(), NO_EXCLUDES)
+            for p in paths[:changed]:
+                p.write_bytes(f"{p.name} now {changed}".encode())
+            threads: list[int] = []
+            result = capture_resource(s.objects, data_dir, first.state, NO_EXCLUDES,
+                                      on_file=lambda size: threads.append(_read_threads()))
+            assert (max(threads) > 0) == (changed >= capture.READ_AFTER_WALK_MIN)
+            assert _read_threads() == 0  # none outlives its capture
+            assert result.counters.files_opened == result.changed_files == changed
+            assert result.root == capture_resource(s.objects, data_dir, CaptureState(),
+                                                   NO_EXCLUDES).root
+            for p in paths[:changed]:
+                blob = result.state.files[os.fsencode(p.relative_to(data_dir))].blob
+                assert s.objects.get("blobs", blob) == p.read_bytes()
+
+
 def test_a_cold_dirty_capture_reads_the_tree_database_ahead(
         store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """While it warms its paths, a dirty-path capture that finds them not cached has the

@@ -10,7 +10,9 @@ All take open files (`submit(fd, size)`: the fd is theirs from then on) and give
 - `ThreadReaders` read on a few threads of this process. A dirty-path capture whose
   paths turn out not to be cached starts with them: its reads are then mostly waits for
   the disk (the files, the store's fan-out directories), and threads overlap the waits.
-  Cached, they cost more than they save, and it reads inline.
+  Cached, they cost more than they save, and it reads inline. A full walk's last files
+  (opened, not yet read when the walk ends) go to two of them: the walking thread only
+  waits from then on, so they take no interpreter lock from it.
 - `ReaderProcesses` read in child processes (reader_process.py), a batch of files per
   message. Why processes and not threads: on a 2-core machine, eight reader threads and
   the walker handed the GIL to each other at every system call. The bench set's first
