@@ -304,9 +304,10 @@ def test_a_dirty_capture_on_threads_stores_and_counts_what_one_thread_would(
 def test_the_files_a_full_walk_leaves_to_read_are_read_on_threads_when_enough(
         tmp_path: Path, data_dir: Path) -> None:
     """Once the walk is over, its last batch of opened files is read on threads (its
-    thread only waits for them then); a few are read as before, on the walking thread.
-    Either way the same content is stored."""
+    thread then only settles their outcomes and writes trees); a few are read as before,
+    on the walking thread. Either way the same content is stored."""
     paths = trees.make_many_files(data_dir, 200, per_dir=20)
+    trees.settle()
     for changed in (capture.READ_AFTER_WALK_MIN, capture.READ_AFTER_WALK_MIN - 1):
         with Store.open(tmp_path / f"s{changed}", create=True) as s:
             first = capture_resource(s.objects, data_dir, CaptureState(), NO_EXCLUDES)
@@ -315,7 +316,11 @@ def test_the_files_a_full_walk_leaves_to_read_are_read_on_threads_when_enough(
             threads: list[int] = []
             result = capture_resource(s.objects, data_dir, first.state, NO_EXCLUDES,
                                       on_file=lambda size: threads.append(_read_threads()))
-            assert (max(threads) > 0) == (changed >= capture.READ_AFTER_WALK_MIN)
+            # Unchanged files are reported during the walk, read ones after it.
+            during, after = threads[:len(paths) - changed], threads[len(paths) - changed:]
+            assert during == [0] * len(during)
+            threaded = changed >= capture.READ_AFTER_WALK_MIN
+            assert after == ([capture.READ_AFTER_WALK_THREADS] if threaded else [0]) * changed
             assert _read_threads() == 0  # none outlives its capture
             assert result.counters.files_opened == result.changed_files == changed
             assert result.root == capture_resource(s.objects, data_dir, CaptureState(),
@@ -323,6 +328,37 @@ def test_the_files_a_full_walk_leaves_to_read_are_read_on_threads_when_enough(
             for p in paths[:changed]:
                 blob = result.state.files[os.fsencode(p.relative_to(data_dir))].blob
                 assert s.objects.get("blobs", blob) == p.read_bytes()
+
+
+def test_a_full_walk_failing_on_its_read_threads_leaves_no_file_open(
+        store: Store, data_dir: Path) -> None:
+    from dwsd.errors import StoreError
+    paths = trees.make_many_files(data_dir, 100)
+    trees.settle()
+    first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    for p in paths:
+        p.write_bytes(b"changed")
+
+    class FullStore(trees.HookedStore):
+        stored = 0
+
+        def store_bytes(self, kind: Any, data: bytes) -> Any:
+            self.stored += 1
+            if self.stored > 5:
+                raise StoreError("the store is full")
+            return super().store_bytes(kind, data)
+    before = set(os.listdir("/proc/self/fd"))
+    full = FullStore(store.objects.root)
+    threads: list[int] = []
+    with pytest.raises(StoreError, match="the store is full"):
+        capture_resource(full, data_dir, first.state, NO_EXCLUDES,
+                         on_file=lambda size: threads.append(_read_threads()))
+    full.close()
+    assert threads and min(threads) > 0  # the reads that got through ran on the threads
+    # None opened since is left (an earlier test's file the collector closes meanwhile
+    # may be gone too).
+    assert set(os.listdir("/proc/self/fd")) <= before
+    assert _read_threads() == 0
 
 
 def test_a_cold_dirty_capture_reads_the_tree_database_ahead(

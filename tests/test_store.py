@@ -406,12 +406,16 @@ class _CacheStat(ctypes.Structure):
                 ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
 
 
-_SYS_CACHESTAT = 451  # the same number on every architecture (Linux 6.5)
+# cachestat's number where the syscall table is the unified one (Linux 6.5).
+_SYS_CACHESTAT = 451 if os.uname().machine in (
+    "x86_64", "aarch64", "i686", "armv7l", "riscv64", "ppc64le", "s390x") else None
 
 
 def dirty_pages(path: Path) -> int:
     """How many of `path`'s pages in the page cache are dirty: written to, and no write
     to the disk started (cachestat(2)); skips the test on kernels without it."""
+    if _SYS_CACHESTAT is None:
+        pytest.skip(f"no cachestat(2) number known for {os.uname().machine}")
     libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -426,10 +430,6 @@ def dirty_pages(path: Path) -> int:
 
 def test_a_new_blobs_writeback_is_started_when_it_is_written(tmp_path: Path) -> None:
     """The batch flush before a catalog entry then finds the data on its way to disk."""
-    plain = tmp_path / "plain"
-    plain.write_bytes(os.urandom(1 << 20))
-    if dirty_pages(plain) == 0:
-        pytest.skip("this filesystem keeps no dirty pages (tmpfs?)")
     source = tmp_path / "source"
     source.write_bytes(os.urandom(1 << 20))
     with Store.open(tmp_path / "s", create=True) as store:
@@ -442,7 +442,10 @@ def test_a_new_blobs_writeback_is_started_when_it_is_written(tmp_path: Path) -> 
         finally:
             os.close(fd)
         assert new and length == 1 << 20
+        # What a file written and closed looks like here: still dirty, unless this
+        # filesystem keeps no dirty pages (tmpfs) or something flushed it meanwhile.
+        if dirty_pages(source) == 0:
+            pytest.skip("the file written alongside has no dirty pages: nothing to compare")
         assert dirty_pages(objects.blob_file(small)) == 0
         assert dirty_pages(objects.blob_file(streamed)) == 0
-        assert dirty_pages(source) > 0  # what a file written and closed looks like
         assert objects.get("blobs", streamed) == source.read_bytes()

@@ -20,8 +20,9 @@ followed, as the config names it.
 Files are opened `O_NOFOLLOW|O_NONBLOCK` on the walking thread, with a WILLNEED hint so
 the kernel fetches them while the walk goes on, and read on that thread (or, in a
 dirty-path capture whose paths are not cached, on threads, after its paths are lstat'ed
-on threads) until the walk has found PROCESSES_AFTER files to read, then in reader
-processes (readers.py). A
+on threads; and the last batch of a full walk, on threads once the walk is over) until
+the walk has found PROCESSES_AFTER files to read, then in reader processes
+(readers.py). A
 file's fstat before and after the read must agree; if not, it is read again (up to
 READ_ATTEMPTS times) and flagged as `unstable` (see fileread.py). If it never holds
 still, its previous version is kept (or it is left out when there is none): a torn mix of
@@ -92,9 +93,10 @@ WARM_CHUNK = 64
 WARM_THREAD_PREFIX = "capture-warm"
 DIRTY_READ_THREADS = 8
 # A full walk ends with the files of its last batch (fewer than SUBMIT_BATCH) opened and
-# not read; from then on this thread only waits for their reads, so when there are at
-# least READ_AFTER_WALK_MIN of them, READ_AFTER_WALK_THREADS threads read them (while
-# the walk lstats, threads would take the interpreter lock from it at every system call).
+# not read; from then on this thread only settles their outcomes and writes the trees,
+# so when there are at least READ_AFTER_WALK_MIN of them, READ_AFTER_WALK_THREADS
+# threads read them (while the walk lstats, threads would take the interpreter lock
+# from it at every system call).
 # The bench set's 1% change, warm: the reads and trees took 37-45 ms instead of 58-66
 # (alternating runs; 3 threads were no faster and noisier).
 READ_AFTER_WALK_MIN = 16
@@ -310,8 +312,11 @@ class _Walker:
         """After a full walk: read the files it left queued on READ_AFTER_WALK_THREADS
         threads, when there are enough of them and they were to be read on this thread
         (reader processes, once started, keep them)."""
-        if (type(self.readers) is InlineReaders
-                and len(self._queued) >= READ_AFTER_WALK_MIN):
+        queued = len(self._queued)
+        if (type(self.readers) is InlineReaders and queued >= READ_AFTER_WALK_MIN
+                # ...and not so many that reader processes take them over.
+                and queued <= self._to_read
+                and sum(job.entry.size for job in self._queued) <= self._bytes_to_read):
             self._retired.append(self.readers)
             self.readers = ThreadReaders(self.objects, READ_AFTER_WALK_THREADS)
 
@@ -428,7 +433,7 @@ class _Walker:
             self.readers = processes
             self._submit_batch = 1
         except OSError as exc:
-            log.warning("cannot start reader processes (%s); reading on one thread", exc)
+            log.warning("cannot start reader processes (%s); reading in this process", exc)
             self._to_read = self._bytes_to_read = sys.maxsize
 
     def _link_id(self, st: os.stat_result) -> int:

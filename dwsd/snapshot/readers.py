@@ -100,7 +100,8 @@ class InlineReaders:
 
 class ThreadReaders:
     """Reads on up to `threads` threads of this process, each file when a thread is
-    free. Meant for the first files of a capture, few and small: their reads are mostly
+    free. Meant for the first files of a capture, few and small (and a full walk's last
+    ones, once the walk no longer needs the interpreter lock): their reads are mostly
     waits (for a file not in the page cache, for a lookup in the store's fan-out
     directories), and threads overlap the waits. Many reads are for processes: threads
     hand the GIL to each other at every system call."""

@@ -45,9 +45,13 @@ def start_writeback(fd: int) -> None:
     0.18-0.20).
 
     POSIX_FADV_DONTNEED does it on Linux: it starts writeback of the dirty pages, then
-    drops the pages already clean; a blob just written has none clean, so its pages
-    stay cached. sync_file_range(SYNC_FILE_RANGE_WRITE) was tried too and saved a
-    third as much (its flush still took 10-18 ms)."""
+    drops the pages already clean. On a filesystem with a page cache of its own
+    (ext4, xfs, btrfs) a blob just written has none clean, so its pages stay cached;
+    where writes go through at once (NFS mounted sync, a FUSE store without writeback
+    cache) they are all dropped, which only costs a later read of the blob. Sending
+    the writes may wait for the device's queue when the disk is busy: that wait is
+    then spent here instead of in the flush. sync_file_range(SYNC_FILE_RANGE_WRITE)
+    was tried too and saved a third as much (its flush still took 10-18 ms)."""
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     except OSError:

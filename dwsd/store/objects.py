@@ -166,12 +166,13 @@ class ObjectStore:
                 end_sparse(out, length)
             except OSError as exc:
                 raise self._translate(exc, "writing a blob") from exc
+            oid = hasher.object_id()
+            target = self.blob_file(oid)
+            exists = os.path.exists(target)
         except BaseException:
             _discard(out, tmp)
             raise
-        oid = hasher.object_id()
-        target = self.blob_file(oid)
-        if os.path.exists(target):
+        if exists:
             _discard(out, tmp)  # its pages go unwritten
             return oid, length, False
         start_writeback(out)
