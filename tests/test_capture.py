@@ -330,35 +330,45 @@ def test_the_files_a_full_walk_leaves_to_read_are_read_on_threads_when_enough(
                 assert s.objects.get("blobs", blob) == p.read_bytes()
 
 
+class _FullAfterFive(trees.HookedStore):
+    """A store that fails as a full disk does from its sixth blob on."""
+    stored = 0
+
+    def store_bytes(self, kind: Any, data: bytes) -> Any:
+        from dwsd.errors import StoreError
+        self.stored += 1
+        if self.stored > 5:
+            raise StoreError("the store is full")
+        return super().store_bytes(kind, data)
+
+
+def _fills_up_leaving_no_file_open(store: Store, capture_into: Any) -> None:
+    """`capture_into(objects)` captures into `store` as a store that fills up: the
+    store's error comes out, and no file it opened, no read thread, is left."""
+    from dwsd.errors import StoreError
+    before = set(os.listdir("/proc/self/fd"))
+    full = _FullAfterFive(store.objects.root)
+    with pytest.raises(StoreError, match="the store is full"):
+        capture_into(full)
+    full.close()
+    # None opened since is left (an earlier test's file the collector closes meanwhile
+    # may be gone too).
+    assert set(os.listdir("/proc/self/fd")) <= before
+    assert _read_threads() == 0
+
+
 def test_a_full_walk_failing_on_its_read_threads_leaves_no_file_open(
         store: Store, data_dir: Path) -> None:
-    from dwsd.errors import StoreError
     paths = trees.make_many_files(data_dir, 100)
     trees.settle()
     first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
     for p in paths:
         p.write_bytes(b"changed")
-
-    class FullStore(trees.HookedStore):
-        stored = 0
-
-        def store_bytes(self, kind: Any, data: bytes) -> Any:
-            self.stored += 1
-            if self.stored > 5:
-                raise StoreError("the store is full")
-            return super().store_bytes(kind, data)
-    before = set(os.listdir("/proc/self/fd"))
-    full = FullStore(store.objects.root)
     threads: list[int] = []
-    with pytest.raises(StoreError, match="the store is full"):
-        capture_resource(full, data_dir, first.state, NO_EXCLUDES,
-                         on_file=lambda size: threads.append(_read_threads()))
-    full.close()
+    _fills_up_leaving_no_file_open(store, lambda objects: capture_resource(
+        objects, data_dir, first.state, NO_EXCLUDES,
+        on_file=lambda size: threads.append(_read_threads())))
     assert threads and min(threads) > 0  # the reads that got through ran on the threads
-    # None opened since is left (an earlier test's file the collector closes meanwhile
-    # may be gone too).
-    assert set(os.listdir("/proc/self/fd")) <= before
-    assert _read_threads() == 0
 
 
 def test_a_cold_dirty_capture_reads_the_tree_database_ahead(
@@ -395,30 +405,15 @@ def test_a_cold_dirty_capture_reads_the_tree_database_ahead(
 
 def test_a_dirty_capture_failing_on_threads_leaves_no_file_open(
         store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dwsd.errors import StoreError
     monkeypatch.setattr(capture, "COLD_LSTAT_S", 0.0)  # the paths count as not cached
     paths = trees.make_many_files(data_dir, 300)
     trees.settle()
     first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
     for p in paths:
         p.write_bytes(b"changed")
-
-    class FullStore(trees.HookedStore):
-        stored = 0
-
-        def store_bytes(self, kind: Any, data: bytes) -> Any:
-            self.stored += 1
-            if self.stored > 5:
-                raise StoreError("the store is full")
-            return super().store_bytes(kind, data)
-    before = sorted(os.listdir("/proc/self/fd"))
-    full = FullStore(store.objects.root)
     dirty = [os.fsencode(p.relative_to(data_dir)) for p in paths]
-    with pytest.raises(StoreError, match="the store is full"):
-        capture_resource(full, data_dir, first.state, NO_EXCLUDES, dirty)
-    full.close()
-    assert sorted(os.listdir("/proc/self/fd")) == before
-    assert _read_threads() == 0
+    _fills_up_leaving_no_file_open(store, lambda objects: capture_resource(
+        objects, data_dir, first.state, NO_EXCLUDES, dirty))
 
 
 def test_dirty_mode_keeps_unmarked_directories_metadata_without_reading_it(
