@@ -11,8 +11,8 @@ All take open files (`submit(fd, size)`: the fd is theirs from then on) and give
   paths turn out not to be cached starts with them: its reads are then mostly waits for
   the disk (the files, the store's fan-out directories), and threads overlap the waits.
   Cached, they cost more than they save, and it reads inline. A full walk's last files
-  (opened, not yet read when the walk ends) go to two of them: the walking thread only
-  waits from then on, so they take no interpreter lock from it.
+  (opened, not yet read when the walk ends) go to two of them: the walking thread makes
+  no more system calls a name from then on, so they take little interpreter lock from it.
 - `ReaderProcesses` read in child processes (reader_process.py), a batch of files per
   message. Why processes and not threads: on a 2-core machine, eight reader threads and
   the walker handed the GIL to each other at every system call. The bench set's first
