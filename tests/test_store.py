@@ -13,7 +13,7 @@ import pytest
 
 from dwsd.errors import CorruptObjectError, StoreError, StoreLockedError
 from dwsd.snapshot import capture
-from dwsd.store.fsutil import TEMP_PREFIX, open_cached
+from dwsd.store.fsutil import TEMP_PREFIX, UNIFIED_SYSCALLS, open_cached
 from dwsd.store.ids import ObjectId, hash_bytes
 from dwsd.store.store import Store
 from dwsd.workspace import Workspace
@@ -406,9 +406,7 @@ class _CacheStat(ctypes.Structure):
                 ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
 
 
-# cachestat's number where the syscall table is the unified one (Linux 6.5).
-_SYS_CACHESTAT = 451 if os.uname().machine in (
-    "x86_64", "aarch64", "i686", "armv7l", "riscv64", "ppc64le", "s390x") else None
+_SYS_CACHESTAT = 451 if UNIFIED_SYSCALLS else None  # Linux 6.5
 
 
 def dirty_pages(path: Path) -> int:

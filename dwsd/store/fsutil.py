@@ -117,10 +117,12 @@ class _OpenHow(ctypes.Structure):
                 ("resolve", ctypes.c_uint64)]
 
 
-# openat2's number where the syscall table is the unified one (alpha and mips offset it;
-# there open_cached just says "not cached").
-_SYS_OPENAT2 = 437 if os.uname().machine in (
-    "x86_64", "aarch64", "i686", "armv7l", "riscv64", "ppc64le", "s390x") else None
+# Whether this machine's syscall numbers are the unified table's (alpha and mips offset
+# them): only then are numbers of calls libc does not wrap known here.
+UNIFIED_SYSCALLS = os.uname().machine in (
+    "x86_64", "aarch64", "i686", "armv7l", "riscv64", "ppc64le", "s390x")
+# openat2's number (elsewhere open_cached just says "not cached").
+_SYS_OPENAT2 = 437 if UNIFIED_SYSCALLS else None
 _RESOLVE_CACHED = 0x20    # Linux 5.12
 _AT_FDCWD = -100
 _NOT_CACHED = (errno.EAGAIN, errno.ENOSYS, errno.EINVAL, errno.E2BIG)
