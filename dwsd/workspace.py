@@ -26,6 +26,7 @@ from dwsd.errors import DwsdError, ResourceMissingError, RestoreError, TagError,
     UsageError
 from dwsd.snapshot.capture import CaptureCounters, CaptureResult, TreeCache, capture_resource
 from dwsd.snapshot.exclude import ExcludeMatcher
+from dwsd.snapshot.readers import KeptProcesses
 from dwsd.snapshot.statcache import CaptureState, SavedState, file_changes, load_state, \
     save_state
 from dwsd.store.catalog import KINDS, Counts, SnapshotRecord, check_tag, hostname, \
@@ -170,6 +171,8 @@ class Workspace:
         self._unsaved: set[str] = set()  # ... and not yet written to disk
         self._saved: dict[str, SavedState | None] = {}  # what is on disk, if known
         self._trees = TreeCache()  # decoded trees, from one capture to the next
+        # Reader processes a capture started, kept for the next (stopped by `close`).
+        self._readers = KeptProcesses()
         # See _keep_left_out. Every resource's key from the start: `left_out` (status,
         # on the trio thread) iterates it while a capture (a worker thread) updates it.
         self._left_out: dict[str, dict[bytes, str]] = {
@@ -205,8 +208,10 @@ class Workspace:
             log.error("%s", self.resume_error)
 
     def close(self) -> None:
-        """Write what is kept in memory, then release the store."""
+        """Stop the reader processes kept, write what is kept in memory, then release
+        the store."""
         try:
+            self._readers.close()
             if not self.store.readonly:
                 self.save_states()
         finally:
@@ -359,7 +364,7 @@ class Workspace:
             paths = None
         result = capture_resource(self.store.objects, resource.path, prev,
                                   ExcludeMatcher(resource.exclude), paths, on_file=on_file,
-                                  trees=self._trees)
+                                  trees=self._trees, kept=self._readers)
         for path, error in result.unreadable:
             log.warning("%s: cannot read %r: %s", resource.name, path, error)
         return result

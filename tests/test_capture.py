@@ -7,6 +7,7 @@ import os
 import signal
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,10 @@ import pytest
 
 from dwsd.memory import RARE_GC_YOUNG
 from dwsd.snapshot import capture
+from dwsd.snapshot import readers as readers_mod
 from dwsd.snapshot.capture import TreeCache, capture_resource
 from dwsd.snapshot.exclude import ExcludeMatcher
-from dwsd.snapshot.readers import READ_THREAD_PREFIX
+from dwsd.snapshot.readers import READ_THREAD_PREFIX, KeptProcesses
 from dwsd.snapshot.statcache import CachedFile, CaptureState
 from dwsd.store.ids import ObjectId
 from dwsd.store.store import Store
@@ -144,18 +146,6 @@ def _reader_threads() -> int:
     return sum(t.name.startswith("capture-reader") for t in threading.enumerate())
 
 
-def _children() -> list[int]:
-    """The pids of this process's children (reader processes, here)."""
-    pids = []
-    for task in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{task}/children") as f:
-                pids += [int(pid) for pid in f.read().split()]
-        except FileNotFoundError:  # a thread that ended meanwhile
-            continue
-    return pids
-
-
 def test_a_capture_reads_its_first_files_itself_and_more_in_reader_processes(
         store: Store, data_dir: Path) -> None:
     paths = [data_dir / f"d{i}" / "f.txt" for i in range(20)]
@@ -174,7 +164,7 @@ def test_a_capture_reads_its_first_files_itself_and_more_in_reader_processes(
                              on_file=note_readers, processes_after=19, processes=2)
     assert readers == [2] * 20
     assert again.root == first.root and again.counters.files_opened == 20
-    assert _reader_threads() == 0 and _children() == []  # none outlives its capture
+    assert _reader_threads() == 0 and trees.child_pids() == []  # none outlives its capture
     readers.clear()
     for p in paths:
         p.write_bytes(b"new")
@@ -222,7 +212,7 @@ def test_reader_processes_leave_a_stop_signal_to_the_capture_that_runs_them(
 
     def stop_readers() -> None:  # as systemd stops a unit, or ^C a group: at any time,
         while not done.is_set():  # the first moments of a process included
-            for pid in set(_children()) - signalled:
+            for pid in set(trees.child_pids()) - signalled:
                 os.kill(pid, signal.SIGTERM)
                 os.kill(pid, signal.SIGINT)
                 signalled.add(pid)
@@ -236,7 +226,7 @@ def test_reader_processes_leave_a_stop_signal_to_the_capture_that_runs_them(
         stopper.join()
     assert len(signalled) == 2
     assert result.counters.files_opened == 1000 and len(result.state.files) == 1000
-    assert _children() == []
+    assert trees.child_pids() == []
 
 
 def test_a_capture_whose_reader_processes_die_fails_and_leaves_nothing_behind(
@@ -247,7 +237,7 @@ def test_a_capture_whose_reader_processes_die_fails_and_leaves_nothing_behind(
 
     def kill_readers(size: int) -> None:
         while not killed:  # at the first file settled
-            for pid in _children():
+            for pid in trees.child_pids():
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
     before = sorted(os.listdir("/proc/self/fd"))
@@ -256,10 +246,103 @@ def test_a_capture_whose_reader_processes_die_fails_and_leaves_nothing_behind(
                          on_file=kill_readers, processes_after=0, processes=2)
     assert len(killed) == 2
     assert sorted(os.listdir("/proc/self/fd")) == before
-    assert _children() == [] and _reader_threads() == 0
+    assert trees.child_pids() == [] and _reader_threads() == 0
     # What they stored and answered for is in the log, to be rolled back.
     published = {oid for kind, oid in store.objects.log.written}
     assert published <= set(store.objects.iter_ids("blobs"))
+
+
+@pytest.fixture
+def read_here(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the files read in this process (on the walking thread or on threads),
+    not in reader processes: one item a file."""
+    counted: list[int] = []
+    real = readers_mod.read_open_file
+
+    def counting(objects: Any, fd: int) -> Any:
+        counted.append(fd)
+        return real(objects, fd)
+    monkeypatch.setattr(readers_mod, "read_open_file", counting)
+    return counted
+
+
+def test_reader_processes_kept_read_the_next_full_walk_from_its_first_file(
+        store: Store, data_dir: Path, read_here: list[int]) -> None:
+    paths = [data_dir / f"d{i}" / "f.txt" for i in range(30)]
+    for p in paths:
+        trees.write(p, b"old")
+    trees.settle()
+    kept = KeptProcesses()
+    try:
+        first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
+                                 processes_after=0, processes=2, kept=kept)
+        pids = kept.pids()
+        assert len(pids) == 2 and sorted(trees.child_pids()) == sorted(pids)
+        for p in paths[:20]:
+            p.write_bytes(b"new")
+        # Few files to read, far below PROCESSES_AFTER: alone it would read them here.
+        second = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES,
+                                  kept=kept)
+        assert second.counters.files_opened == 20 and second.changed_files == 20
+        assert read_here == []  # all 20 read there
+        assert kept.pids() == pids  # the same processes, kept again
+        alone = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES)
+        assert len(read_here) == 20
+        assert second.root == alone.root and second.state.files == alone.state.files
+    finally:
+        kept.close()
+    assert kept.pids() == [] and trees.child_pids() == [] and _reader_threads() == 0
+    # Closed, it keeps none that a capture (running as it was closed) gives it.
+    capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES, processes_after=0,
+                     kept=kept)
+    assert kept.pids() == [] and trees.child_pids() == []
+
+
+def test_a_full_walk_of_a_large_state_starts_processes_to_keep(
+        store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        read_here: list[int]) -> None:
+    trees.make_many_files(data_dir, 40)
+    trees.settle()  # older than the racy window: not read again
+    first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    (data_dir / "new.txt").write_bytes(b"new")
+    kept = KeptProcesses()
+    try:
+        monkeypatch.setattr(capture, "START_KEPT_FROM", 41)  # above the state's 40 files
+        capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES, kept=kept)
+        assert kept.pids() == [] and trees.child_pids() == []
+        read_here.clear()
+        monkeypatch.setattr(capture, "START_KEPT_FROM", 40)
+        result = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES,
+                                  kept=kept)
+        assert result.counters.files_opened == 1 and read_here == []
+        assert len(kept.pids()) == 2
+    finally:
+        kept.close()
+    assert trees.child_pids() == []
+
+
+def test_a_kept_reader_process_that_died_is_not_used_again(
+        store: Store, data_dir: Path, read_here: list[int]) -> None:
+    trees.make_many_files(data_dir, 30)
+    trees.settle()
+    kept = KeptProcesses()
+    try:
+        first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
+                                 processes_after=0, processes=2, kept=kept)
+        dead, alive = kept.pids()
+        os.kill(dead, signal.SIGKILL)
+        while dead in trees.child_pids():  # reaped by the thread that takes its replies
+            time.sleep(0.01)
+        (data_dir / "new.txt").write_bytes(b"new")
+        second = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES,
+                                  kept=kept)
+        assert read_here != []  # read here, as without processes
+        assert second.counters.files_opened == 1 and second.changed_files == 1
+        assert kept.pids() == [] and trees.child_pids() == []  # the live one was stopped too
+        assert trees.describe_snapshot(store.objects, second.root) == \
+            trees.describe_source(data_dir)
+    finally:
+        kept.close()
 
 
 def _read_threads() -> int:
@@ -524,7 +607,7 @@ def test_a_capture_that_fails_leaves_no_file_open(store: Store, data_dir: Path,
                          processes_after=processes_after)
     failing.close()
     assert sorted(os.listdir("/proc/self/fd")) == before
-    assert _children() == []
+    assert trees.child_pids() == []
 
 
 def test_excluded_paths_are_not_captured(store: Store, data_dir: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dwsd.errors import CaptureError, RefError, TagError, UsageError
+from dwsd.snapshot import capture
 from dwsd.snapshot.diff import Change
 from dwsd.workspace import Workspace
 from tests import trees
@@ -38,6 +39,24 @@ def test_snapshot_records_every_resource(ws: Workspace) -> None:
     assert rec.counts.files == 4 and rec.counts.changed_files == 4
     assert rec.counts.added_bytes == result.bytes_written > 0
     assert ws.get("v1") == rec == ws.get("latest")
+
+
+def test_reader_processes_are_kept_between_snapshots_and_stopped_by_close(
+        tmp_path: Path, write_config: WriteConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(capture, "PROCESSES_AFTER", 0)  # the first snapshot starts them
+    data = tmp_path / "data"
+    trees.make_many_files(data, 20)
+    ws = Workspace.open(write_config({"data": data}))
+    try:
+        ws.snapshot(tags=["one"])
+        pids = trees.child_pids()
+        assert pids != []
+        (data / "more.txt").write_bytes(b"more")
+        ws.snapshot(tags=["two"])
+        assert sorted(trees.child_pids()) == sorted(pids)  # the same ones, none new
+    finally:
+        ws.close()
+    assert trees.child_pids() == []
 
 
 def test_same_content_merges_into_the_existing_snapshot(ws: Workspace) -> None:

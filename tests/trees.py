@@ -345,3 +345,15 @@ def world_readable_dir(prefix: str) -> Path:
     d = Path(tempfile.mkdtemp(prefix=prefix))
     os.chmod(d, 0o755)
     return d
+
+
+def child_pids() -> list[int]:
+    """The pids of this process's children (reader processes, in these tests)."""
+    pids = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids += [int(pid) for pid in f.read().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+    return pids

@@ -18,7 +18,8 @@ All take open files (`submit(fd, size)`: the fd is theirs from then on) and give
   the walker handed the GIL to each other at every system call. The bench set's first
   snapshot (20,204 files, 2.7 GB) took 17.8-18.7 s on threads (user 8 s, system 15-17 s)
   and 12.5-14.5 s with two processes, where `cp -a` + sync took 12.3-13.8 s, in
-  alternating runs (`bench/ab_first.sh`).
+  alternating runs (`bench/ab_first.sh`). A workspace keeps them from one capture to
+  the next (`KeptProcesses`): a full walk then sends them its files from the first.
 
 The children write blob files themselves (temp name, then link: the same code as the
 parent's) and report what they published; the parent's write log takes that over, so
@@ -174,6 +175,16 @@ class ReaderProcesses:
             for fd in fds:  # sent: the child has its own; else nobody will read them
                 os.close(fd)
 
+    def pids(self) -> list[int]:
+        return [child.proc.pid for child in self._children]
+
+    def idle(self) -> bool:
+        """Whether every process is alive with nothing sent to it unanswered and nothing
+        waiting to be sent: then another capture may use them."""
+        with self._cond:
+            return not self._batch and bool(self._children) and all(
+                c.alive and not c.in_flight for c in self._children)
+
     def _idlest_child(self) -> "_Child":
         """The live child with the fewest batches in flight, once it has fewer than
         BATCHES_IN_FLIGHT (waits). Raises CaptureError when none is left."""
@@ -198,6 +209,60 @@ class ReaderProcesses:
             child.stop()
         for child in self._children:
             child.join()
+
+
+class KeptProcesses:
+    """Reader processes kept from one capture to the next (a workspace keeps one of
+    these). A capture that had enough to read to start processes leaves them here when
+    it is done with them, and the next one takes them: a full walk then hands them
+    every file it opens from its first (see capture._Walker.use_kept_processes), and
+    they read on another core while the walk lstats on, where they would have cost
+    ~0.1 s to start. Each process idles in a blocked read meanwhile (some 25 MB). Safe
+    for one capture at a time and a `close` from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._processes: ReaderProcesses | None = None
+        self._closed = False
+
+    def take(self, objects: ObjectStore) -> ReaderProcesses | None:
+        """The kept processes, now the caller's (to `keep` or close), when there are
+        some storing into `objects` and all still alive; else None (any kept are
+        stopped)."""
+        with self._lock:
+            processes, self._processes = self._processes, None
+        if processes is None:
+            return None
+        if processes.objects is not objects or not processes.idle():
+            processes.close()  # one of them died since, say: start afresh when needed
+            return None
+        return processes
+
+    def keep(self, processes: ReaderProcesses) -> None:
+        """Keep `processes` for the next capture when they are idle (the capture read
+        every file it sent them) and this is not closed; else stop them (blocks until
+        they end)."""
+        stop: ReaderProcesses | None = processes
+        with self._lock:
+            if not self._closed and processes.idle():
+                stop, self._processes = self._processes, processes
+        if stop is not None:
+            stop.close()
+
+    def pids(self) -> list[int]:
+        """The kept processes' pids (none kept: [])."""
+        with self._lock:
+            kept = self._processes
+        return [] if kept is None else kept.pids()
+
+    def close(self) -> None:
+        """Stop the kept processes, if any, and any given to `keep` from now on (blocks
+        until they end)."""
+        with self._lock:
+            self._closed = True
+            processes, self._processes = self._processes, None
+        if processes is not None:
+            processes.close()
 
 
 class _Child:
