@@ -23,10 +23,10 @@ dirty-path capture whose paths are not cached, on threads, after its paths are l
 on threads; and the last batch of a full walk, on threads once the walk is over) until
 the walk has found PROCESSES_AFTER files to read, then in reader processes
 (readers.py); a full walk given reader processes an earlier capture kept sends them
-every file from its first. A file's fstat before and after the read must agree; if not, it is read again (up to
-READ_ATTEMPTS times) and flagged as `unstable` (see fileread.py). If it never holds
-still, its previous version is kept (or it is left out when there is none): a torn mix of
-two versions is never stored. Unreadable entries are reported, never fatal.
+every file from its first. A file's fstat before and after the read must agree; if
+not, it is read again (up to READ_ATTEMPTS times) and flagged as `unstable` (see
+fileread.py). If it never holds still, its previous version is kept (or it is left out
+when there is none): a torn mix of two versions is never stored. Unreadable entries are reported, never fatal.
 
 `capture_resource` blocks; the daemon runs it in a worker thread.
 """
