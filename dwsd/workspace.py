@@ -208,14 +208,16 @@ class Workspace:
             log.error("%s", self.resume_error)
 
     def close(self) -> None:
-        """Stop the reader processes kept, write what is kept in memory, then release
+        """Write what is kept in memory, stop the reader processes kept, then release
         the store."""
         try:
-            self._readers.close()
             if not self.store.readonly:
                 self.save_states()
         finally:
-            self.store.close()
+            try:
+                self._readers.close()
+            finally:
+                self.store.close()
 
     def __enter__(self) -> "Workspace":
         return self

@@ -4,7 +4,9 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+import pickle
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -204,7 +206,7 @@ def test_reader_processes_store_and_count_what_the_walking_thread_would(
     assert results["here"] == results["processes"]
 
 
-def test_reader_processes_leave_a_stop_signal_to_the_capture_that_runs_them(
+def test_reader_processes_leave_a_stop_or_reload_signal_to_the_capture_that_runs_them(
         store: Store, data_dir: Path) -> None:
     trees.make_many_files(data_dir, 1000)
     signalled: set[int] = set()
@@ -215,6 +217,7 @@ def test_reader_processes_leave_a_stop_signal_to_the_capture_that_runs_them(
             for pid in set(trees.child_pids()) - signalled:
                 os.kill(pid, signal.SIGTERM)
                 os.kill(pid, signal.SIGINT)
+                os.kill(pid, signal.SIGHUP)  # the daemon's reload; a hangup's too
                 signalled.add(pid)
     stopper = threading.Thread(target=stop_readers)
     stopper.start()
@@ -313,7 +316,7 @@ def test_a_full_walk_of_a_large_state_starts_processes_to_keep(
         read_here.clear()
         monkeypatch.setattr(capture, "START_KEPT_FROM", 40)
         result = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES,
-                                  kept=kept)
+                                  processes=2, kept=kept)
         assert result.counters.files_opened == 1 and read_here == []
         assert len(kept.pids()) == 2
     finally:
@@ -331,7 +334,9 @@ def test_a_kept_reader_process_that_died_is_not_used_again(
                                  processes_after=0, processes=2, kept=kept)
         dead, alive = kept.pids()
         os.kill(dead, signal.SIGKILL)
-        while dead in trees.child_pids():  # reaped by the thread that takes its replies
+        deadline = time.monotonic() + 10
+        while dead in trees.child_pids():  # not reaped yet (by its reply thread, or
+            assert time.monotonic() < deadline  # by the check of `take`: either will do)
             time.sleep(0.01)
         (data_dir / "new.txt").write_bytes(b"new")
         second = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES,
@@ -343,6 +348,104 @@ def test_a_kept_reader_process_that_died_is_not_used_again(
             trees.describe_source(data_dir)
     finally:
         kept.close()
+
+
+def test_a_capture_that_raises_leaves_its_reader_processes_stopped_or_idle(
+        store: Store, data_dir: Path) -> None:
+    trees.make_many_files(data_dir, 400)
+    kept = KeptProcesses()
+
+    def fail(size: int) -> None:  # at the first file settled, with batches in flight
+        raise RuntimeError("stop here")
+    before = sorted(os.listdir("/proc/self/fd"))
+    try:
+        with pytest.raises(RuntimeError, match="stop here"):
+            capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
+                             on_file=fail, processes_after=0, processes=2, kept=kept)
+        # Processes still reading were stopped; any kept had answered every batch, and
+        # read the next capture's files as well as new ones would.
+        assert sorted(trees.child_pids()) == sorted(kept.pids())
+        again = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
+                                 processes_after=0, processes=2, kept=kept)
+        assert again.counters.files_opened == 400
+        assert trees.describe_snapshot(store.objects, again.root) == \
+            trees.describe_source(data_dir)
+    finally:
+        kept.close()
+    assert trees.child_pids() == []
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_dirty_capture_with_much_to_read_takes_the_kept_processes(
+        store: Store, data_dir: Path, read_here: list[int]) -> None:
+    paths = trees.make_many_files(data_dir, 30)
+    trees.settle()
+    kept = KeptProcesses()
+    try:
+        first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
+                                 processes_after=0, processes=2, kept=kept)
+        pids = kept.pids()
+        for p in paths:
+            p.write_bytes(b"changed")
+        dirty = [os.fsencode(p.relative_to(data_dir)) for p in paths]
+        second = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES, dirty,
+                                  processes_after=10, kept=kept)
+        assert second.changed_files == 30 and not second.walked_all
+        assert read_here == []  # queued, then handed on together: past 10, there
+        assert kept.pids() == pids  # the kept ones, not new ones
+    finally:
+        kept.close()
+
+
+def test_a_reader_process_forgets_what_its_parent_makes_durable(
+        store: Store, data_dir: Path) -> None:
+    from dwsd.snapshot import reader_process
+    from dwsd.store.objects import ObjectStore
+    trees.write(data_dir / "a.txt", b"content for a new blob")
+    child = ObjectStore(store.objects.root, readonly=True)  # as the process opens it
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    reply_r, reply_w = os.pipe()
+    served = threading.Thread(target=reader_process.serve, args=(theirs, reply_w, child))
+    served.start()
+    try:
+        fd = os.open(data_dir / "a.txt", os.O_RDONLY)
+        socket.send_fds(ours, [reader_process.BATCH_HEADER.pack(1)], [fd])
+        os.close(fd)
+        with os.fdopen(reply_r, "rb") as replies:
+            (length,) = reader_process.FRAME_HEADER.unpack(replies.read(4))
+            reply = pickle.loads(replies.read(length))
+            ours.shutdown(socket.SHUT_WR)
+            served.join()
+    finally:
+        ours.close()
+        theirs.close()
+        os.close(reply_w)
+        child.close()
+    assert reply.batch == 1 and len(reply.published) == 1
+    # Kept for a daemon's life, it must not hold every blob it wrote: the parent
+    # adopts them (the reply) and flushes them.
+    assert child._unsynced == set()
+
+
+def test_reader_processes_that_cannot_start_ahead_are_tried_and_reported_once(
+        store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, read_here: list[int]) -> None:
+    import sys
+    trees.make_many_files(data_dir, 5)
+    trees.settle()
+    first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    monkeypatch.setattr(capture, "START_KEPT_FROM", 1)
+    monkeypatch.setattr(sys, "executable", "")  # nothing to start them with
+    kept = KeptProcesses()
+    for i in range(2):
+        (data_dir / f"new{i}.txt").write_bytes(b"new")
+        read_here.clear()
+        result = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES,
+                                  kept=kept)
+        assert read_here != [] and result.counters.files_opened == i + 1
+    warned = [r for r in caplog.records if "cannot start reader processes" in r.message]
+    assert len(warned) == 1 and kept.pids() == []
+    caplog.clear()
 
 
 def _read_threads() -> int:

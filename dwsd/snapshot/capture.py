@@ -26,7 +26,8 @@ the walk has found PROCESSES_AFTER files to read, then in reader processes
 every file from its first. A file's fstat before and after the read must agree; if
 not, it is read again (up to READ_ATTEMPTS times) and flagged as `unstable` (see
 fileread.py). If it never holds still, its previous version is kept (or it is left out
-when there is none): a torn mix of two versions is never stored. Unreadable entries are reported, never fatal.
+when there is none): a torn mix of two versions is never stored. Unreadable entries
+are reported, never fatal.
 
 `capture_resource` blocks; the daemon runs it in a worker thread.
 """
@@ -178,9 +179,10 @@ def capture_resource(objects: ObjectStore, root: Path, prev: CaptureState,
     capture writes are the ones the next one reads). Once more than `processes_after`
     files (default PROCESSES_AFTER) or PROCESSES_AFTER_BYTES are to be read, they are
     read by `processes` reader processes (default: one a core, 2 to 4), all gone when
-    this returns, unless `kept` is given: then they are left there, and the processes
-    found there are used instead of new ones, by a full walk from its first file;
-    `processes_after=0` sends every read there. Raises CaptureError when the root
+    this returns, unless `kept` is given: then they are left there when idle, and the
+    processes found there are used instead of new ones (`processes` then does not
+    apply), by a full walk from its first file; `processes_after=0` sends every read
+    there. Raises CaptureError when the root
     itself cannot be read."""
     # A walk makes some 100,000 tuples and no reference cycles (see memory.py). The
     # block ends once the walker and its jobs are freed, with the call below.
@@ -284,7 +286,9 @@ class _Walker:
         21-36 ms instead of 61-88, the snapshot ~0.17 s instead of ~0.21."""
         if self._kept is None:
             return
-        processes = self._reader_processes(start=len(self.prev.files) >= START_KEPT_FROM)
+        processes = self._kept.take(self.objects)
+        if processes is None and len(self.prev.files) >= START_KEPT_FROM:
+            processes = self._kept.start_ahead(self.objects, self._processes)
         if processes is not None:
             self._read_in(processes)
 
@@ -452,23 +456,17 @@ class _Walker:
             job.future = self.readers.submit(job.fd, job.entry.size)
 
     def _start_processes(self) -> None:
-        processes = self._reader_processes(start=True)
+        """Hand the reads to the reader processes kept, or to new ones."""
+        processes = self._kept.take(self.objects) if self._kept is not None else None
         if processes is None:
-            self._to_read = self._bytes_to_read = sys.maxsize
-        else:
-            self._read_in(processes)
-
-    def _reader_processes(self, start: bool) -> ReaderProcesses | None:
-        """The reader processes kept, or when there are none and `start`, new ones;
-        None when there are none (logged if they could not start)."""
-        kept = self._kept.take(self.objects) if self._kept is not None else None
-        if kept is not None or not start:
-            return kept
-        try:
-            return ReaderProcesses(self.objects, self._processes)
-        except OSError as exc:
-            log.warning("cannot start reader processes (%s); reading in this process", exc)
-            return None
+            try:
+                processes = ReaderProcesses(self.objects, self._processes)
+            except OSError as exc:
+                log.warning("cannot start reader processes (%s); reading in this process",
+                            exc)
+                self._to_read = self._bytes_to_read = sys.maxsize
+                return
+        self._read_in(processes)
 
     def _read_in(self, processes: ReaderProcesses) -> None:
         """Hand every file from now on to `processes`, as it is opened."""

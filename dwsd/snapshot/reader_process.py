@@ -6,11 +6,12 @@ Requests come on a SOCK_SEQPACKET socket, one message a batch: an 8-byte batch n
 with the batch's open files attached (SCM_RIGHTS). Each file is read into a blob of the
 objects directory (fileread.read_open_file), in order, and closed. The reply, on the
 pipe, is one frame a batch: a 4-byte length, then the pickled `Reply`. The process ends
-when the request socket reaches its end (the capture is over, or its process died).
+when the request socket reaches its end: its parent stopped it (its capture is over
+and nothing keeps it for the next, or the workspace that kept it closed), or died.
 
 It writes blob files only: the tree database is opened read-only and never touched.
-It is started with SIGINT and SIGTERM blocked (see readers._Child): it ends when the
-parent closes the socket, or dies.
+It is started with SIGINT, SIGTERM and SIGHUP blocked (see readers._Child): it ends
+when the parent closes the socket, or dies.
 """
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ def serve(requests: socket.socket, replies: int, objects: ObjectStore) -> None:
             except Exception as exc:  # StoreError: the parent's capture raises it
                 outcomes.append(exc)
         published = [(oid, length) for (_, oid), length in log.written.items()]
+        objects.forget_unsynced()  # the parent makes them durable; kept, this process
+        # would otherwise hold the name of every blob it ever wrote
         frame = pickle.dumps(Reply(batch, outcomes, published), pickle.HIGHEST_PROTOCOL)
         _write_all(replies, FRAME_HEADER.pack(len(frame)) + frame)
 

@@ -57,7 +57,9 @@ BATCH_BYTES = 8 << 20     # ...or fewer, once their sizes add up to this
 BATCHES_IN_FLIGHT = 3     # per process: one being read, two waiting, so none idles
 STOP_TIMEOUT_S = 30.0
 READ_THREAD_PREFIX = "capture-read-thread"     # for a process to answer its last batch and end
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+# Signals for the parent alone: a stop (SIGINT, SIGTERM) or a reload (SIGHUP) sent to
+# the whole unit or process group. Kept processes idle for the daemon's whole life.
+_PARENTS_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 def default_processes() -> int:
@@ -182,8 +184,10 @@ class ReaderProcesses:
         """Whether every process is alive with nothing sent to it unanswered and nothing
         waiting to be sent: then another capture may use them."""
         with self._cond:
+            # poll: a child that has exited but whose reply thread has not seen it yet.
             return not self._batch and bool(self._children) and all(
-                c.alive and not c.in_flight for c in self._children)
+                c.alive and not c.in_flight and c.proc.poll() is None
+                for c in self._children)
 
     def _idlest_child(self) -> "_Child":
         """The live child with the fewest batches in flight, once it has fewer than
@@ -217,13 +221,15 @@ class KeptProcesses:
     it is done with them, and the next one takes them: a full walk then hands them
     every file it opens from its first (see capture._Walker.use_kept_processes), and
     they read on another core while the walk lstats on, where they would have cost
-    ~0.1 s to start. Each process idles in a blocked read meanwhile (some 25 MB). Safe
+    ~0.1 s to start. A full walk of a large state with none kept starts them ahead
+    (`start_ahead`). Each process idles in a blocked read meanwhile (some 25 MB). Safe
     for one capture at a time and a `close` from any thread."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._processes: ReaderProcesses | None = None
         self._closed = False
+        self._cannot_start = False  # see start_ahead
 
     def take(self, objects: ObjectStore) -> ReaderProcesses | None:
         """The kept processes, now the caller's (to `keep` or close), when there are
@@ -234,9 +240,25 @@ class KeptProcesses:
         if processes is None:
             return None
         if processes.objects is not objects or not processes.idle():
-            processes.close()  # one of them died since, say: start afresh when needed
+            log.info("reader processes kept: one has ended; new ones will be started "
+                     "when needed")
+            processes.close()
             return None
         return processes
+
+    def start_ahead(self, objects: ObjectStore, count: int) -> ReaderProcesses | None:
+        """`count` new reader processes for a capture that starts them before it knows
+        it needs them (a full walk of a large state), or None when they cannot start:
+        that is logged once, and they are not started ahead again."""
+        if self._cannot_start:
+            return None
+        try:
+            return ReaderProcesses(objects, count)
+        except OSError as exc:
+            self._cannot_start = True
+            log.warning("cannot start reader processes (%s); reading in this process",
+                        exc)
+            return None
 
     def keep(self, processes: ReaderProcesses) -> None:
         """Keep `processes` for the next capture when they are idle (the capture read
@@ -275,11 +297,11 @@ class _Child:
         self.death = ""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         reply_r, reply_w = os.pipe()
-        # The child is born with SIGINT and SIGTERM blocked (a mask survives fork and
+        # The child is born with _PARENTS_SIGNALS blocked (a mask survives fork and
         # exec): a stop signalled to the whole unit (systemd) or process group (^C) is
         # the parent's to handle, and it finishes the snapshot in flight with this
         # child. Set in the child itself, the mask left a window while Python started.
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _PARENTS_SIGNALS)
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dwsd.snapshot.reader_process", str(theirs.fileno()),
@@ -341,7 +363,7 @@ class _Child:
         code = self.proc.wait()
         with self.owner._cond:
             self.death = self.death or f"reader process {self.proc.pid} exited with " \
-                                       f"status {code} during the capture"
+                                       f"status {code}"
             self.alive = False
             lost, self.in_flight = self.in_flight, {}
             self.owner._cond.notify_all()

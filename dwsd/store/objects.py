@@ -289,6 +289,13 @@ class ObjectStore:
             self.log.drop(kind, oid)
         self.remove(kind, oid)
 
+    def forget_unsynced(self) -> None:
+        """Forget the blobs written so far that `make_durable` would flush: for a
+        writer whose blobs another makes durable (a reader process: its parent adopts
+        them, see `adopt_blobs`)."""
+        with self._publish_lock:
+            self._unsynced = set()
+
     def start_log(self) -> WriteLog:
         """Begin a fresh write log for one snapshot and return it."""
         self.log = WriteLog()
