@@ -439,7 +439,8 @@ class Workspace:
         files, size = sum(t[0] for t in totals), sum(t[1] for t in totals)
         counts = Counts(files=files, bytes=size,
                         changed_files=sum(c.changed_files for c in captures.values()),
-                        added_bytes=self.store.objects.log.bytes_written)
+                        added_bytes=self.store.objects.log.bytes_written,
+                        removed_files=sum(c.removed_files for c in captures.values()))
         now = self.clock()
         crash_point("before-catalog-commit")
         with self.store.changing_catalog() as cat:
@@ -449,8 +450,9 @@ class Workspace:
                 counts=counts,
                 root_meta={name: c.root_meta for name, c in captures.items()}))
         crash_point("after-catalog-commit")
-        log.info("snapshot %s (%s) taken: %d files, %d changed, %d bytes added",
-                 rec.id, kind, files, counts.changed_files, counts.added_bytes)
+        log.info("snapshot %s (%s) taken: %d files, %d changed, %d removed, %d bytes added",
+                 rec.id, kind, files, counts.changed_files, counts.removed_files,
+                 counts.added_bytes)
         return SnapshotResult(rec, True, captures)
 
     def _state_is_current(self, name: str, state: CaptureState) -> bool:

@@ -100,13 +100,16 @@ def test_a_record_as_json_has_every_field_and_reads_back() -> None:
     roots = {"data": hash_bytes(b"d"), "code": hash_bytes(b"c")}
     rec = SnapshotRecord("20261122T103005Z", manifest_hash(roots), 7, "periodic",
                          ("v1", "best"), "a message", "host", T0, roots,
-                         Counts(files=3, bytes=40, changed_files=2, added_bytes=30),
+                         Counts(files=3, bytes=40, changed_files=2, added_bytes=30,
+                                removed_files=4),
                          {"data": (0o755, 1000, 100, 17), "code": (0o700, 0, 0, -5)})
     doc = rec.to_json()
     assert set(doc) == {f.name for f in dataclasses.fields(rec)}
     assert doc["counts"] == dataclasses.asdict(rec.counts)
     assert doc["time"] == "2026-11-22T10:30:05Z" and doc["root_meta"]["code"] == [448, 0, 0, -5]
     assert SnapshotRecord.from_json(json.loads(json.dumps(doc))) == rec
+    del doc["counts"]["removed_files"]  # a record written before it was counted
+    assert SnapshotRecord.from_json(doc).counts.removed_files == 0
 
 
 def test_history_filters_and_limits(cat: Catalog) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,20 @@ async def test_snapshot_and_show(served: Served) -> None:
     shown = await run_dwsctl(served, "show", "v1")
     lines = text(shown.stdout).splitlines()
     assert lines[0].split() == ["snapshot", "1"] and "resources" in lines
+
+
+async def test_a_snapshot_that_only_removes_files_says_so(served: Served) -> None:
+    await run_dwsctl(served, "snapshot", "-t", "v1")
+    (served.data / "file-03.txt").unlink()
+    (served.data / "file-04.txt").unlink()
+    taken = text((await run_dwsctl(served, "snapshot", "-t", "v2")).stdout)
+    assert taken.startswith("snapshot 2 (") and "; 0 changed, 2 removed, " in taken
+    shown = text((await run_dwsctl(served, "show", "v2")).stdout).splitlines()
+    changed = [line for line in shown if line.startswith("changed")]
+    assert len(changed) == 1  # the new root tree's bytes added
+    assert re.fullmatch(r"changed +0 files, 2 removed, \d+ B added to the store", changed[0])
+    first = text((await run_dwsctl(served, "show", "v1")).stdout)
+    assert "removed" not in first
 
 
 async def test_restore_shows_progress_and_restores(served: Served) -> None:

@@ -110,6 +110,23 @@ def test_change_gives_a_new_snapshot_with_counts(ws: Workspace, tmp_path: Path) 
     assert [r.number for r in ws.history()] == [2, 1]
 
 
+@pytest.mark.parametrize("dirty", [False, True], ids=["full-walk", "dirty-paths"])
+def test_a_snapshot_counts_the_files_it_removes(ws: Workspace, tmp_path: Path,
+                                                dirty: bool) -> None:
+    first = ws.snapshot().record
+    (tmp_path / "data" / "a.txt").unlink()
+    shutil.rmtree(tmp_path / "code" / "sub")
+    paths = {"data": [b"a.txt"], "code": [b"sub"]} if dirty else None
+    rec = ws.snapshot(dirty=paths).record
+    assert first is not None and first.counts.removed_files == 0
+    assert rec is not None and rec.counts.files == 2
+    assert (rec.counts.changed_files, rec.counts.removed_files) == (0, 2)
+    (tmp_path / "data" / "a.txt").write_bytes(b"back\n")
+    again = ws.snapshot(dirty={"data": [b"a.txt"], "code": []} if dirty else None).record
+    assert again is not None
+    assert (again.counts.changed_files, again.counts.removed_files) == (1, 0)
+
+
 def test_dirty_mode_matches_a_full_walk(ws: Workspace, tmp_path: Path) -> None:
     ws.snapshot()
     (tmp_path / "code" / "sub" / "b.txt").write_bytes(b"edited")

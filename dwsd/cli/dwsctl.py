@@ -284,7 +284,7 @@ def render_snapshot(result: dict[str, Any], ns: argparse.Namespace, out: TextIO)
         c = snap["counts"]
         tags = f" [{', '.join(snap['tags'])}]" if snap["tags"] else ""
         print(f"{snapshot_name(snap)} taken{tags}: {c['files']:,} files, "
-              f"{human_size(c['bytes'])}; {c['changed_files']:,} changed, "
+              f"{human_size(c['bytes'])}; {c['changed_files']:,} changed{_removed(c)}, "
               f"{human_size(c['added_bytes'])} added", file=out)
     else:
         print(f"no change: same content as {snapshot_name(snap)}"
@@ -316,14 +316,21 @@ def render_list(result: list[dict[str, Any]], ns: argparse.Namespace, out: TextI
     return EXIT_OK
 
 
+def _removed(counts: dict[str, Any]) -> str:
+    """", N removed" when a snapshot removed files, else "" (and for one recorded before
+    they were counted)."""
+    removed = counts.get("removed_files", 0)
+    return f", {removed:,} removed" if removed else ""
+
+
 def render_show(snap: dict[str, Any], ns: argparse.Namespace, out: TextIO) -> int:
     c = snap["counts"]
     rows = [["snapshot", str(snap["number"])], ["id", snap["id"]], ["hash", snap["hash"]],
             ["kind", snap["kind"]], ["time", snap["time"]],
             ["tags", ", ".join(snap["tags"]) or "-"], ["host", snap["hostname"]],
             ["files", f"{c['files']:,} ({human_size(c['bytes'])})"],
-            ["changed", f"{c['changed_files']:,} files, {human_size(c['added_bytes'])} "
-                        "added to the store"]]
+            ["changed", f"{c['changed_files']:,} files{_removed(c)}, "
+                        f"{human_size(c['added_bytes'])} added to the store"]]
     for line in table(rows):
         print(line, file=out)
     message = [shown(line) for line in snap["message"].split("\n")]

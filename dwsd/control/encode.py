@@ -29,7 +29,7 @@ def path_text(path: bytes) -> str:
 def encode_record(rec: SnapshotRecord) -> dict[str, JSON]:
     """A snapshot: id, hash, number, kind, tags, message, hostname, time (ISO 8601 UTC),
     resources {name: root tree id} and counts {files, bytes, changed_files,
-    added_bytes}."""
+    added_bytes, removed_files}."""
     doc = rec.to_json()
     doc.pop("root_meta", None)
     return doc

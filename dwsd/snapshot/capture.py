@@ -52,7 +52,7 @@ from dwsd.snapshot.exclude import ExcludeMatcher
 from dwsd.snapshot.fileread import SMALL_FILE, ReadOutcome, read_xattrs
 from dwsd.snapshot.readers import (InlineReaders, KeptProcesses, Readers, ReaderProcesses,
                                    ThreadReaders, default_processes)
-from dwsd.snapshot.statcache import UNTRUSTED, CachedFile, CaptureState
+from dwsd.snapshot.statcache import UNTRUSTED, CachedFile, CaptureState, removed_count
 from dwsd.store.catalog import RootMeta
 from dwsd.store.ids import ObjectId
 from dwsd.store.objects import ObjectStore
@@ -133,7 +133,8 @@ class CaptureResult:
     state: CaptureState
     counters: CaptureCounters
     root_meta: RootMeta
-    changed_files: int = 0
+    changed_files: int = 0  # new or changed content
+    removed_files: int = 0  # the previous capture's files no longer there
     unreadable: list[tuple[bytes, str]] = field(default_factory=list)
     unstable: list[bytes] = field(default_factory=list)
     walked_all: bool = True  # False: only the dirty paths were looked at
@@ -226,7 +227,8 @@ def _capture(objects: ObjectStore, root: Path, prev: CaptureState, excludes: Exc
     walker.state.root = tree_id
     root_meta = (stat_mod.S_IMODE(top.st_mode), top.st_uid, top.st_gid, top.st_mtime_ns)
     return CaptureResult(tree_id, walker.state, walker.counters, root_meta,
-                         walker.changed, walker.unreadable, walker.unstable, walked_all)
+                         walker.changed, removed_count(prev, walker.state),
+                         walker.unreadable, walker.unstable, walked_all)
 
 
 class _Walker:

@@ -218,6 +218,17 @@ def file_changes(old: CaptureState, new: CaptureState) -> dict[bytes, CachedFile
     return changes
 
 
+def removed_count(old: CaptureState, new: CaptureState) -> int:
+    """How many of `old`'s files `new` no longer has. O(changes) for a state derived
+    from `old` (a dirty-path capture's), else O(files): 1-2 ms for 20,000, a full walk's
+    small part."""
+    files = new.files
+    if isinstance(files, _Changes) and files.base is old.files:
+        return sum(1 for k, v in files.changed.items() if v is None and k in files.base)
+    before = old.files
+    return len(before) - sum(1 for k in files if k in before)
+
+
 def state_path(state_dir: Path, resource: str) -> Path:
     return state_dir / f"{resource}.state"
 

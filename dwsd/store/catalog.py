@@ -33,12 +33,14 @@ MAX_TAG_BYTES = 128
 
 @dataclass(frozen=True)
 class Counts:
-    """Sizes of a snapshot: all files, and what this snapshot changed and added."""
+    """Sizes of a snapshot: all files, and what this snapshot changed (files new or
+    with new content), removed and added to the store."""
 
     files: int = 0
     bytes: int = 0
     changed_files: int = 0
     added_bytes: int = 0
+    removed_files: int = 0  # absent from records written before it was counted
 
 
 # A resource's top directory: (mode, uid, gid, mtime_ns). Kept in the record, not in the
@@ -71,7 +73,8 @@ class SnapshotRecord:
                 "hostname": self.hostname, "time": format_time(self.time),
                 "resources": dict(self.resources),
                 "counts": {"files": c.files, "bytes": c.bytes,
-                           "changed_files": c.changed_files, "added_bytes": c.added_bytes},
+                           "changed_files": c.changed_files, "added_bytes": c.added_bytes,
+                           "removed_files": c.removed_files},
                 "root_meta": {k: list(v) for k, v in self.root_meta.items()}}
 
     @classmethod
