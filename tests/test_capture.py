@@ -18,7 +18,7 @@ import pytest
 from dwsd.memory import RARE_GC_YOUNG
 from dwsd.snapshot import capture
 from dwsd.snapshot import readers as readers_mod
-from dwsd.snapshot.capture import TreeCache, capture_resource
+from dwsd.snapshot.capture import CaptureResult, TreeCache, capture_resource
 from dwsd.snapshot.exclude import ExcludeMatcher
 from dwsd.snapshot.readers import READ_THREAD_PREFIX, KeptProcesses
 from dwsd.snapshot.statcache import CachedFile, CaptureState
@@ -269,18 +269,26 @@ def read_here(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return counted
 
 
+def _capture_keeping(store: Store, data_dir: Path, kept: KeptProcesses
+                     ) -> tuple[CaptureResult, list[int]]:
+    """A first capture of `data_dir` (its files settled first: not read again next
+    time) whose reads start two reader processes, left in `kept`; and their pids."""
+    trees.settle()
+    first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
+                             processes_after=0, processes=2, kept=kept)
+    pids = kept.pids()
+    assert len(pids) == 2 and sorted(trees.child_pids()) == sorted(pids)
+    return first, pids
+
+
 def test_reader_processes_kept_read_the_next_full_walk_from_its_first_file(
         store: Store, data_dir: Path, read_here: list[int]) -> None:
     paths = [data_dir / f"d{i}" / "f.txt" for i in range(30)]
     for p in paths:
         trees.write(p, b"old")
-    trees.settle()
     kept = KeptProcesses()
     try:
-        first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
-                                 processes_after=0, processes=2, kept=kept)
-        pids = kept.pids()
-        assert len(pids) == 2 and sorted(trees.child_pids()) == sorted(pids)
+        first, pids = _capture_keeping(store, data_dir, kept)
         for p in paths[:20]:
             p.write_bytes(b"new")
         # Few files to read, far below PROCESSES_AFTER: alone it would read them here.
@@ -327,12 +335,9 @@ def test_a_full_walk_of_a_large_state_starts_processes_to_keep(
 def test_a_kept_reader_process_that_died_is_not_used_again(
         store: Store, data_dir: Path, read_here: list[int]) -> None:
     trees.make_many_files(data_dir, 30)
-    trees.settle()
     kept = KeptProcesses()
     try:
-        first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
-                                 processes_after=0, processes=2, kept=kept)
-        dead, alive = kept.pids()
+        first, (dead, alive) = _capture_keeping(store, data_dir, kept)
         os.kill(dead, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while dead in trees.child_pids():  # not reaped yet (by its reply thread, or
@@ -379,12 +384,9 @@ def test_a_capture_that_raises_leaves_its_reader_processes_stopped_or_idle(
 def test_a_dirty_capture_with_much_to_read_takes_the_kept_processes(
         store: Store, data_dir: Path, read_here: list[int]) -> None:
     paths = trees.make_many_files(data_dir, 30)
-    trees.settle()
     kept = KeptProcesses()
     try:
-        first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
-                                 processes_after=0, processes=2, kept=kept)
-        pids = kept.pids()
+        first, pids = _capture_keeping(store, data_dir, kept)
         for p in paths:
             p.write_bytes(b"changed")
         dirty = [os.fsencode(p.relative_to(data_dir)) for p in paths]
