@@ -220,13 +220,14 @@ def file_changes(old: CaptureState, new: CaptureState) -> dict[bytes, CachedFile
 
 def removed_count(old: CaptureState, new: CaptureState) -> int:
     """How many of `old`'s files `new` no longer has. O(changes) for a state derived
-    from `old` (a dirty-path capture's), else O(files): 1-2 ms for 20,000, a full walk's
-    small part."""
-    files = new.files
-    if isinstance(files, _Changes) and files.base is old.files:
-        return sum(1 for k, v in files.changed.items() if v is None and k in files.base)
-    before = old.files
-    return len(before) - sum(1 for k in files if k in before)
+    from `old` (a dirty-path capture's), else O(files): ~1 ms for 20,000 (3 in a warm
+    full walk, where the dicts are no longer in the CPU's caches)."""
+    before, after = old.files, new.files
+    if isinstance(after, _Changes) and after.base is before:
+        return sum(1 for k, v in after.changed.items() if v is None and k in before)
+    if isinstance(before, dict) and isinstance(after, dict):
+        return len(before.keys() - after.keys())  # one loop in C
+    return sum(1 for k in before if k not in after)
 
 
 def state_path(state_dir: Path, resource: str) -> Path:
