@@ -483,7 +483,9 @@ class Workspace:
             if state.unsaved is None and before is not None and before.unsaved is not None:
                 # A full walk's new state, over one whose saved copy is known: its
                 # changes are what the walk found different.
-                changes = file_changes(before, state)
+                changes = (capture.changes if capture.base is before
+                           and capture.changes is not None
+                           else file_changes(before, state))
                 state.unsaved = {**before.unsaved, **changes}
                 if changes or state.root != before.root:
                     self._unsaved.add(name)

@@ -269,6 +269,26 @@ def read_here(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return counted
 
 
+def test_a_full_walk_finds_the_changes_to_its_stat_cache_as_comparing_would(
+        store: Store, data_dir: Path) -> None:
+    import shutil
+    from dwsd.snapshot.statcache import file_changes
+    paths = trees.make_many_files(data_dir, 250)  # d0000 .. d0002
+    trees.settle()
+    first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES)
+    for p in paths[:3]:
+        p.write_bytes(b"edited")
+    for p in paths[3:7]:
+        p.unlink()
+    shutil.rmtree(data_dir / "d0002")  # 50 files
+    trees.write(data_dir / "d0000" / "new.txt", b"new")
+    second = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES)
+    assert second.base is first.state and second.changes is not None
+    assert second.changes == file_changes(first.state, second.state)
+    assert len(second.changes) == 3 + 4 + 50 + 1
+    assert (second.changed_files, second.removed_files) == (4, 54)
+
+
 def _capture_keeping(store: Store, data_dir: Path, kept: KeptProcesses
                      ) -> tuple[CaptureResult, list[int]]:
     """A first capture of `data_dir` (its files settled first: not read again next

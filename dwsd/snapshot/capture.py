@@ -138,6 +138,10 @@ class CaptureResult:
     unreadable: list[tuple[bytes, str]] = field(default_factory=list)
     unstable: list[bytes] = field(default_factory=list)
     walked_all: bool = True  # False: only the dirty paths were looked at
+    # A full walk's: what `statcache.file_changes(base, state)` gives (and perhaps a
+    # file read again whose entry did not change), found without comparing the two.
+    changes: dict[bytes, CachedFile | None] | None = field(default=None, repr=False)
+    base: CaptureState | None = field(default=None, repr=False)  # the state it changes
     # Nothing was captured: the resource could not be opened and its tree of the latest
     # snapshot stands in (see Workspace._capture_or_keep); `state` is the old one.
     kept: bool = False
@@ -226,9 +230,15 @@ def _capture(objects: ObjectStore, root: Path, prev: CaptureState, excludes: Exc
             os.close(root_fd)  # after close: warming threads use it
     walker.state.root = tree_id
     root_meta = (stat_mod.S_IMODE(top.st_mode), top.st_uid, top.st_gid, top.st_mtime_ns)
-    return CaptureResult(tree_id, walker.state, walker.counters, root_meta,
-                         walker.changed, removed_count(prev, walker.state),
-                         walker.unreadable, walker.unstable, walked_all)
+    if not walked_all:
+        return CaptureResult(tree_id, walker.state, walker.counters, root_meta,
+                             walker.changed, removed_count(prev, walker.state),
+                             walker.unreadable, walker.unstable, walked_all)
+    changes = walker.changes()
+    removed = sum(1 for k, v in changes.items() if v is None and k in prev.files)
+    return CaptureResult(tree_id, walker.state, walker.counters, root_meta, walker.changed,
+                         removed, walker.unreadable, walker.unstable, walked_all, changes,
+                         prev)
 
 
 class _Walker:
@@ -255,6 +265,7 @@ class _Walker:
         self.unstable: list[bytes] = []
         # Hard links met in this walk, by (device, inode): a resource may hold a mount.
         self._inodes: dict[tuple[int, int], _FileJob | Entry] = {}
+        self._read_paths: list[bytes] = []  # of the files read, settled (see changes)
         self._jobs: deque[_FileJob] = deque()  # oldest first, not settled
         self._queued: deque[_FileJob] = deque()  # opened, waiting for _submit_batch
         self._submit_batch = SUBMIT_BATCH
@@ -676,6 +687,7 @@ class _Walker:
         if self.on_file is not None:
             self.on_file(out.length)
         cached = self.prev.files.get(job.relpath)
+        self._read_paths.append(job.relpath)
         if out.error is not None:
             self.unreadable.append((job.relpath, out.error))
             self.state.drop(job.relpath)
@@ -698,6 +710,19 @@ class _Walker:
         return job.entry._replace(ref=out.blob, size=out.length, mtime_ns=st.st_mtime_ns,
                                   mode=stat_mod.S_IMODE(st.st_mode), uid=st.st_uid,
                                   gid=st.st_gid, xattrs=out.xattrs)
+
+    def changes(self) -> dict[bytes, CachedFile | None]:
+        """After a full walk: the files whose stat cache entry it changed from `prev`'s
+        (None: dropped). A full walk keeps an unchanged file's entry, the same object;
+        only the files it read get new ones (or are dropped), and the previous files
+        it did not meet are gone. O(changes) but for one set difference in C: comparing
+        the two caches took 7 ms of a warm walk of 20,000 files."""
+        files, before = self.state.files, self.prev.files
+        changes = {k: files.get(k) for k in self._read_paths}
+        gone = (before.keys() - files.keys() if isinstance(before, dict)
+                else [k for k in before if k not in files])
+        changes.update(dict.fromkeys(gone))
+        return changes
 
     def close(self) -> None:
         """Close the files not handed on, and let the readers finish or drop what they
