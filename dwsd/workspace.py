@@ -486,6 +486,7 @@ class Workspace:
                 changes = (capture.changes if capture.base is before
                            and capture.changes is not None
                            else file_changes(before, state))
+                capture.base = capture.changes = None  # the old state's files may go
                 state.unsaved = {**before.unsaved, **changes}
                 if changes or state.root != before.root:
                     self._unsaved.add(name)

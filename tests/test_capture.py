@@ -895,6 +895,18 @@ def test_dirty_write_through_one_hard_link_updates_its_partners(store: Store, da
     stored = {e.name: store.objects.get("blobs", e.ref) for e in
               trees.entries(store.objects, second.root, b"b") if e.ref is not None}
     assert stored[b"y"] == b"new"
+    # The same after a full walk that kept both names unchanged from the cache.
+    trees.settle()
+    trusted = capture_resource(store.objects, data_dir, full.state, NO_EXCLUDES)
+    walked = capture_resource(store.objects, data_dir, trusted.state, NO_EXCLUDES)
+    assert walked.counters.files_opened == 0
+    assert set(walked.state.files) >= {b"a/x", b"b/y"} and walked.removed_files == 0
+    with open(data_dir / "a" / "x", "r+b") as f:
+        f.write(b"NEW")
+    third = capture_resource(store.objects, data_dir, walked.state, NO_EXCLUDES, [b"a/x"])
+    stored = {e.name: store.objects.get("blobs", e.ref) for e in
+              trees.entries(store.objects, third.root, b"b") if e.ref is not None}
+    assert stored[b"y"] == b"NEW"
 
 
 def test_dirty_new_hard_link_makes_its_unchanged_partner_a_link_too(

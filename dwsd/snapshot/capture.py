@@ -434,6 +434,8 @@ class _Walker:
         if st.st_nlink > 1:
             base = base._replace(ino=self._link_id(st))
             if (twin := self._inodes.get((st.st_dev, st.st_ino))) is not None:
+                if isinstance(twin, Entry):
+                    self._keep_twin(relpath, st, twin)
                 return _same_content(twin, base, relpath)
         cached = self._reuse_if_unchanged(relpath, st)
         if cached is not None:
@@ -456,6 +458,16 @@ class _Walker:
         while len(self._jobs) > SETTLE_AFTER:
             self._settle(self._jobs.popleft())
         return job
+
+    def _keep_twin(self, relpath: bytes, st: os.stat_result, twin: Entry) -> None:
+        """Another name of a file this walk kept unchanged from the cache: into the
+        stat cache too, or a dirty-path capture writing through the first name would
+        not find this one among its partners (see _link_partners)."""
+        if self._reuse_if_unchanged(relpath, st) is None:
+            assert twin.ref is not None
+            self.state.put(relpath, CachedFile(st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                               st.st_ino, twin.ref, twin.xattrs))
+            self._read_paths.append(relpath)  # a change the walk reports (see changes)
 
     def _submit_queued(self) -> None:
         """Hand the opened files to the readers (each fd is theirs once submitted)."""
@@ -718,7 +730,10 @@ class _Walker:
         it did not meet are gone. O(changes) but for one set difference in C: comparing
         the two caches took 7 ms of a warm walk of 20,000 files."""
         files, before = self.state.files, self.prev.files
-        changes = {k: files.get(k) for k in self._read_paths}
+        # A file read that is neither cached now nor was before (new, and unreadable or
+        # never still) changes nothing.
+        changes = {k: v for k in self._read_paths
+                   if (v := files.get(k)) is not None or k in before}
         gone = (before.keys() - files.keys() if isinstance(before, dict)
                 else [k for k in before if k not in files])
         changes.update(dict.fromkeys(gone))

@@ -268,6 +268,7 @@ class KeptProcesses:
         with self._lock:
             if not self._closed and processes.idle():
                 stop, self._processes = self._processes, processes
+                self._cannot_start = False  # they could, after all
         if stop is not None:
             stop.close()
 

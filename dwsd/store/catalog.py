@@ -15,7 +15,7 @@ import datetime as dt
 import json
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -40,8 +40,10 @@ class Counts:
     bytes: int = 0
     changed_files: int = 0
     added_bytes: int = 0
-    removed_files: int = 0  # absent from records written before it was counted
+    removed_files: int = 0  # 0 in records written before it was counted
 
+
+_COUNT_FIELDS = frozenset(f.name for f in fields(Counts))
 
 # A resource's top directory: (mode, uid, gid, mtime_ns). Kept in the record, not in the
 # content hash: the top directory has no parent tree to hold it.
@@ -85,7 +87,9 @@ class SnapshotRecord:
             message=str(d["message"]), hostname=str(d["hostname"]),
             time=parse_time(d["time"]),
             resources={str(k): validate_object_id(v) for k, v in d["resources"].items()},
-            counts=Counts(**d.get("counts", {})),
+            # Only the counts this version knows: a newer one may add some.
+            counts=Counts(**{k: int(v) for k, v in d.get("counts", {}).items()
+                             if k in _COUNT_FIELDS}),
             root_meta={str(k): (int(v[0]), int(v[1]), int(v[2]), int(v[3]))
                        for k, v in d.get("root_meta", {}).items()},
         )
