@@ -101,12 +101,12 @@ DIRTY_READ_THREADS = 8
 # The bench set's 1% change, warm: the reads and trees took 37-45 ms instead of 58-66
 # (alternating runs; 3 threads were no faster and noisier).
 READ_AFTER_WALK_MIN = 16
+READ_AFTER_WALK_THREADS = 2
 # A full walk over a state of at least START_KEPT_FROM files, with none kept, starts
 # reader processes for `kept` as it begins (their ~0.1 s start overlaps the walk on
 # another core; the bench set's walk takes 0.1 s warm), so that a daemon restarted
 # does not have to wait for a capture with much to read to have them.
 START_KEPT_FROM = 5000
-READ_AFTER_WALK_THREADS = 2
 TREE_CACHE_ENTRIES = 50_000  # about 15 MB
 _FS_ENCODING = sys.getfilesystemencoding()
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -187,8 +187,7 @@ def capture_resource(objects: ObjectStore, root: Path, prev: CaptureState,
     this returns, unless `kept` is given: then they are left there when idle, and the
     processes found there are used instead of new ones (`processes` then does not
     apply), by a full walk from its first file; `processes_after=0` sends every read
-    there. Raises CaptureError when the root
-    itself cannot be read."""
+    there. Raises CaptureError when the root itself cannot be read."""
     # A walk makes some 100,000 tuples and no reference cycles (see memory.py). The
     # block ends once the walker and its jobs are freed, with the call below.
     with rare_gc():
@@ -296,7 +295,8 @@ class _Walker:
         thread walks on (threads here would take the interpreter lock from it at
         every system call), so the walk's reads cost it little more than the opens.
         The bench set's 1% change, warm: the reads and trees after the walk took
-        21-36 ms instead of 61-88, the snapshot ~0.17 s instead of ~0.21."""
+        20-36 ms instead of 61-88, the snapshot 0.155-0.174 s instead of 0.183-0.224
+        (`bench/ab_incremental.sh`, 3 alternating rounds)."""
         if self._kept is None:
             return
         processes = self._kept.take(self.objects)
