@@ -125,6 +125,11 @@ def test_a_snapshot_counts_the_files_it_removes(ws: Workspace, tmp_path: Path,
     again = ws.snapshot(dirty={"data": [b"a.txt"], "code": []} if dirty else None).record
     assert again is not None
     assert (again.counts.changed_files, again.counts.removed_files) == (1, 0)
+    os.rename(tmp_path / "data" / "a.txt", tmp_path / "data" / "moved.txt")
+    moved = ws.snapshot(dirty={"data": [b"a.txt", b"moved.txt"], "code": []} if dirty
+                        else None).record
+    assert moved is not None and moved.counts.files == 3
+    assert (moved.counts.changed_files, moved.counts.removed_files) == (1, 1)
 
 
 def test_dirty_mode_matches_a_full_walk(ws: Workspace, tmp_path: Path) -> None:

@@ -240,8 +240,9 @@ class KeptProcesses:
         if processes is None:
             return None
         if processes.objects is not objects or not processes.idle():
-            log.info("reader processes kept: one has ended; new ones will be started "
-                     "when needed")
+            log.info("reader processes kept: %s; new ones will be started when needed",
+                     "for another store" if processes.objects is not objects
+                     else "one has ended")
             processes.close()
             return None
         return processes
