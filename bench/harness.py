@@ -156,9 +156,9 @@ class Bench:
         if self._ws is None:
             from dwsd.memory import tune_allocator, tune_gc
             from dwsd.workspace import Workspace
-            # Set up as the daemon sets itself up (daemon.py): without the pinned mmap
-            # threshold, the first snapshot's big read buffers left the heap such that
-            # a warm 1% full walk in the same process took 0.25-0.32 s, not 0.21-0.24.
+            # Set up as the daemon sets itself up (daemon.py), so that the steps run
+            # in this process measure what the daemon would (docs/performance.md,
+            # "After a first snapshot in the same process").
             tune_allocator()
             tune_gc()
             if self.args.phases and not self._timers_installed:

@@ -27,8 +27,7 @@ from dwsd.errors import DwsdError, ResourceMissingError, RestoreError, TagError,
 from dwsd.snapshot.capture import CaptureCounters, CaptureResult, TreeCache, capture_resource
 from dwsd.snapshot.exclude import ExcludeMatcher
 from dwsd.snapshot.readers import KeptProcesses
-from dwsd.snapshot.statcache import CaptureState, SavedState, file_changes, load_state, \
-    save_state
+from dwsd.snapshot.statcache import CaptureState, SavedState, load_state, save_state
 from dwsd.store.catalog import KINDS, Counts, SnapshotRecord, check_tag, hostname, \
     manifest_hash
 from dwsd.store.ids import ObjectId
@@ -483,10 +482,9 @@ class Workspace:
             if state.unsaved is None and before is not None and before.unsaved is not None:
                 # A full walk's new state, over one whose saved copy is known: its
                 # changes are what the walk found different.
-                changes = (capture.changes if capture.base is before
-                           and capture.changes is not None
-                           else file_changes(before, state))
-                capture.base = capture.changes = None  # the old state's files may go
+                changes = capture.changes
+                assert changes is not None  # a full walk's, over `before`
+                capture.changes = None  # not kept with the snapshot's result
                 state.unsaved = {**before.unsaved, **changes}
                 if changes or state.root != before.root:
                     self._unsaved.add(name)

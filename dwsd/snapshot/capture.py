@@ -52,7 +52,7 @@ from dwsd.snapshot.exclude import ExcludeMatcher
 from dwsd.snapshot.fileread import SMALL_FILE, ReadOutcome, read_xattrs
 from dwsd.snapshot.readers import (InlineReaders, KeptProcesses, Readers, ReaderProcesses,
                                    ThreadReaders, default_processes)
-from dwsd.snapshot.statcache import UNTRUSTED, CachedFile, CaptureState, removed_count
+from dwsd.snapshot.statcache import UNTRUSTED, CachedFile, CaptureState
 from dwsd.store.catalog import RootMeta
 from dwsd.store.ids import ObjectId
 from dwsd.store.objects import ObjectStore
@@ -138,10 +138,9 @@ class CaptureResult:
     unreadable: list[tuple[bytes, str]] = field(default_factory=list)
     unstable: list[bytes] = field(default_factory=list)
     walked_all: bool = True  # False: only the dirty paths were looked at
-    # A full walk's: what `statcache.file_changes(base, state)` gives (and perhaps a
-    # file read again whose entry did not change), found without comparing the two.
+    # A full walk's: the files whose stat cache entry it changed from the previous
+    # state's (None: dropped); see _Walker.changes. None for a dirty-path capture.
     changes: dict[bytes, CachedFile | None] | None = field(default=None, repr=False)
-    base: CaptureState | None = field(default=None, repr=False)  # the state it changes
     # Nothing was captured: the resource could not be opened and its tree of the latest
     # snapshot stands in (see Workspace._capture_or_keep); `state` is the old one.
     kept: bool = False
@@ -231,13 +230,12 @@ def _capture(objects: ObjectStore, root: Path, prev: CaptureState, excludes: Exc
     root_meta = (stat_mod.S_IMODE(top.st_mode), top.st_uid, top.st_gid, top.st_mtime_ns)
     if not walked_all:
         return CaptureResult(tree_id, walker.state, walker.counters, root_meta,
-                             walker.changed, removed_count(prev, walker.state),
-                             walker.unreadable, walker.unstable, walked_all)
-    changes = walker.changes()
-    removed = sum(1 for k, v in changes.items() if v is None and k in prev.files)
+                             walker.changed, walker.state.removed(), walker.unreadable,
+                             walker.unstable, walked_all)
+    changes = walker.changes()  # None: a previous file dropped
     return CaptureResult(tree_id, walker.state, walker.counters, root_meta, walker.changed,
-                         removed, walker.unreadable, walker.unstable, walked_all, changes,
-                         prev)
+                         sum(v is None for v in changes.values()), walker.unreadable,
+                         walker.unstable, walked_all, changes)
 
 
 class _Walker:

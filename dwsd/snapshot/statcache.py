@@ -16,8 +16,8 @@ just means a full read.
 Written whole, a state costs O(files): 2.9 MB and 20-100 ms for the bench set's 20,204
 files, a second and 150 MB for a million. So a state whose changes since it was last
 written are known (`CaptureState.unsaved`: a dirty-path capture's, or a full walk's over
-a state whose saved copy is known, see `file_changes`) is saved as one record appended to
-`<resource>.state.log` instead: O(changes). A record names the state file it
+a state whose saved copy is known: the walk reports them, see `capture._Walker.changes`)
+is saved as one record appended to `<resource>.state.log` instead: O(changes). A record names the state file it
 applies to (`epoch`, random, new with each whole write), its place in the chain (`seq`)
 and the root it starts from (`base`); it carries its own length and CRC-32. Loading applies
 the records in order and stops at the first that is torn, from another epoch or out of
@@ -168,6 +168,13 @@ class CaptureState:
                 self.unsaved.update(self.files.changed)
             self.files = self.files.apply()
 
+    def removed(self) -> int:
+        """A derived state's (see `derive`), not yet kept: how many files of the state
+        it was derived from it drops. O(changes)."""
+        files = self.files
+        assert isinstance(files, _Changes)
+        return sum(1 for k, v in files.changed.items() if v is None and k in files.base)
+
     def put(self, relpath: bytes, cached: CachedFile) -> None:
         # Totals not summed yet (a state a full walk fills) are summed when asked: the
         # walk puts every file, and keeping them running cost it a call per file.
@@ -204,30 +211,6 @@ class SavedState(NamedTuple):
 
     def log_is_full(self) -> bool:
         return self.log_bytes >= max(LOG_MIN_LIMIT, self.state_bytes * LOG_LIMIT_FRACTION)
-
-
-def file_changes(old: CaptureState, new: CaptureState) -> dict[bytes, CachedFile | None]:
-    """What `new`'s files change in `old`'s (None: dropped), for states that share
-    CachedFile objects as a full walk does (it keeps an unchanged file's object): an
-    equal file that is not the same object counts as changed. O(files), no comparing
-    of values: 2.4-2.7 ms for 20,000 files."""
-    before, after = old.files, new.files
-    changes: dict[bytes, CachedFile | None] = {
-        k: v for k, v in after.items() if before.get(k) is not v}
-    changes.update((k, None) for k in before if k not in after)
-    return changes
-
-
-def removed_count(old: CaptureState, new: CaptureState) -> int:
-    """How many of `old`'s files `new` no longer has. O(changes) for a state derived
-    from `old` (a dirty-path capture's), else O(files): ~1 ms for 20,000 (3 in a warm
-    full walk, where the dicts are no longer in the CPU's caches)."""
-    before, after = old.files, new.files
-    if isinstance(after, _Changes) and after.base is before:
-        return sum(1 for k, v in after.changed.items() if v is None and k in before)
-    if isinstance(before, dict) and isinstance(after, dict):
-        return len(before.keys() - after.keys())  # one loop in C
-    return sum(1 for k in before if k not in after)
 
 
 def state_path(state_dir: Path, resource: str) -> Path:
