@@ -698,13 +698,18 @@ def test_hard_links_settled_apart_keep_one_content(
 
 def test_a_full_walk_reusing_unchanged_trees_equals_a_walk_from_scratch(
         store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for d in ("a", "b", "c", "d", "e", "e/sub"):
+    for d in ("a", "b", "c", "d", "e", "e/sub", "f", "g"):
         trees.write(data_dir / d / "f.txt", d.encode())
     os.symlink("f.txt", data_dir / "d" / "link")
+    trees.settle()
     cache = TreeCache()
     first = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
                              trees=cache)
     os.chmod(data_dir / "a" / "f.txt", 0o600)                  # metadata only
+    os.chown(data_dir / "f" / "f.txt", 1234, 5678)             # the owner only
+    mtime = (data_dir / "g" / "f.txt").stat().st_mtime_ns
+    (data_dir / "g" / "f.txt").write_bytes(b"G")               # same size and mtime
+    os.utime(data_dir / "g" / "f.txt", ns=(mtime, mtime))
     os.setxattr(data_dir / "b" / "f.txt", "user.k", b"v")      # an xattr
     os.rename(data_dir / "c" / "f.txt", data_dir / "c" / "g.txt")
     os.unlink(data_dir / "d" / "link")
@@ -715,7 +720,10 @@ def test_a_full_walk_reusing_unchanged_trees_equals_a_walk_from_scratch(
     cold = capture_resource(store.objects, data_dir, CaptureState(), NO_EXCLUDES,
                             trees=TreeCache())
     assert warm.root == cold.root != first.root
-    assert set(first.state.dirs) == {b"", b"a", b"b", b"c", b"d", b"e", b"e/sub"}
+    assert set(first.state.dirs) == {b"", b"a", b"b", b"c", b"d", b"e", b"e/sub", b"f",
+                                     b"g"}
+    # The files whose ctime moved: the others' entries are the old trees' own.
+    assert warm.counters.files_opened == 5  # a, b, c/g.txt, f and g
     encoded: list[object] = []
     real_encode = capture.encode_tree
 

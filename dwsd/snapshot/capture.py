@@ -324,6 +324,17 @@ class _Walker:
         lstat, cached_file, keep = os.stat, self.prev.files.get, self.state.put
         excluded = self.excludes.excluded if self._any_excludes else None
         on_file = self.on_file
+        # Its entry in this directory's previous tree, when that is cached: the stat
+        # cache and the trees are written together, from one stat of each file, so an
+        # entry whose file still has the cached stat key is what would be built anew
+        # (mode and owner changes move the ctime). Taken as it is (blob and mtime
+        # checked all the same), it costs a dict lookup instead of a new Entry, and
+        # the directory's entries then compare to the old tree's by identity. A walk of
+        # the bench set that finds nothing changed: 0.104-0.112 s instead of
+        # 0.119-0.130 (8 alternating runs).
+        old_tree = self.prev.dirs.get(rel)
+        old = self._trees.get(old_tree) if old_tree is not None else None
+        old_entry = old.get if old is not None else _no_entry
         for name in names:
             relpath = prefix + name
             try:
@@ -339,6 +350,10 @@ class _Walker:
                 keep(relpath, cached)
                 if on_file is not None:
                     on_file(cached.size)
+                if ((same := old_entry(name)) is not None and same[7] == cached[4]
+                        and same[5] == st.st_mtime_ns):
+                    children.append(same)
+                    continue
                 children.append(Entry(name, FILE, st.st_mode & 0o7777, st.st_uid, st.st_gid,
                                       st.st_mtime_ns, st.st_size, cached.blob, b"", 0, 0,
                                       cached.xattrs))
@@ -798,6 +813,10 @@ def _same_content(twin: Entry | _FileJob, base: Entry, relpath: bytes) -> _Pendi
     if isinstance(twin, Entry):
         return base._replace(ref=twin.ref, xattrs=twin.xattrs, size=twin.size)
     return _FileJob(relpath, base, None, twin=twin)
+
+
+def _no_entry(name: bytes) -> None:
+    return None
 
 
 class TreeCache:
