@@ -16,7 +16,9 @@ py=$here/.venv/bin/python
 rm -rf "$work"; mkdir -p "$work"
 git -C "$here" worktree add -q --detach "$work/old" "$old"
 trap 'git -C "$here" worktree remove --force "$work/old"; rm -rf "$work"' EXIT
-gen=1000  # generations clear of the ones bench.py and ab_dirty.py use
+# Generations from the clock: new bytes in every run (one the store has seen before
+# writes no blobs there), clear of the ones bench.py uses.
+gen=$(( $(date +%s) * 1000 ))
 
 side() {  # $1: label, $2: dwsd source tree or "rsync"
   local src=$2; [ "$src" = rsync ] && src=$here

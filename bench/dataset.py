@@ -124,7 +124,9 @@ class Dataset:
                     view = view[os.write(fd, view):]
         finally:
             os.close(fd)
-        mtime = (MTIME_EPOCH + gen * 86_400 + spec.index) * 1_000_000_000
+        # A day a generation, wrapping: the A/B scripts take generations from the clock
+        # (a generation a store has seen already writes no blobs there).
+        mtime = (MTIME_EPOCH + gen % 1000 * 86_400 + spec.index) * 1_000_000_000
         os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
 
     def ensure(self) -> tuple[bool, float]:
