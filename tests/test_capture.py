@@ -415,20 +415,28 @@ def test_a_capture_that_raises_leaves_its_reader_processes_stopped_or_idle(
     assert sorted(os.listdir("/proc/self/fd")) == before
 
 
-def test_a_dirty_capture_with_much_to_read_takes_the_kept_processes(
+def test_a_dirty_capture_of_enough_paths_takes_the_kept_processes(
         store: Store, data_dir: Path, read_here: list[int]) -> None:
-    paths = trees.make_many_files(data_dir, 30)
+    enough = capture.DIRTY_KEPT_MIN
+    paths = trees.make_many_files(data_dir, 2 * enough)
     kept = KeptProcesses()
     try:
         first, pids = _capture_keeping(store, data_dir, kept)
-        for p in paths:
-            p.write_bytes(b"changed")
-        dirty = [os.fsencode(p.relative_to(data_dir)) for p in paths]
-        second = capture_resource(store.objects, data_dir, first.state, NO_EXCLUDES, dirty,
-                                  processes_after=10, kept=kept)
-        assert second.changed_files == 30 and not second.walked_all
-        assert read_here == []  # queued, then handed on together: past 10, there
-        assert kept.pids() == pids  # the kept ones, not new ones
+        state = first.state
+        for count in (enough - 1, enough):
+            changed = paths[:count]
+            for p in changed:
+                p.write_bytes(b"changed %d" % count)
+            dirty = [os.fsencode(p.relative_to(data_dir)) for p in changed]
+            del read_here[:]
+            result = capture_resource(store.objects, data_dir, state, NO_EXCLUDES, dirty,
+                                      kept=kept)
+            assert result.changed_files == count and not result.walked_all
+            # Fewer than DIRTY_KEPT_MIN: read here, far below PROCESSES_AFTER; as many:
+            # every one there, as opened.
+            assert len(read_here) == (count if count < enough else 0)
+            assert kept.pids() == pids  # left idle, or taken and kept again; none new
+            state = result.state
     finally:
         kept.close()
 
