@@ -92,6 +92,14 @@ def test_commit_and_load_round_trip(cat: Catalog) -> None:
     assert again.history() == cat.history()
     assert again.next_number == 4
     assert [r.number for r in again.history()] == [3, 2, 1]
+    # One JSON document, a snapshot a line, oldest first (grep finds a snapshot's line).
+    lines = cat.path.read_text().splitlines()
+    assert len(lines) == 2 + 3
+    assert [json.loads(line.rstrip(","))["number"] for line in lines[1:-1]] == [1, 2, 3]
+    assert json.loads(cat.path.read_text())["next_number"] == 4
+    empty = Catalog(cat.path.with_name("empty.json"))
+    empty.commit()
+    assert Catalog.load(empty.path).history() == []
 
 
 def test_a_record_as_json_has_every_field_and_reads_back() -> None:

@@ -170,10 +170,14 @@ class Catalog:
         return catalog
 
     def commit(self) -> None:
-        """Write the catalog durably and atomically (blocks)."""
-        doc = {"version": CATALOG_VERSION, "next_number": self.next_number,
-               "snapshots": [r.to_json() for r in self.history()[::-1]]}
-        atomic_write(self.path, json.dumps(doc, indent=1, sort_keys=True).encode())
+        """Write the catalog durably and atomically (blocks). One JSON document, a
+        snapshot a line (oldest first): every snapshot commits the whole catalog, and
+        indented, which only Python's own encoder writes, it took 10 ms at 500
+        snapshots where compact lines from the C encoder take 3."""
+        lines = [json.dumps(r.to_json(), sort_keys=True) for r in self.history()[::-1]]
+        head = json.dumps({"version": CATALOG_VERSION, "next_number": self.next_number})
+        body = "\n" + ",\n".join(lines) + "\n" if lines else ""
+        atomic_write(self.path, f'{head[:-1]}, "snapshots": [{body}]}}\n'.encode())
 
     # -- queries ------------------------------------------------------------------------
 
