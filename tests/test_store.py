@@ -345,6 +345,31 @@ def test_trees_are_buffered_then_committed_in_one_batch(tmp_path: Path) -> None:
             reader.close()
 
 
+def test_committed_trees_reach_the_database_file_by_a_checkpoint_on_its_own_thread(
+        tmp_path: Path) -> None:
+    import shutil
+    import sqlite3
+    import threading
+    from dwsd.store.tree import FILE, Entry, encode_tree
+    with Store.open(tmp_path / "s", create=True) as store:
+        objects = store.objects
+        ids = [objects.put("trees", encode_tree([Entry(b"f%d" % i, FILE, 0o644, 0, 0, i,
+                                                       1, ref="ab" * 32)]))
+               for i in range(50)]
+        objects.make_durable()
+        objects.trees.wait_checkpointed()
+        # The database file alone, without its log, holds them: they were checkpointed.
+        shutil.copy(objects.root / "trees.db", tmp_path / "copy.db")
+        con = sqlite3.connect(tmp_path / "copy.db")
+        try:
+            assert con.execute("SELECT count(*) FROM trees").fetchone() == (len(ids),)
+        finally:
+            con.close()
+        objects.put("trees", encode_tree([]))
+        objects.make_durable()  # starts another, which close waits for
+    assert not any(t.name == "trees checkpoint" for t in threading.enumerate())
+
+
 def test_open_cached_opens_a_cached_path_and_refuses_a_missing_one(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"cached")
