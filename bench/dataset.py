@@ -23,10 +23,18 @@ DEFAULT_SEED = 20261122
 KiB, MiB = 1 << 10, 1 << 20
 CHUNK = 16 * MiB
 GEN_A, GEN_B, GEN_C, GEN_B_WARM, GEN_C_WARM = 0, 1, 2, 3, 4
-# Every written file gets mtime = MTIME_EPOCH + generation days + its index seconds, so each
-# generation differs from every other by whole seconds (rsync's quick check compares
-# seconds: a rewrite within the same second as the copy's version would go unnoticed).
+# Every written file gets mtime = MTIME_EPOCH + the generation's day + its index seconds,
+# so generations differ by whole seconds (rsync's quick check compares seconds: a rewrite
+# within the same second as the copy's version would go unnoticed). The A/B scripts take
+# generations from the clock (new bytes every run: a generation a store has seen writes
+# no blobs there); their days wrap below 1000, clear of bench.py's (under 100).
 MTIME_EPOCH = 1_767_225_600  # 2026-01-01T00:00:00Z
+GENERATION_DAYS = 100, 1000  # bench.py's generations are days; larger ones wrap in here
+
+
+def _day(gen: int) -> int:
+    low, high = GENERATION_DAYS
+    return gen if gen < low else low + gen % (high - low)
 
 
 @dataclass(frozen=True)
@@ -124,9 +132,7 @@ class Dataset:
                     view = view[os.write(fd, view):]
         finally:
             os.close(fd)
-        # A day a generation, wrapping: the A/B scripts take generations from the clock
-        # (a generation a store has seen already writes no blobs there).
-        mtime = (MTIME_EPOCH + gen % 1000 * 86_400 + spec.index) * 1_000_000_000
+        mtime = (MTIME_EPOCH + _day(gen) * 86_400 + spec.index) * 1_000_000_000
         os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
 
     def ensure(self) -> tuple[bool, float]:

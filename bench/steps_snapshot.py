@@ -238,6 +238,7 @@ def _store_du(b: Bench) -> tuple[int, int]:
     cut back to 4 MiB after one (treedb._WAL_LIMIT), so a plain du counts those trees
     twice, or 4 MiB of log at once, depending on when the last checkpoint ran."""
     store = b.dwsd_dir / "store"
+    b.workspace().store.objects.trees.wait_checkpointed()  # it would hold the lock
     with contextlib.closing(sqlite3.connect(store / "objects" / "trees.db")) as con:
         con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return du(store)

@@ -47,10 +47,12 @@ on a thread of their own, on a connection of their own, after each commit that w
 (`_checkpoint_soon`), not inside the commit of the snapshot that happens to fill the
 log: a 1% change of the bench set writes ~1.4 MB of log, so one commit in three did
 one, and took 21-23 ms instead of 8-12 (12 warm snapshots). SQLite's automatic
-checkpoint stays as a backstop, at WAL_BACKSTOP_PAGES.
+checkpoint stays as a backstop, at WAL_BACKSTOP_PAGES. The price: a page changed by two
+snapshots in a row is copied twice, and the database file has an fsync a snapshot,
+both off the snapshot's path.
 
 One connection per ObjectStore, shared by its threads (capture, view workers) under a
-lock. Every method blocks.
+lock, plus the checkpoint thread's own. Every method blocks.
 """
 from __future__ import annotations
 
@@ -332,11 +334,12 @@ class TreeDB:
                 self._checkpoint_con.execute("PRAGMA synchronous=FULL")
             self._checkpoint_con.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error as exc:
-            log.debug("checkpoint of %s left for later: %s", self.path, exc)
+            log.warning("checkpoint of %s left for later: %s", self.path, exc)
 
     def wait_checkpointed(self) -> None:
         """Wait for the checkpoint thread, if one is running."""
-        checkpointer = self._checkpointer
+        with self._lock:  # set and started together, under the lock
+            checkpointer = self._checkpointer
         if checkpointer is not None:
             checkpointer.join()
 
