@@ -195,7 +195,8 @@ def capture_resource(objects: ObjectStore, root: Path, prev: CaptureState,
     this returns, unless `kept` is given: then they are left there when idle, and the
     processes found there are used instead of new ones (`processes` then does not
     apply), by a full walk from its first file, as by a dirty-path capture of
-    DIRTY_KEPT_MIN paths or more; `processes_after=0` sends every read there. Raises CaptureError when the root itself cannot be read."""
+    DIRTY_KEPT_MIN paths or more; `processes_after=0` sends every read there. Raises
+    CaptureError when the root itself cannot be read."""
     # A walk makes some 100,000 tuples and no reference cycles (see memory.py). The
     # block ends once the walker and its jobs are freed, with the call below.
     with rare_gc():
