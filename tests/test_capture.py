@@ -323,8 +323,12 @@ def test_a_full_walk_takes_an_old_entry_only_when_a_new_one_would_equal_it(
     by_name = {e.name: e for e in trees.entries(store.objects, warm.root, b"d")}
     assert by_name[b"linked"].ino == 0 and by_name[b"chmod"].mode == 0o600
     assert (by_name[b"chown"].uid, by_name[b"chown"].gid) == (1234, 5678)
-    old = {e.name: e for e in trees.entries(store.objects, first.root, b"d")}
-    assert by_name[b"same"] == old[b"same"]
+    # The unchanged file's entry is the old tree's own object, not one built anew;
+    # the others are new.
+    before, after = cache.get(first.state.dirs[b"d"]), cache.get(warm.state.dirs[b"d"])
+    assert before is not None and after is not None and before is not after
+    assert after[b"same"] is before[b"same"]
+    assert all(after[n] is not before[n] for n in (b"linked", b"chmod", b"chown"))
 
 
 def _capture_keeping(store: Store, data_dir: Path, kept: KeptProcesses

@@ -668,6 +668,8 @@ async def test_opening_the_first_file_of_a_directory_reads_the_next_ones_ahead(
     with trio.fail_after(TIMEOUT):
         blob = ops.vfs.blob(await resolve(ops, b"v1", b"data", b"sub", b"b.txt"))
         await read_in_order(ops, b"a-link")  # the first regular file in sub
+        if ops.counters.opened_inline == 1:
+            pytest.skip(PAGE_CAME_BACK)  # then nothing is read ahead, rightly
         await read_ahead_done(ops, blob)
         assert ops._ready[blob] == b"beta\n"
 

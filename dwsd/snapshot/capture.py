@@ -225,7 +225,8 @@ def _capture(objects: ObjectStore, root: Path, prev: CaptureState, excludes: Exc
             job = walker.update(root_fd, prev.root, dirty)
         else:
             walker.warm_ahead_if_cold(root_fd)
-            walker.use_kept_processes()
+            walker.use_kept_processes(
+                start_ahead=len(prev.files) >= START_KEPT_FROM)
             job = walker.walk_full(root_fd)
             walker.stop_warming()  # what it has not lstat'ed yet is behind the walk
             walker.read_rest_on_threads()
@@ -297,21 +298,23 @@ class _Walker:
         self._warming = _lstat_ahead(root_fd, paths, WALK_WARM_THREADS, WARM_CHUNK)
         self.counters.warmed += len(paths)
 
-    def use_kept_processes(self) -> None:
-        """Before a full walk: hand every file to the reader processes an earlier
-        capture kept, if any, as it is opened. They read on other cores while this
-        thread walks on (threads here would take the interpreter lock from it at
-        every system call), so the walk's reads cost it little more than the opens.
-        The bench set's 1% change, warm: the reads and trees after the walk took
-        20-36 ms instead of 61-88, the snapshot 0.155-0.174 s instead of 0.183-0.224
-        (`bench/ab_incremental.sh`, 3 alternating rounds)."""
+    def use_kept_processes(self, start_ahead: bool = False) -> bool:
+        """Before a walk: hand every file to the reader processes an earlier capture
+        kept, if any (else, when `start_ahead`, to new ones), as it is opened; whether
+        it did. They read on other cores while this thread walks on (threads here
+        would take the interpreter lock from it at every system call), so the walk's
+        reads cost it little more than the opens. The bench set's 1% change, warm:
+        the reads and trees after a full walk took 20-36 ms instead of 61-88
+        (figures: docs/performance.md)."""
         if self._kept is None:
-            return
+            return False
         processes = self._kept.take(self.objects)
-        if processes is None and len(self.prev.files) >= START_KEPT_FROM:
+        if processes is None and start_ahead:
             processes = self._kept.start_ahead(self.objects, self._processes)
-        if processes is not None:
-            self._read_in(processes)
+        if processes is None:
+            return False
+        self._read_in(processes)
+        return True
 
     def stop_warming(self) -> None:
         """Drop the warming tasks not started, and wait for those running (a chunk each
@@ -344,7 +347,7 @@ class _Walker:
         # 0.108-0.119 s instead of 0.118-0.123 (3 alternating processes, 8 each).
         old_tree = self.prev.dirs.get(rel)
         old = self._trees.get(old_tree) if old_tree is not None else None
-        old_entry = old.get if old is not None else _no_entry
+        old_entry = (old or {}).get
         for name in names:
             relpath = prefix + name
             try:
@@ -542,10 +545,7 @@ class _Walker:
         """Capture only `dirty` paths on top of the previous root tree."""
         self.state = self.prev.derive()
         paths = set(dirty) | self._link_partners(root_fd, prev_root, dirty)
-        kept = (self._kept.take(self.objects)
-                if self._kept is not None and len(paths) >= DIRTY_KEPT_MIN else None)
-        if kept is not None:
-            self._read_in(kept)
+        kept = len(paths) >= DIRTY_KEPT_MIN and self.use_kept_processes()
         if len(paths) >= WARM_AHEAD_MIN and self._looks_cold(root_fd, paths):
             # Not cached (a change made before a restart, a busy machine): the paths'
             # inodes, the files' pages and the store's fan-out directories the new blobs
@@ -555,7 +555,7 @@ class _Walker:
             # 0.089-0.153 s against 0.099-0.201 s (7 of 8 alternating rounds faster).
             self.objects.read_trees_ahead()
             self.counters.warmed += _warm_inodes(root_fd, paths)
-            if kept is None:
+            if not kept:
                 self.readers = ThreadReaders(self.objects, DIRTY_READ_THREADS)
         return self._update_dir(root_fd, b"", None, prev_root, _Trie.build(paths))
 
@@ -830,10 +830,6 @@ def _same_content(twin: Entry | _FileJob, base: Entry, relpath: bytes) -> _Pendi
     if isinstance(twin, Entry):
         return base._replace(ref=twin.ref, xattrs=twin.xattrs, size=twin.size)
     return _FileJob(relpath, base, None, twin=twin)
-
-
-def _no_entry(name: bytes) -> None:
-    return None
 
 
 class TreeCache:

@@ -17,15 +17,15 @@ Written whole, a state costs O(files): 2.9 MB and 20-100 ms for the bench set's 
 files, a second and 150 MB for a million. So a state whose changes since it was last
 written are known (`CaptureState.unsaved`: a dirty-path capture's, or a full walk's over
 a state whose saved copy is known: the walk reports them, see `capture._Walker.changes`)
-is saved as one record appended to `<resource>.state.log` instead: O(changes). A record names the state file it
-applies to (`epoch`, random, new with each whole write), its place in the chain (`seq`)
-and the root it starts from (`base`); it carries its own length and CRC-32. Loading applies
-the records in order and stops at the first that is torn, from another epoch or out of
-chain, and then the next save writes the state whole (and removes the log). A whole write
-is also due once the log has grown past LOG_LIMIT_FRACTION of the state file. Records
-are not fsynced either: a power cut leaves the state of an earlier record, which costs
-a full walk (the workspace's state is then not the latest snapshot's) that re-reads only
-the files changed since.
+is saved as one record appended to `<resource>.state.log` instead: O(changes). A record
+names the state file it applies to (`epoch`, random, new with each whole write), its
+place in the chain (`seq`) and the root it starts from (`base`); it carries its own
+length and CRC-32. Loading applies the records in order and stops at the first that is
+torn, from another epoch or out of chain, and then the next save writes the state whole
+(and removes the log). A whole write is also due once the log has grown past
+LOG_LIMIT_FRACTION of the state file. Records are not fsynced either: a power cut leaves
+the state of an earlier record, which costs a full walk (the workspace's state is then
+not the latest snapshot's) that re-reads only the files changed since.
 """
 from __future__ import annotations
 
